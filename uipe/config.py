@@ -1,0 +1,232 @@
+"""The experiment configuration: pydantic models (extra="forbid") loaded from YAML, with `--set a.b=v` overrides.
+
+One file describes data, model, training, unlearning, evaluation, search and tracking. The tiny preset
+(uipe/presets/tiny.yaml) is just such a file; a 7B cluster run is another.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from uipe.errors import UipeError
+
+FORGET_SPLITS = ("forget01", "forget05", "forget10")
+METHODS = ("ga", "graddiff", "kl", "npo", "simnpo", "idkdpo")
+PRESETS = ("tiny",)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SynthConfig(Strict):
+    """The embedded synthetic TOFU-format benchmark (uipe data synth)."""
+
+    authors: int = Field(100, ge=20)
+    facts: int = Field(8, ge=4, le=10)
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    # "synth": generate the embedded benchmark under <run_dir>/data; otherwise a local folder of TOFU-format
+    # files or a Hugging Face dataset id such as locuslab/TOFU.
+    source: str = "synth"
+    synth: SynthConfig = SynthConfig()
+    forget_split: Literal["forget01", "forget05", "forget10"] = "forget05"
+
+
+class TinyModelConfig(Strict):
+    """A small LlamaConfig trained from scratch on the synthetic corpus, with a locally trained BPE tokenizer."""
+
+    vocab_size: int = Field(1200, ge=300)
+    hidden_size: int = Field(64, ge=8)
+    intermediate_size: int = Field(256, ge=8)
+    num_hidden_layers: int = Field(4, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    max_position_embeddings: int = 256
+
+
+class ModelConfig(Strict):
+    # "tiny" builds the embedded model; otherwise a local HF folder or a hub id (loaded with safetensors only).
+    base: str = "tiny"
+    tiny: TinyModelConfig = TinyModelConfig()
+    # An already fine-tuned target model (e.g. locuslab/tofu_ft_llama2-7b): `uipe prepare` then skips training it.
+    target: str | None = None
+    prompt_template: Literal["llama2", "plain"] = "llama2"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    max_length: int = Field(128, ge=16)
+    trust_remote_code: bool = False
+
+
+class TrainConfig(Strict):
+    """Shared by `prepare` (fine-tuning) and `unlearn`: how Ray Train runs the loop."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    micro_batch_size: int = Field(16, ge=1)  # per worker, per step
+    effective_batch_size: int = Field(32, ge=1)  # across workers and accumulation steps
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    threads_per_worker: int = Field(1, ge=1)
+    storage_path: str | None = None  # Ray storage (local, NFS, s3://); default <run_dir>/ray
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+
+
+class PrepareConfig(Strict):
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(5e-3, gt=0)
+    min_rouge: float = Field(0.9, ge=0, le=1)  # greedy ROUGE-L recall the reference models must reach
+
+
+class GAParams(Strict):
+    pass
+
+
+class GradDiffParams(Strict):
+    retain_weight: float = Field(1.0, ge=0)
+
+
+class KLParams(Strict):
+    retain_weight: float = Field(1.0, ge=0)
+
+
+class NPOParams(Strict):
+    beta: float = Field(0.1, gt=0)
+    retain_weight: float = Field(1.0, ge=0)
+
+
+class SimNPOParams(Strict):
+    beta: float = Field(2.5, gt=0)
+    gamma: float = 0.0
+    retain_weight: float = Field(1.0, ge=0)
+
+
+class IdkDPOParams(Strict):
+    beta: float = Field(0.1, gt=0)
+    retain_weight: float = Field(1.0, ge=0)
+
+
+class UnlearnConfig(Strict):
+    methods: list[Literal["ga", "graddiff", "kl", "npo", "simnpo", "idkdpo"]] = ["ga", "graddiff", "kl", "npo"]
+    epochs: int = Field(5, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    ga: GAParams = GAParams()
+    graddiff: GradDiffParams = GradDiffParams()
+    kl: KLParams = KLParams()
+    npo: NPOParams = NPOParams()
+    simnpo: SimNPOParams = SimNPOParams()
+    idkdpo: IdkDPOParams = IdkDPOParams()
+
+
+class EvalConfig(Strict):
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(200, ge=1)
+    subset: int | None = Field(None, ge=1)  # items per split, for cheaper (lower-fidelity) trials
+    # A retain reference file, or a folder of TOFU eval logs; default: computed from the retain model and cached.
+    retain_reference: str | None = None
+
+
+class SearchConfig(Strict):
+    space_dir: str = "tune_spaces"  # tune_spaces/<method>.yaml
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    seed: int = 0
+    num_samples: int | None = Field(None, ge=1)  # overrides the space file's, e.g. for a quick run
+
+
+class TrackingConfig(Strict):
+    uri: str | None = None  # default sqlite:///<run_dir>/mlflow.db
+    experiment: str | None = None  # default uipe-<name>
+    register_model: bool = True
+    registered_model_name: str | None = None  # default uipe-<name>-<method>
+
+
+class ExperimentConfig(Strict):
+    name: str = Field("tiny", pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    unlearn: UnlearnConfig = UnlearnConfig()
+    eval: EvalConfig = EvalConfig()
+    search: SearchConfig = SearchConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> ExperimentConfig:
+        per_step = self.train.micro_batch_size * self.train.num_workers
+        if self.train.effective_batch_size % per_step:
+            raise ValueError(
+                f"train.effective_batch_size ({self.train.effective_batch_size}) must be a multiple of "
+                f"train.micro_batch_size x train.num_workers ({per_step})"
+            )
+        return self
+
+    def method_params(self, method: str) -> Strict:
+        if method not in METHODS:
+            raise UipeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        return getattr(self.unlearn, method)
+
+
+def preset_path(name: str = "tiny") -> Path:
+    return Path(str(resources.files("uipe") / "presets" / f"{name}.yaml"))
+
+
+def _parse_scalar(text: str) -> object:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (values parsed as YAML scalars/lists) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise UipeError(f"--set {item!r}: expected key=value, e.g. --set unlearn.lr=2e-5")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UipeError(f"--set {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {key}: {msg}{more}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML experiment config (default: the tiny preset) and apply overrides; UipeError on any problem."""
+    path = Path(path) if path else preset_path("tiny")
+    if not path.is_file():
+        raise UipeError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UipeError(f"{path}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UipeError(_one_line(e, str(path))) from None
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
