@@ -1,0 +1,103 @@
+"""TOFU's metric formulas against numbers worked by hand (NLLs chosen as logs of simple fractions)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from uipe.errors import UipeError
+from uipe.eval import metrics
+
+LN2, LN4, LN8, LN16 = (math.log(x) for x in (2, 4, 8, 16))
+
+
+def test_mean_probability():
+    # exp(-ln2) = 1/2, exp(-ln4) = 1/4 -> mean 3/8
+    assert metrics.mean_probability([LN2, LN4]) == pytest.approx(0.375, abs=1e-12)
+
+
+def test_normalized_probability_sums_perturbed_probs_and_allows_ragged_items():
+    # item 1: p_true 1/2, perturbed 1/4 + 1/4 -> 0.5 / (0.5 + 0.5) = 0.5
+    # item 2: p_true 1 (L=0), one perturbed 1/4 -> 1 / 1.25 = 0.8;  mean = 0.65
+    got = metrics.normalized_probability([LN2, 0.0], [[LN4, LN4], [LN4]])
+    assert got == pytest.approx(0.65, abs=1e-12)
+
+
+def test_normalized_probability_survives_huge_nll():
+    # exp(-800) underflows to 0: the naive p_true/(p_true+sum) would be 0/0; the true value is
+    # 1 / (1 + exp(800 - 801)) = 1 / (1 + e^-1) = 0.7310585786...
+    assert metrics.normalized_probability([800.0], [[801.0]]) == pytest.approx(1 / (1 + math.exp(-1)), abs=1e-12)
+
+
+def test_truth_ratio_averages_losses_not_probabilities():
+    # item 1: p_para = 1/2; perturbed losses ln4, ln16 -> mean ln8 -> geometric-mean prob 1/8 -> R = (1/8)/(1/2) = 0.25
+    #   (averaging probabilities instead would give ((1/4 + 1/16)/2) / (1/2) = 0.3125: TOFU averages the losses)
+    # item 2: p_para = 1/8, perturbed 1/2 -> R = 4
+    r = metrics.truth_ratios([LN2, LN8], [[LN4, LN16], [LN2]])
+    np.testing.assert_allclose(r, [0.25, 4.0], rtol=1e-12)
+    # forget split: mean min(R, 1/R) = mean(0.25, 0.25) = 0.25
+    assert metrics.forget_truth_ratio(r) == pytest.approx(0.25, abs=1e-12)
+    # retain / factual: mean max(0, 1 - R) = mean(0.75, 0) = 0.375
+    assert metrics.utility_truth_ratio(r) == pytest.approx(0.375, abs=1e-12)
+
+
+def test_forget_quality_ks_exact_small_samples():
+    # n = m = 2, X = {1, 2} entirely below Y = {3, 4}: D = 1. Under H0 each of C(4,2) = 6 orderings is equally
+    # likely; D = 1 only for XXYY and YYXX -> p = 2/6 = 1/3.
+    assert metrics.forget_quality([1.0, 2.0], [3.0, 4.0]) == pytest.approx(1 / 3, abs=1e-12)
+    # n = m = 3, X = {1, 2, 3}, Y = {1.5, 4, 5}: merged order x y x x y y; |F_X - F_Y| peaks at 2/3 (after 3).
+    # p = P(D >= 2/3) = 1 - P(walk of 3 up/3 down steps stays within +-1) = 1 - 2^3/C(6,3) = 1 - 8/20 = 0.6
+    assert metrics.forget_quality([1.0, 2.0, 3.0], [1.5, 4.0, 5.0]) == pytest.approx(0.6, abs=1e-12)
+    # identical samples -> D = 0 -> p = 1
+    assert metrics.forget_quality([0.3, 0.7, 1.2], [0.3, 0.7, 1.2]) == pytest.approx(1.0)
+
+
+def test_forget_quality_same_for_r_and_inverse_r():
+    # TOFU's script feeds exp(pert - para) = 1/R; KS depends on ranks only, so the p-value is unchanged.
+    a, b = np.array([0.2, 0.5, 0.9, 1.3]), np.array([0.8, 1.1, 1.6, 2.0, 0.7])
+    assert metrics.forget_quality(a, b) == metrics.forget_quality(1 / a, 1 / b)
+
+
+def _components(values: list[float]) -> dict[str, float]:
+    return dict(zip(metrics.UTILITY_KEYS, values, strict=True))
+
+
+def test_model_utility_harmonic_mean():
+    # 9 / (1/1 + 1/0.5 + 1/0.25 + 6 * 1/1) = 9 / 13 = 0.692307...
+    got = metrics.model_utility(_components([1.0, 0.5, 0.25, 1, 1, 1, 1, 1, 1]))
+    assert got == pytest.approx(9 / 13, abs=1e-12)
+
+
+def test_model_utility_zero_component_gives_zero():
+    assert metrics.model_utility(_components([0.9, 0.0, 0.8, 1, 1, 1, 1, 1, 1])) == 0.0
+
+
+def test_model_utility_missing_component_is_an_error():
+    comps = _components([1.0] * 9)
+    del comps["world_facts_rougeL"]
+    with pytest.raises(UipeError, match="world_facts_rougeL"):
+        metrics.model_utility(comps)
+
+
+def test_split_summary_kinds():
+    # Same numbers as above: answer NLLs ln2, 0; paraphrase NLLs ln2, ln8; perturbed [[ln4, ln16], [ln2]].
+    ans, para, pert, rouge = [LN2, 0.0], [LN2, LN8], [[LN4, LN16], [LN2]], [1.0, 0.5]
+    forget = metrics.split_summary("forget", ans, para, pert, rouge)
+    # prob = mean(1/2, 1) = 0.75; truth ratio = 0.25 (see above); rougeL = 0.75
+    assert forget == pytest.approx({"prob": 0.75, "truth_ratio": 0.25, "rougeL": 0.75})
+    retain = metrics.split_summary("retain", ans, para, pert, None)
+    assert retain == pytest.approx({"prob": 0.75, "truth_ratio": 0.375})
+    # factual prob: item 1: 0.5 / (0.5 + 1/4 + 1/16) = 0.5 / 0.8125 = 0.615384...; item 2: 1 / (1 + 1/2) = 2/3
+    factual = metrics.split_summary("factual", ans, para, pert, None)
+    assert factual["prob"] == pytest.approx((0.5 / 0.8125 + 2 / 3) / 2, abs=1e-12)
+
+
+def test_bad_inputs_name_the_thing():
+    with pytest.raises(UipeError, match="answer_nll"):
+        metrics.mean_probability([])
+    with pytest.raises(UipeError, match=r"perturbed_nll\[1\]"):
+        metrics.truth_ratios([0.1, 0.2], [[0.3], []])
+    with pytest.raises(UipeError, match="perturbed_nll"):
+        metrics.truth_ratios([0.1, 0.2], [[0.3]])
