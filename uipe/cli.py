@@ -1,0 +1,178 @@
+"""The `uipe` command line. Every stage takes --config (default: the embedded tiny preset), --run-dir (default
+runs/<name>) and --set key=value overrides, and writes only under its run folder, so stages chain by folder:
+
+    uipe run                                   # the whole pipeline on the tiny preset, offline, CPU
+    uipe data synth --out D --seed 0           # the synthetic TOFU-format benchmark
+    uipe prepare                               # target and retain models
+    uipe unlearn --method npo                  # one base method, a checkpoint per epoch
+    uipe search --method npo                   # Ray Tune + Optuna over alpha and epoch
+    uipe extrapolate --init A --unlearned B --alpha 1.0 --out C
+    uipe evaluate --model C --data D --forget-split forget05 --retain-reference R --out metrics.json
+
+Bad input prints one line naming the file, key or tensor and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from uipe.errors import UipeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="UIPE unlearning with automatic alpha selection (Ray Train, Ray Tune + Optuna, MLflow).")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the experiment configuration.")
+data_app = typer.Typer(no_args_is_help=True, help="TOFU-format data.")
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Experiment YAML (default: tiny preset).")]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default: runs/<name>).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. --set unlearn.lr=2e-5.")]
+MethodOpt = Annotated[str, typer.Option("--method", "-m", help="ga, graddiff, kl, npo, simnpo or idkdpo.")]
+
+
+def _setup(config: Path | None, run_dir: Path | None, overrides: list[str] | None):
+    from uipe.config import load_config
+    from uipe.paths import RunPaths
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = load_config(config, overrides or [])
+    return cfg, RunPaths.of(run_dir or Path("runs") / cfg.name)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved configuration (defaults filled in, overrides applied) as YAML."""
+    from uipe.config import load_config, to_yaml
+
+    typer.echo(to_yaml(load_config(config, set_ or [])), nl=False)
+
+
+@data_app.command("synth")
+def data_synth(out: Annotated[Path, typer.Option("--out", help="Folder to write (must not exist).")],
+               authors: int = 100, facts: int = 8, seed: int = 0,
+               overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False) -> None:
+    """Write the deterministic synthetic benchmark (all TOFU splits + related knowledge)."""
+    from uipe.data.synth import write_benchmark
+
+    if out.exists() and not overwrite:
+        raise UipeError(f"{out}: already exists (pass --overwrite to replace it)")
+    try:
+        write_benchmark(out, authors, facts, seed, overwrite=overwrite)
+    except ValueError as e:
+        raise UipeError(f"uipe data synth: {e}") from None
+    typer.echo(f"wrote {len(list(out.glob('*.json')))} files to {out}")
+
+
+@app.command()
+def prepare(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
+    """Train TOFU's two reference models: target (all data) and retain (retain split + utility sets)."""
+    from uipe.train import prepare as run_prepare
+
+    cfg, paths = _setup(config, run_dir, set_)
+    typer.echo(json.dumps(run_prepare(cfg, paths.root), indent=1, default=str))
+
+
+@app.command()
+def unlearn(method: MethodOpt, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
+    """Run a base unlearning method on Ray Train (FSDP2), writing a HF checkpoint every epoch."""
+    from uipe.train import unlearn as run_unlearn
+
+    cfg, paths = _setup(config, run_dir, set_)
+    cfg.method_params(method)
+    typer.echo(str(run_unlearn(cfg, paths.root, method)))
+
+
+@app.command()
+def extrapolate(init: Annotated[Path, typer.Option("--init", help="theta_ini model folder.")],
+                unlearned: Annotated[Path, typer.Option("--unlearned", help="theta_un model folder.")],
+                alpha: Annotated[float, typer.Option("--alpha", help="UIPE coefficient.")],
+                out: Annotated[Path, typer.Option("--out", help="Output model folder.")],
+                overwrite: bool = False) -> None:
+    """theta = theta_un + alpha * (theta_un - theta_ini), streamed shard by shard (UIPE, arXiv 2503.04693)."""
+    from uipe.extrapolate import extrapolate_folder
+
+    typer.echo(str(extrapolate_folder(init, unlearned, alpha, out, overwrite=overwrite)))
+
+
+@app.command()
+def evaluate(model: Annotated[Path, typer.Option("--model")],
+             out: Annotated[Path, typer.Option("--out", help="metrics.json to write.")],
+             data: Annotated[Optional[str], typer.Option("--data", help="Data folder or HF id.")] = None,
+             forget_split: Annotated[Optional[str], typer.Option("--forget-split")] = None,
+             retain_reference: Annotated[Optional[Path], typer.Option("--retain-reference")] = None,
+             subset: Annotated[Optional[int], typer.Option(help="Items per split (lower fidelity).")] = None,
+             config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
+    """TOFU evaluation of one model: forget quality, model utility, related-knowledge forgetting."""
+    from uipe.eval.evaluate import evaluate_cli
+
+    cfg, paths = _setup(config, run_dir, set_)
+    eval_cfg = cfg.eval.model_copy(update={"subset": subset}) if subset else cfg.eval
+    result = evaluate_cli(model, data or str(paths.data), forget_split or cfg.data.forget_split,
+                          retain_reference or paths.retain_reference, out, cfg.model.prompt_template, eval_cfg,
+                          cfg.model.dtype)
+    typer.echo(json.dumps({k: result[k] for k in ("forget_quality", "model_utility")}))
+
+
+@app.command()
+def reference(model: Annotated[Optional[Path], typer.Option("--model", help="Retain model folder.")] = None,
+              out: Annotated[Optional[Path], typer.Option("--out")] = None,
+              data: Annotated[Optional[str], typer.Option("--data")] = None,
+              forget_split: Annotated[Optional[str], typer.Option("--forget-split")] = None,
+              config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
+    """Evaluate the retain model once and cache its truth ratios (the reference for forget quality)."""
+    from uipe.eval.evaluate import reference_cli
+
+    cfg, paths = _setup(config, run_dir, set_)
+    path = reference_cli(model or paths.retain_model, data or str(paths.data), forget_split or cfg.data.forget_split,
+                         out or paths.retain_reference, cfg.model.prompt_template, cfg.eval, cfg.model.dtype)
+    typer.echo(str(path))
+
+
+@app.command("tofu-report")
+def tofu_report(model_logs: Annotated[Path, typer.Option("--model-logs")],
+                retain_logs: Annotated[Path, typer.Option("--retain-logs")]) -> None:
+    """Forget quality and model utility from two folders of TOFU eval logs, as one JSON object."""
+    from uipe.eval.evaluate import tofu_report_cli
+
+    typer.echo(json.dumps(tofu_report_cli(model_logs, retain_logs), indent=1))
+
+
+@app.command()
+def search(method: MethodOpt, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+           space: Annotated[Optional[Path], typer.Option("--space", help="Space file (default tune_spaces/<m>.yaml).")]
+           = None,
+           resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search.")] = False) -> None:
+    """Ray Tune + Optuna over alpha and checkpoint epoch; a cheap extrapolate-then-evaluate trial each."""
+    from uipe.search import run_search
+
+    cfg, paths = _setup(config, run_dir, set_)
+    cfg.method_params(method)
+    typer.echo(json.dumps(run_search(cfg, paths, method, space, resume), indent=1, default=str))
+
+
+@app.command()
+def run(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
+    """The main job: data, reference models, unlearning per method, alpha search, a results table."""
+    from uipe.pipeline import run_pipeline
+
+    cfg, paths = _setup(config, run_dir, set_)
+    run_pipeline(cfg, paths)
+
+
+def main() -> None:
+    try:
+        app()
+    except UipeError as e:
+        print(f"uipe: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
