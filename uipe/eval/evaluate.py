@@ -1,0 +1,259 @@
+"""TOFU evaluation of a model: build an Evaluator once per (data, forget split, tokenizer), call evaluate() per trial.
+
+The Evaluator tokenises every evaluation split once and keeps one table of distinct (prompt, answer) pairs:
+the answer of one item is often another item's paraphrase or a perturbed option (real authors / world facts use
+the answer as the paraphrase), so each distinct pair is scored once per evaluate() call, and each distinct
+question is generated once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from uipe.config import EvalConfig
+from uipe.errors import UipeError
+from uipe.eval import metrics, scoring
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from uipe.data import TofuRecord
+    from uipe.eval.reference import RetainReference
+
+# role -> split kind (metrics.split_summary). "related": facts tied to the forget facts (UIPE's related
+# knowledge), scored like the forget split since the aim is to forget them too.
+KINDS: dict[str, metrics.SplitKind] = {
+    "forget": "forget", "retain": "retain", "real_authors": "factual", "world_facts": "factual", "related": "forget",
+}
+REQUIRED_ROLES = ("forget", "retain", "real_authors", "world_facts")
+
+
+@dataclass
+class EvalResult:
+    aggregates: dict[str, float]  # forget_quality, model_utility, <role>_prob/_rougeL/_truth_ratio, ...
+    per_item: dict[str, dict[str, list]]  # role -> metric -> one value per item
+    fidelity: str  # "full" or "subset:N" (lower fidelity: fewer items per split)
+
+    def to_json(self) -> dict:
+        return {**self.aggregates, "fidelity": self.fidelity, "per_item": self.per_item}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One role's items as indices into the evaluator's distinct-pair and distinct-prompt tables."""
+
+    ground_truth: tuple[str, ...]
+    answer: tuple[int, ...]
+    para: tuple[int, ...]
+    pert: tuple[tuple[int, ...], ...]
+    prompt: tuple[int, ...]
+
+
+@dataclass
+class _Tables:
+    pairs: list[scoring.Example] = field(default_factory=list)
+    pair_index: dict[tuple[str, str], int] = field(default_factory=dict)
+    prompts: list[list[int]] = field(default_factory=list)
+    prompt_index: dict[str, int] = field(default_factory=dict)
+
+
+def eval_records(source: str | Path, forget_split: str) -> dict[str, list[TofuRecord]]:
+    """The evaluation splits of a data source by role; 'related' only when the data has a related split."""
+    from uipe.data import eval_split_for, load_split, related_records
+
+    out = {"forget": load_split(source, eval_split_for(forget_split)),
+           "retain": load_split(source, "retain_perturbed"),
+           "real_authors": load_split(source, "real_authors_perturbed"),
+           "world_facts": load_split(source, "world_facts_perturbed")}
+    related = related_records(source, forget_split, perturbed=True)
+    if related:
+        out["related"] = related
+    return out
+
+
+def data_hash(splits: Mapping[str, Sequence[TofuRecord]], template: str, max_length: int) -> str:
+    """Identity of the evaluation data (all items, before any subset) and of how it is tokenised."""
+    doc = {"template": template, "max_length": max_length,
+           "splits": {role: [r.to_json() for r in recs] for role, recs in sorted(splits.items())}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+class Evaluator:
+    def __init__(self, splits: Mapping[str, Sequence[TofuRecord]], tokenizer: PreTrainedTokenizerBase,
+                 forget_split: str, template: str = "llama2", cfg: EvalConfig | None = None,
+                 max_length: int = 128) -> None:
+        missing = [r for r in REQUIRED_ROLES if not splits.get(r)]
+        unknown = sorted(set(splits) - set(KINDS))
+        if missing or unknown:
+            raise UipeError(f"evaluation data: missing split(s) {missing}, unknown role(s) {unknown}")
+        self.cfg = cfg or EvalConfig()
+        self.tokenizer, self.forget_split, self.template, self.max_length = tokenizer, forget_split, template, max_length
+        self.all_splits = {role: list(recs) for role, recs in splits.items() if recs}
+        self.data_hash = data_hash(self.all_splits, template, max_length)
+        n = self.cfg.subset
+        self.splits = {role: recs[:n] if n else recs for role, recs in self.all_splits.items()}
+        cut = any(len(self.splits[r]) < len(self.all_splits[r]) for r in self.splits)
+        self.fidelity = f"subset:{n}" if cut else "full"
+        self.reference: RetainReference | None = None
+        self._tables = _Tables()
+        self._plans = {role: self._plan(role, recs) for role, recs in self.splits.items()}
+
+    @classmethod
+    def from_source(cls, source: str | Path, forget_split: str, tokenizer: PreTrainedTokenizerBase,
+                    template: str = "llama2", cfg: EvalConfig | None = None, max_length: int = 128) -> Evaluator:
+        return cls(eval_records(source, forget_split), tokenizer, forget_split, template, cfg, max_length)
+
+    def full_fidelity(self) -> Evaluator:
+        """The same evaluator over every item (a retain reference is always computed in full)."""
+        if self.fidelity == "full":
+            return self
+        cfg = self.cfg.model_copy(update={"subset": None})
+        return Evaluator(self.all_splits, self.tokenizer, self.forget_split, self.template, cfg, self.max_length)
+
+    # -- pre-tokenisation --------------------------------------------------------------------------------------
+    def _pair(self, role: str, row: int, question: str, answer: str) -> int:
+        from uipe.models import encode_qa
+
+        key = (question, answer)
+        if key not in self._tables.pair_index:
+            ids, labels = encode_qa(self.tokenizer, question, answer, self.template, self.max_length)
+            if all(lab == scoring.IGNORE for lab in labels):
+                raise UipeError(f"{role} row {row}: answer {answer[:40]!r} is cut away by max_length={self.max_length}")
+            self._tables.pair_index[key] = len(self._tables.pairs)
+            self._tables.pairs.append((ids, labels))
+        return self._tables.pair_index[key]
+
+    def _prompt(self, question: str) -> int:
+        from uipe.models import prompt_token_ids
+
+        if question not in self._tables.prompt_index:
+            self._tables.prompt_index[question] = len(self._tables.prompts)
+            self._tables.prompts.append(prompt_token_ids(self.tokenizer, question, self.template))
+        return self._tables.prompt_index[question]
+
+    def _plan(self, role: str, records: Sequence[TofuRecord]) -> _Plan:
+        answer, para, pert, prompt = [], [], [], []
+        for i, r in enumerate(records):
+            if not r.perturbed_answer:
+                raise UipeError(f"{role} row {i}: evaluation needs perturbed answers")
+            answer.append(self._pair(role, i, r.question, r.answer))
+            # TOFU: without a paraphrase (real authors, world facts) the answer itself plays the paraphrase.
+            para.append(self._pair(role, i, r.question, r.paraphrased_answer or r.answer))
+            pert.append(tuple(self._pair(role, i, r.question, p) for p in r.perturbed_answer))
+            prompt.append(self._prompt(r.question))
+        return _Plan(tuple(r.answer for r in records), tuple(answer), tuple(para), tuple(pert), tuple(prompt))
+
+    def n_items(self, role: str) -> int:
+        return len(self.splits.get(role, ()))
+
+    # -- scoring -------------------------------------------------------------------------------------------------
+    def _score(self, model: PreTrainedModel, roles: Sequence[str]) -> np.ndarray:
+        """NLL of each distinct pair the roles use (NaN for pairs no role here needs)."""
+        plans = [self._plans[r] for r in roles]
+        needed = sorted({i for p in plans for i in (*p.answer, *p.para, *(j for row in p.pert for j in row))})
+        nll = np.full(len(self._tables.pairs), np.nan)
+        pad = self.tokenizer.pad_token_id
+        nll[needed] = scoring.answer_nll(model, [self._tables.pairs[i] for i in needed], pad, self.cfg.batch_size)
+        return nll
+
+    def truth_ratios(self, model: PreTrainedModel, roles: Sequence[str]) -> dict[str, np.ndarray]:
+        """Raw per-item truth ratios R of the given roles (what a retain reference stores)."""
+        roles = [r for r in roles if r in self._plans]
+        with _eval_mode(model):
+            nll = self._score(model, roles)
+        return {r: metrics.truth_ratios(nll[list(self._plans[r].para)],
+                                        [nll[list(row)] for row in self._plans[r].pert]) for r in roles}
+
+    def set_reference(self, reference: RetainReference) -> None:
+        from uipe.eval.reference import check_reference
+
+        self.reference = check_reference(reference, self)
+
+    def evaluate(self, model: PreTrainedModel, generate: bool = True) -> EvalResult:
+        """All aggregates and per-item values; forget quality only once a retain reference is set."""
+        roles = list(self._plans)
+        with _eval_mode(model):
+            nll = self._score(model, roles)
+            texts: list[str] = []
+            if generate:
+                texts = scoring.greedy_generate(model, self.tokenizer, self._tables.prompts, self.cfg.batch_size,
+                                                self.cfg.max_new_tokens)
+        aggregates: dict[str, float] = {}
+        per_item: dict[str, dict[str, list]] = {}
+        for role in roles:
+            plan = self._plans[role]
+            items = {"answer_nll": nll[list(plan.answer)].tolist(), "paraphrase_nll": nll[list(plan.para)].tolist(),
+                     "perturbed_nll": [nll[list(row)].tolist() for row in plan.pert]}
+            rouge = None
+            if generate:
+                items["generation"] = [texts[i] for i in plan.prompt]
+                rouge = scoring.rouge_l_recall(plan.ground_truth, items["generation"])
+                items["rougeL"] = rouge
+            items["prob"] = np.exp(-np.asarray(items["answer_nll"])).tolist()
+            items["truth_ratio"] = metrics.truth_ratios(items["paraphrase_nll"], items["perturbed_nll"]).tolist()
+            summary = metrics.split_summary(KINDS[role], items["answer_nll"], items["paraphrase_nll"],
+                                            items["perturbed_nll"], rouge)
+            aggregates.update({f"{role}_{k}": v for k, v in summary.items()})
+            per_item[role] = items
+        if generate:
+            aggregates["model_utility"] = metrics.model_utility(aggregates)
+        if self.reference is not None:
+            aggregates["forget_quality"] = metrics.forget_quality(per_item["forget"]["truth_ratio"],
+                                                                  self.reference.forget_truth_ratios)
+            if "related" in per_item and self.reference.related_truth_ratios is not None:
+                aggregates["related_forget_quality"] = metrics.forget_quality(
+                    per_item["related"]["truth_ratio"], self.reference.related_truth_ratios)
+        return EvalResult(aggregates, per_item, self.fidelity)
+
+
+class _eval_mode:  # noqa: N801 - used as a context manager
+    """model.eval() for the block, then the caller's train/eval mode back (a search trial may be training)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)
+
+
+# -- CLI entry points (wired in uipe/cli.py) -----------------------------------------------------------------------
+def evaluate_cli(model: Path, data: str, forget_split: str, retain_reference: Path, out: Path, template: str,
+                 eval_cfg: EvalConfig, dtype: str, max_length: int = 128) -> dict:
+    """`uipe evaluate`: every aggregate (forget_quality, model_utility, ...) and per-item values -> `out`."""
+    from uipe.eval.reference import default_device, load_reference
+    from uipe.io import atomic_write_json
+    from uipe.models import load_model, load_tokenizer
+
+    reference = load_reference(retain_reference)  # before loading a model: a missing file fails fast
+    evaluator = Evaluator.from_source(data, forget_split, load_tokenizer(model), template, eval_cfg, max_length)
+    evaluator.set_reference(reference)
+    result = evaluator.evaluate(load_model(model, dtype=dtype, device=default_device())).to_json()
+    atomic_write_json(out, result)
+    return result
+
+
+def reference_cli(model: Path, data: str, forget_split: str, out: Path, template: str, eval_cfg: EvalConfig,
+                  dtype: str, max_length: int = 128) -> dict:
+    """`uipe reference`: the retain model's truth ratios -> `out` (reused when model and data are unchanged)."""
+    from uipe.eval.reference import load_or_compute_reference, reference_summary
+    from uipe.models import load_tokenizer
+
+    evaluator = Evaluator.from_source(data, forget_split, load_tokenizer(model), template, eval_cfg, max_length)
+    return reference_summary(load_or_compute_reference(out, evaluator, model, dtype), out)
+
+
+def tofu_report_cli(model_logs: Path, retain_logs: Path) -> dict:
+    """`uipe tofu-report`: forget quality, model utility and the nine components from TOFU eval-log folders."""
+    from uipe.eval.tofu_logs import tofu_report
+
+    return tofu_report(model_logs, retain_logs)
