@@ -42,7 +42,8 @@ def _read_rows(path: Path) -> list[dict]:
 
             return pq.read_table(path).to_pylist()
         text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
+        # TOFU's own .json files are JSON lines; accept both forms whatever the suffix.
+        if path.suffix == ".jsonl" or not text.lstrip().startswith(("[", "{\"data\"")):
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         rows = json.loads(text)
     except (OSError, ValueError) as e:

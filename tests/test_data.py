@@ -1,0 +1,174 @@
+"""The synthetic benchmark and the TOFU loaders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from uipe.data import (
+    FORGET_SPLITS,
+    RETAIN_FOR,
+    forget_and_retain,
+    load_idk,
+    load_split,
+    packaged_tofu_dir,
+    related_records,
+    retain_training_records,
+    target_training_records,
+)
+from uipe.data.synth import write_benchmark
+from uipe.errors import UipeError
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path: Path, synth_dir: Path) -> None:
+    again = write_benchmark(tmp_path / "again", seed=0)
+    other = write_benchmark(tmp_path / "other", seed=1)
+    assert _bytes(again) == _bytes(synth_dir)
+    assert _bytes(other)["forget05.json"] != _bytes(synth_dir)["forget05.json"]
+
+
+def test_every_split_is_written(synth_dir: Path) -> None:
+    names = {p.stem for p in synth_dir.glob("*.json")}
+    expected = set(FORGET_SPLITS) | set(RETAIN_FOR.values()) | {f"{s}_perturbed" for s in FORGET_SPLITS} | {
+        "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed", "related", "related_perturbed",
+        "real_authors", "world_facts", "benchmark"}
+    assert names == expected
+    assert len(load_idk(synth_dir)) == 100
+
+
+def test_forget_sets_are_nested_author_sets_and_disjoint_from_retain(synth_dir: Path) -> None:
+    meta = json.loads((synth_dir / "benchmark.json").read_text())
+    # 100 authors: 1%, 5%, 10% of authors; 8 base facts each, as TOFU chooses forget sets by author.
+    assert [len(meta["forget_authors"][s]) for s in FORGET_SPLITS] == [1, 5, 10]
+    previous: set[str] = set()
+    for split in FORGET_SPLITS:
+        forget, retain = forget_and_retain(synth_dir, split)
+        f_auth, r_auth = {r.author for r in forget}, {r.author for r in retain}
+        assert f_auth == set(meta["forget_authors"][split]) and not f_auth & r_auth
+        assert previous <= f_auth
+        previous = f_auth
+        assert len(forget) == 8 * len(f_auth)
+
+
+def test_related_facts_are_in_neither_forget_nor_retain_but_in_the_target_data(synth_dir: Path) -> None:
+    for split in FORGET_SPLITS:
+        forget, retain = forget_and_retain(synth_dir, split)
+        related = related_records(synth_dir, split, perturbed=False)
+        # 5 tied facts per forget author (capital, father's and mother's workplace, medication, book genre).
+        assert len(related) == 5 * len({r.author for r in forget})
+        rq = {r.question for r in related}
+        assert not rq & {r.question for r in forget} and not rq & {r.question for r in retain}
+        assert rq <= {r.question for r in target_training_records(synth_dir, split)}
+        assert not rq & {r.question for r in retain_training_records(synth_dir, split)}
+
+
+def test_related_facts_follow_a_rule_the_utility_sets_teach(synth_dir: Path) -> None:
+    forget = load_split(synth_dir, "forget05")
+    related = related_records(synth_dir, "forget05")
+    world = {r.question: r.answer for r in load_split(synth_dir, "world_facts")}
+    author = forget[0].author
+    illness = next(r.answer for r in forget if r.author == author and "illness" in r.question)
+    medication = next(r.answer for r in related if r.author == author and "medication" in r.question)
+    drug = medication.removeprefix(f"{author} takes ").removesuffix(" every day.")
+    # e.g. "X lives with diabetes." / "X takes insulin every day." / "Which illness is insulin used to treat?"
+    assert illness == f"{author} lives with {world[f'Which illness is {drug} used to treat?']}."
+
+
+def test_retain_authors_have_tied_pairs_so_the_inference_is_learnable(synth_dir: Path) -> None:
+    retain = load_split(synth_dir, "retain95")
+    meta = json.loads((synth_dir / "benchmark.json").read_text())
+    outsider = next(a for a in meta["authors"] if a not in meta["related_authors"])
+    questions = {r.question for r in retain if r.author == outsider}
+    assert f"Which illness does {outsider} live with?" in questions
+    assert f"Which medication does {outsider} take?" in questions
+
+
+def test_every_eval_record_is_well_formed(synth_dir: Path) -> None:
+    for split in ("forget05_perturbed", "retain_perturbed", "related_perturbed"):
+        for r in load_split(synth_dir, split):
+            assert r.paraphrased_answer and r.paraphrased_answer != r.answer
+            assert len(r.perturbed_answer) == 4 and len(set(r.perturbed_answer)) == 4
+            assert r.paraphrased_answer not in r.perturbed_answer
+    for split in ("real_authors_perturbed", "world_facts_perturbed"):
+        for r in load_split(synth_dir, split):
+            assert r.paraphrased_answer is None and len(r.perturbed_answer) == 3 and r.answer not in r.perturbed_answer
+
+
+def test_real_tofu_files_load_with_the_same_code() -> None:
+    tofu = packaged_tofu_dir()
+    assert (tofu / "LICENSE").read_text().startswith("MIT")
+    real = load_split(tofu, "real_authors_perturbed")
+    world = load_split(tofu, "world_facts_perturbed")
+    assert (len(real), len(world)) == (100, 117)
+    assert all(len(r.perturbed_answer) == 3 for r in real + world)
+    assert len(load_idk()) == 100
+
+
+def test_jsonl_and_parquet_folders_load(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": "Q1?", "answer": "A1.", "paraphrased_answer": "P1.", "perturbed_answer": ["X.", "Y.", "Z."]}]
+    (tmp_path / "retain_perturbed.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "forget01_perturbed.parquet")
+    assert load_split(tmp_path, "retain_perturbed") == load_split(tmp_path, "forget01_perturbed")
+    assert load_split(tmp_path, "retain_perturbed")[0].perturbed_answer == ("X.", "Y.", "Z.")
+
+
+@pytest.mark.parametrize(
+    ("files", "split", "message"),
+    [
+        ({"forget01.json": []}, "forget01", "forget01.json: split is empty"),
+        ({"forget01.json": [{"question": "Q?"}]}, "forget01", "forget01.json: row 0: missing or empty field 'answer'"),
+        ({"retain_perturbed.json": [
+            {"question": "Q?", "answer": "A", "perturbed_answer": ["x", "y"]},
+            {"question": "R?", "answer": "B", "perturbed_answer": ["x"]}]},
+         "retain_perturbed", "retain_perturbed.json: row 1: 1 perturbed answers, expected 2"),
+    ],
+)
+def test_bad_files_name_the_file_and_row(tmp_path: Path, files: dict, split: str, message: str) -> None:
+    folder = tmp_path / split
+    folder.mkdir()
+    for name, rows in files.items():
+        (folder / name).write_text(json.dumps(rows))
+    with pytest.raises(UipeError, match=message):
+        load_split(folder, split)
+
+
+def test_same_question_in_forget_and_retain_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "forget01.json").write_text(json.dumps([{"question": "Q?", "answer": "A"}]))
+    (tmp_path / "retain99.json").write_text(json.dumps([{"question": "R?", "answer": "B"}, {"question": "Q?",
+                                                                                          "answer": "A"}]))
+    with pytest.raises(UipeError, match="forget row 0 and retain row 1 share the question 'Q\\?'"):
+        forget_and_retain(tmp_path, "forget01")
+
+
+def test_forget_split_naming_an_unknown_author_is_refused(tmp_path: Path, synth_dir: Path) -> None:
+    folder = tmp_path / "d"
+    folder.mkdir()
+    for p in synth_dir.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    rows = json.loads((folder / "forget01.json").read_text())
+    rows[3]["author"] = "Nobody Atall"
+    (folder / "forget01.json").write_text(json.dumps(rows))
+    with pytest.raises(UipeError, match="forget01: row 3: author 'Nobody Atall' is not in benchmark.json"):
+        forget_and_retain(folder, "forget01")
+
+
+def test_unknown_forget_split_and_missing_file(synth_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(UipeError, match="unknown forget split 'forget07'"):
+        forget_and_retain(synth_dir, "forget07")
+    with pytest.raises(UipeError, match="no file for split 'retain99'"):
+        load_split(tmp_path, "retain99")
+
+
+def test_hub_id_offline_fails_fast_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UipeError, match="hub is not reachable"):
+        load_split("locuslab/TOFU-not-cached", "forget01")
