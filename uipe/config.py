@@ -143,6 +143,9 @@ class SearchConfig(Strict):
 
 class TrackingConfig(Strict):
     uri: str | None = None  # default sqlite:///<run_dir>/mlflow.db
+    # Where a new experiment keeps artifacts (default <run_dir>/mlartifacts for the local store); on a cluster a
+    # shared path such as /mnt/uipe/mlartifacts, else a client writing to sqlite would use ./mlruns.
+    artifact_location: str | None = None
     experiment: str | None = None  # default uipe-<name>
     register_model: bool = True
     registered_model_name: str | None = None  # default uipe-<name>-<method>
