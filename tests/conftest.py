@@ -50,3 +50,39 @@ def ray_session():
                  _temp_dir=tmp, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+# ---- the trained tiny world, shared by every integration test (built once: ~4 minutes on 2 cores) ----------------
+SEARCH_OVERRIDES = ["search.num_samples=8"]
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from uipe.config import load_config
+
+    return load_config(None, SEARCH_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def prepared_run(tmp_path_factory: pytest.TempPathFactory, ray_session, tiny_cfg):
+    """A run folder with data, target and retain models (uipe prepare) and the cached retain reference."""
+    from uipe.data import ensure_data
+    from uipe.paths import RunPaths
+    from uipe.pipeline import ensure_reference
+    from uipe.train import prepare
+
+    paths = RunPaths.of(tmp_path_factory.mktemp("run") / "tiny")
+    data = ensure_data(tiny_cfg, paths)
+    prepare(tiny_cfg, paths.root)
+    ensure_reference(tiny_cfg, paths, data)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def unlearned_run(prepared_run, tiny_cfg):
+    """prepared_run plus GA and NPO unlearning (2 Ray Train workers, a checkpoint per epoch)."""
+    from uipe.train import unlearn
+
+    for method in ("ga", "npo"):
+        unlearn(tiny_cfg, prepared_run.root, method)
+    return prepared_run

@@ -1,0 +1,89 @@
+"""`uipe run`: the main job. Data, reference models, the retain reference, then per method: unlearning (Ray Train)
+and the alpha search (Ray Tune + Optuna), and a table of the base method beside UIPE.
+
+    uipe run                                       # the embedded tiny benchmark, offline, 2 CPU cores, minutes
+    uipe run --config configs/tofu_llama2_7b.yaml  # the same pipeline on a GPU cluster
+
+Each stage is skipped when its outputs exist and match the configuration, so re-running resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from uipe.config import ExperimentConfig
+from uipe.errors import UipeError
+from uipe.io import atomic_write_json
+from uipe.paths import RunPaths
+from uipe.report import fmt
+
+console = Console(highlight=False)
+
+
+def stage(name: str) -> None:
+    console.print(f"[bold cyan]== {name}[/]")
+
+
+def ensure_reference(cfg: ExperimentConfig, paths: RunPaths, data: str) -> str:
+    """The retain model's truth ratios, computed once (or TOFU's published logs when configured)."""
+    if cfg.eval.retain_reference:
+        return cfg.eval.retain_reference
+    from uipe.eval.evaluate import Evaluator
+    from uipe.eval.reference import load_or_compute_reference
+    from uipe.models import load_tokenizer
+
+    evaluator = Evaluator.from_source(data, cfg.data.forget_split, load_tokenizer(paths.retain_model),
+                                      cfg.model.prompt_template, cfg.eval, cfg.model.max_length)
+    load_or_compute_reference(paths.retain_reference, evaluator.full_fidelity(), paths.retain_model, cfg.model.dtype)
+    return str(paths.retain_reference)
+
+
+def results_table(summaries: list[dict], cfg: ExperimentConfig) -> Table:
+    table = Table(title=f"UIPE on {cfg.name} ({cfg.data.forget_split}): base method at its best epoch vs UIPE")
+    for col in ("method", "model", "alpha", "epoch", "forget quality", "model utility", "forget prob",
+                "related prob", "related ROUGE-L", "related FQ"):
+        table.add_column(col, justify="right" if col not in ("method", "model") else "left")
+    for s in summaries:
+        for label, row in (("base", s["base"]), ("UIPE", s["chosen"])):
+            if not row:
+                continue
+            table.add_row(s["method"], label + ("" if row.get("feasible") else " (infeasible)"), fmt(row["alpha"]),
+                          str(row["epoch"]), fmt(row["forget_quality"]), fmt(row["model_utility"]),
+                          fmt(row.get("forget_prob")), fmt(row.get("related_prob")), fmt(row.get("related_rougeL")),
+                          fmt(row.get("related_forget_quality")))
+    return table
+
+
+def run_pipeline(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
+    from uipe.data import ensure_data
+    from uipe.search import run_search
+    from uipe.search_run import ensure_ray
+    from uipe.tracking import tracking_uri
+    from uipe.train import prepare, unlearn
+
+    start = time.time()
+    stage(f"data ({cfg.data.source})")
+    data = ensure_data(cfg, paths)
+    ensure_ray()
+    stage("prepare: target and retain models")
+    prepare(cfg, paths.root)
+    stage("retain reference")
+    ensure_reference(cfg, paths, data)
+    summaries = []
+    for method in cfg.unlearn.methods:
+        stage(f"unlearn {method} ({cfg.unlearn.epochs} epochs, {cfg.train.num_workers} workers)")
+        unlearn(cfg, paths.root, method)
+        stage(f"search {method}: alpha and epoch")
+        summaries.append(run_search(cfg, paths, method, None, resume=True))  # reuses or resumes
+    console.print(results_table(summaries, cfg))
+    atomic_write_json(paths.root / "summary.json", {"config": cfg.model_dump(mode="json"), "methods": summaries,
+                                                     "seconds": time.time() - start})
+    uri = tracking_uri(cfg, paths)
+    console.print(f"Done in {time.time() - start:.0f} s. Results: {paths.root}/summary.json")
+    console.print(f"Review in the MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+                  if uri.startswith("sqlite") else f"Review in the MLflow UI at {uri}")
+    return summaries

@@ -1,0 +1,139 @@
+"""MLflow: where runs go, one parent run per search with a nested child run per trial, and the model registry.
+
+The default store is a sqlite file under the run folder (MLflow >= 3.13 refuses plain file stores); artifacts go to
+<run_dir>/mlartifacts. Any server URI works too (`tracking.uri`). Only URIs and ids are held, never a client, so the
+Tune callback below pickles with the experiment state and survives `uipe search --resume`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ray import tune
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from uipe.config import ExperimentConfig
+    from uipe.paths import RunPaths
+
+TRIAL_TAG = "uipe.trial_id"
+CHAMPION = "champion"
+
+
+def tracking_uri(cfg: ExperimentConfig, paths: RunPaths) -> str:
+    return cfg.tracking.uri or f"sqlite:///{paths.mlflow_db}"
+
+
+def experiment_name(cfg: ExperimentConfig) -> str:
+    return cfg.tracking.experiment or f"uipe-{cfg.name}"
+
+
+def client(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(cfg: ExperimentConfig, paths: RunPaths) -> tuple[str, str]:
+    """(tracking URI, experiment id); a local store keeps its artifacts beside it, not in ./mlruns."""
+    uri = tracking_uri(cfg, paths)
+    c = client(uri)
+    name = experiment_name(cfg)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return uri, exp.experiment_id
+    location = cfg.tracking.artifact_location
+    if location is None and not uri.startswith(("http://", "https://", "databricks")):
+        paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+        location = paths.mlflow_artifacts.as_uri()
+    elif location and "://" not in location:
+        location = Path(location).resolve().as_uri()
+    return uri, c.create_experiment(name, artifact_location=location)
+
+
+def log_flat(c: MlflowClient, run_id: str, metrics: dict[str, Any], params: dict[str, Any] | None = None,
+             step: int = 0) -> None:
+    """Log finite numeric metrics and string-able params in one batch (MLflow rejects NaN params, not metrics)."""
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, step) for k, v in metrics.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+    ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    for i in range(0, max(len(ms), len(ps)), 900):  # MLflow caps a batch at 1000 entries
+        c.log_batch(run_id, metrics=ms[i:i + 900], params=ps[i:i + 900])
+
+
+def child_runs(uri: str, experiment_id: str, parent_id: str) -> dict[str, Any]:
+    """Existing child runs of a parent, by Tune trial id (so a resumed search never logs a trial twice)."""
+    runs = client(uri).search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=5000)
+    return {r.data.tags[TRIAL_TAG]: r for r in runs if TRIAL_TAG in r.data.tags}
+
+
+class TrialLogger(tune.Callback):
+    """One nested MLflow child run per finished or failed trial, logged from the driver."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_id: str, method: str) -> None:
+        self.uri, self.experiment_id, self.parent_id, self.method = uri, experiment_id, parent_id, method
+        self._last: dict[str, dict] = {}
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._last[trial.trial_id] = result
+
+    def _new_child(self, trial: Any) -> str | None:
+        if trial.trial_id in child_runs(self.uri, self.experiment_id, self.parent_id):
+            return None
+        cfg = trial.config
+        run = client(self.uri).create_run(self.experiment_id, run_name=f"{self.method}-a{cfg['alpha']:.3f}-e{cfg['epoch']}",
+                                          tags={"mlflow.parentRunId": self.parent_id, TRIAL_TAG: trial.trial_id,
+                                                "uipe.method": self.method})
+        return run.info.run_id
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._new_child(trial)
+        if run_id is None:
+            return
+        result = self._last.pop(trial.trial_id, trial.last_result or {})
+        c = client(self.uri)
+        log_flat(c, run_id, result, {"alpha": trial.config["alpha"], "epoch": trial.config["epoch"]})
+        c.set_terminated(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._new_child(trial)
+        if run_id is None:
+            return
+        c = client(self.uri)
+        error = str(getattr(trial, "error_file", "") or "")
+        message = _error_text(trial)
+        log_flat(c, run_id, {}, {"alpha": trial.config["alpha"], "epoch": trial.config["epoch"]})
+        c.set_tag(run_id, "uipe.error", message[:5000])
+        if error:
+            c.set_tag(run_id, "uipe.error_file", error)
+        c.set_terminated(run_id, "FAILED")
+
+
+def _error_text(trial: Any) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).is_file():
+        lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+        return lines[-1] if lines else "trial failed"
+    return "trial failed"
+
+
+def register_model(uri: str, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
+    """Register `source` (a model folder or storage URI) as a new version of `name`, aliased CHAMPION."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        c.create_registered_model(name, description="UIPE-unlearned models chosen by uipe search")
+    except MlflowException as e:  # already registered: add a version
+        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+            raise
+    version = c.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    c.set_registered_model_alias(name, CHAMPION, version.version)
+    return version.version
