@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,8 +85,6 @@ def evaluate_point(setup: TrialSetup, alpha: float, epoch: int) -> dict[str, flo
 
 def trial(config: dict, setup: TrialSetup) -> None:
     """The Tune function trainable: one (alpha, epoch) point, reported once."""
-    if os.environ.get("UIPE_TEST_FAIL_ALPHA_ABOVE") and config["alpha"] > float(os.environ["UIPE_TEST_FAIL_ALPHA_ABOVE"]):
-        raise RuntimeError("injected trial failure (UIPE_TEST_FAIL_ALPHA_ABOVE)")  # tests: a trial that raises
     metrics = evaluate_point(setup, float(config["alpha"]), int(config["epoch"]))
     tune.report({**metrics, "alpha": float(config["alpha"]), "epoch": int(config["epoch"])})
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,12 @@ def ensure_ray() -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray, unless one is already up."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # a running cluster (a `ray job submit` entrypoint, or a test's shared session)
+    else:
+        ray.init(include_dashboard=False)
 
 
 class Progress(tune.Callback):
