@@ -128,6 +128,25 @@ def test_bf16_is_computed_in_fp32_then_cast(tmp_path: Path) -> None:
     assert torch.equal(a, torch.tensor([1.0, 2.0])) and torch.equal(b, torch.tensor([3.0, 1.0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_kernel_matches_whole_tensor_formula(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    import uipe.extrapolate as ex
+
+    g = torch.Generator().manual_seed(3)
+    ini, un = torch.randn(5, 9, generator=g).to(dtype), torch.randn(5, 9, generator=g).to(dtype)
+    # the operator on whole fp32 tensors: v = un - ini, then alpha*v, then + un, then one cast
+    u32, i32 = un.float(), ini.float()
+    expected = ((u32 - i32) * 1.75 + u32).to(dtype)
+    monkeypatch.setattr(ex, "_CHUNK", 7)  # 45 elements: six full chunks and a tail of 3
+    assert torch.equal(extrapolate_tensor(ini, un, 1.75), expected)
+    # the in-memory form, into a parameter of the same dtype, through the same chunks
+    uv = UpdateVector(Path("i"), Path("u"), {"w": u32}, {"w": u32 - i32})
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(5, 9, dtype=dtype))
+    uv.apply(model, 1.75)
+    assert torch.equal(model.w.detach(), expected)
+
+
 def test_shards_index_and_other_files(tmp_path: Path) -> None:
     ini, un, _, _ = _random_pair(tmp_path)
     for name, text in {"config.json": '{"model_type": "llama"}', "tokenizer.json": "{}",
