@@ -116,7 +116,7 @@ def evaluate(model: Annotated[Path, typer.Option("--model")],
     eval_cfg = cfg.eval.model_copy(update={"subset": subset}) if subset else cfg.eval
     result = evaluate_cli(model, data or str(paths.data), forget_split or cfg.data.forget_split,
                           retain_reference or paths.retain_reference, out, cfg.model.prompt_template, eval_cfg,
-                          cfg.model.dtype)
+                          cfg.model.dtype, cfg.model.max_length)
     typer.echo(json.dumps({k: result[k] for k in ("forget_quality", "model_utility")}))
 
 
@@ -130,9 +130,10 @@ def reference(model: Annotated[Optional[Path], typer.Option("--model", help="Ret
     from uipe.eval.evaluate import reference_cli
 
     cfg, paths = _setup(config, run_dir, set_)
-    path = reference_cli(model or paths.retain_model, data or str(paths.data), forget_split or cfg.data.forget_split,
-                         out or paths.retain_reference, cfg.model.prompt_template, cfg.eval, cfg.model.dtype)
-    typer.echo(str(path))
+    summary = reference_cli(model or paths.retain_model, data or str(paths.data),
+                            forget_split or cfg.data.forget_split, out or paths.retain_reference,
+                            cfg.model.prompt_template, cfg.eval, cfg.model.dtype, cfg.model.max_length)
+    typer.echo(json.dumps(summary, indent=1))
 
 
 @app.command("tofu-report")

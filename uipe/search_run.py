@@ -186,7 +186,9 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
         "utility_threshold": setup.utility_threshold, "feasible": bool(best["feasible"]),
         "trials": len(rows), "failed": sum(r["status"] != "ok" for r in rows),
         "pareto_front": [_pick(r) for r in pareto_front(rows)], "search_seconds": wall, "trial_work_seconds": work,
-        "tune_overhead": (wall - work) / wall if wall > 0 else None, "parent_run_id": parent,
+        # (wall - trial work) / wall, with wall counted once per concurrent trial slot
+        "tune_overhead": 1 - work / (wall * space.max_concurrent_trials) if wall > 0 else None,
+        "max_concurrent_trials": space.max_concurrent_trials, "parent_run_id": parent,
     }
     chosen_dir = _write_chosen(setup, best, out / "chosen")
     summary["chosen_model"] = str(chosen_dir)
