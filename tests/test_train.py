@@ -1,0 +1,263 @@
+"""Training on Ray Train with FSDP2: prepare (target, retain), unlearning per epoch, resume after a worker failure,
+bad input. A small world (20 authors x 4 facts, forget10 = 2 authors) and a 2-layer model keep it to minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from uipe.config import ExperimentConfig, load_config
+from uipe.errors import UipeError
+
+torch.set_num_threads(1)
+
+SMALL = [
+    "data.synth.authors=20", "data.synth.facts=4", "data.forget_split=forget10",
+    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=128", "model.tiny.num_hidden_layers=2",
+    "model.tiny.num_attention_heads=2", "model.max_length=48", "eval.max_new_tokens=24",
+    "train.num_workers=2", "train.micro_batch_size=8", "train.effective_batch_size=16",
+    "prepare.epochs=10", "prepare.lr=1e-2", "prepare.min_rouge=0.3",
+    "unlearn.epochs=3", "unlearn.lr=2e-3",
+]
+# Retain-NLL bound under GradDiff/KL/NPO: at every epoch the retain NLL stays below
+# max(2 x theta_ini's retain NLL, theta_ini's + 0.5 nats): unlearning may cost utility, not destroy it.
+RETAIN_FACTOR, RETAIN_SLACK = 2.0, 0.5
+
+
+def small_cfg(*extra: str) -> ExperimentConfig:
+    return load_config(None, SMALL + list(extra))
+
+
+# ---- pure parts (no Ray) -------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_by_hand() -> None:
+    from uipe.train_parts import lr_factor
+
+    # warmup 2, total 6: warm-up (s+1)/2 -> .5, 1; decay (6-s)/(6-2) -> s=2: 1, s=3: .75, s=4: .5, s=5: .25.
+    assert [lr_factor(s, 2, 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert lr_factor(0, 0, 4) == 1.0  # no warm-up: decay from the first step
+
+
+def test_accumulation_groups() -> None:
+    from uipe.train_parts import accumulation_groups
+
+    assert accumulation_groups(5, 2) == [2, 2, 1]
+    assert accumulation_groups(4, 2) == [2, 2]
+    assert accumulation_groups(1, 4) == [1]
+
+
+def test_streams_cover_the_shard_and_pair_idk(tiny_base: Path, synth_dir: Path) -> None:
+    from uipe.data import forget_and_retain, load_idk
+    from uipe.models import load_tokenizer
+    from uipe.train_parts import Job, Streams
+
+    cfg = load_config(None, ["train.micro_batch_size=4", "train.effective_batch_size=8"])
+    forget, retain = forget_and_retain(str(synth_dir), "forget05")
+    job = Job(label="t", objective="idkdpo", params=None, model_path=str(tiny_base), forget=tuple(forget),
+              retain=tuple(retain), idk=tuple(load_idk(str(synth_dir))), epochs=1, lr=1e-3, train=cfg.train,
+              model=cfg.model, job_hash="x", export="", export_every_epoch=True, checkpoint_every=1, meta={},
+              tracking_uri="", experiment="", use_gpu=False)
+    tok = load_tokenizer(tiny_base)
+    seen: list[tuple[int, ...]] = []
+    for rank in (0, 1):
+        streams = Streams(job, tok, rank, 2, needs_retain=True, needs_idk=True)
+        assert streams.micro_batches_per_epoch() == math.ceil(len(forget) / 2 / 4)
+        for batch, tokens in streams.epoch(1, torch.device("cpu")):
+            assert batch.forget["input_ids"].shape[0] == batch.retain["input_ids"].shape[0]
+            assert tokens == sum(int(b["attention_mask"].sum()) for b in (batch.forget, batch.retain, batch.idk))
+            # IdkDPO pairs: the same prompt, another answer.
+            f_prompt = (batch.forget["labels"] == -100) & (batch.forget["attention_mask"] == 1)
+            for row in range(batch.forget["input_ids"].shape[0]):
+                n = int(f_prompt[row].sum())
+                assert batch.idk["input_ids"][row, :n].tolist() == batch.forget["input_ids"][row, :n].tolist()
+                seen.append(tuple(batch.forget["input_ids"][row, : int(batch.forget["attention_mask"][row].sum())]))
+        again = [b.forget["input_ids"].tolist() for b, _ in streams.epoch(1, torch.device("cpu"))]
+        first = [b.forget["input_ids"].tolist() for b, _ in Streams(job, tok, rank, 2, True, True).epoch(1, "cpu")]
+        assert again == first  # a resumed epoch sees the same batches
+    assert len(set(seen)) == len(forget)  # two shards cover the forget set (40 items, no padding repeats)
+
+
+def test_hf_folder_sharded_round_trip(tiny_base: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from uipe.checkpoint import write_hf_folder
+    from uipe.models import load_model
+
+    model = load_model(tiny_base)
+    state = model.state_dict()
+    write_hf_folder(tmp_path / "m", state, tiny_base, torch.float32, {"kind": "test"}, max_shard_bytes=600_000)
+    shards = sorted(p.name for p in (tmp_path / "m").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "m" / "model.safetensors.index.json").is_file()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m", use_safetensors=True)
+    for key, value in back.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert json.loads((tmp_path / "m" / "uipe_meta.json").read_text()) == {"kind": "test"}
+
+
+# ---- bad input: UipeError, nothing written -------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_bad_input_writes_nothing(ray_session: object, tmp_path: Path, synth_dir: Path) -> None:
+    from uipe.train import prepare, unlearn
+
+    run = tmp_path / "run"
+    with pytest.raises(UipeError, match="unknown method 'sgd'"):
+        unlearn(small_cfg(), run, "sgd")
+    with pytest.raises(UipeError, match="no config.json"):  # unlearn before prepare: no target model
+        unlearn(small_cfg(), run, "ga")
+    with pytest.raises(UipeError, match="num_workers=4: Ray has only 2 CPUs"):
+        prepare(small_cfg("train.num_workers=4", "train.effective_batch_size=32"), run)
+    no_weights = tmp_path / "empty_model"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text("{}")
+    with pytest.raises(UipeError, match="no \\*.safetensors weights"):
+        prepare(small_cfg(f"model.base={no_weights}"), run)
+    partial_data = tmp_path / "partial"  # a TOFU-format folder without the forget10 file
+    partial_data.mkdir()
+    for name in ("retain90.json", "forget05.json"):
+        (partial_data / name).write_text((synth_dir / name).read_text())
+    with pytest.raises(UipeError, match="no file for split 'forget10'"):
+        prepare(small_cfg(f"data.source={partial_data}"), run)
+    assert not run.exists()
+
+
+# ---- the real thing: prepare, unlearn, resume ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session: object, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    from uipe.train import prepare
+
+    run = tmp_path_factory.mktemp("train") / "run"
+    return run, prepare(small_cfg(), run)
+
+
+def _nll(folder: Path, records: list) -> float:
+    """Mean answer-token NLL of a saved model folder on records (the TOFU loss, question masked)."""
+    from uipe.methods.common import nll_of
+    from uipe.models import collate, encode_qa, load_model, load_tokenizer
+
+    model, tok = load_model(folder), load_tokenizer(folder)
+    batch = collate([encode_qa(tok, r.question, r.answer, "llama2", 48) for r in records], tok.pad_token_id)
+    with torch.no_grad():
+        return float(nll_of(model, batch))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_prepare_trains_both_reference_models(prepared: tuple[Path, dict]) -> None:
+    from uipe.data import forget_and_retain, retain_training_records, target_training_records
+    from uipe.paths import RunPaths
+    from uipe.train import prepare
+
+    run, out = prepared
+    paths = RunPaths.of(run)
+    sets = {"target": target_training_records(str(paths.data), "forget10"),
+            "retain": retain_training_records(str(paths.data), "forget10")}
+    for role in ("target", "retain"):
+        meta = out[role]
+        assert meta["trained"] and meta["rouge_l_recall"] >= 0.3
+        # 2 workers x micro-batch 8, effective batch 16: one micro-batch per optimizer step, 10 epochs.
+        n = len(sets[role])
+        assert meta["optimizer_steps"] == 10 * math.ceil(math.ceil(n / 2) / 8)
+        assert meta["history"][-1]["nll"] < meta["history"][0]["nll"] / 3  # it learned
+    forget, retain = forget_and_retain(str(paths.data), "forget10")
+    # The target saw the forget authors, the retain model never did: TOFU's premise.
+    assert _nll(paths.target_model, forget) < 0.5 * _nll(paths.retain_model, forget)
+    # Same config again: reused, not retrained; another config: refused, nothing overwritten.
+    again = prepare(small_cfg(), run)
+    assert not again["target"]["trained"] and again["target"]["config_hash"] == out["target"]["config_hash"]
+    with pytest.raises(UipeError, match="trained on other data or settings"):
+        prepare(small_cfg("prepare.lr=5e-3"), run)
+
+
+@pytest.fixture(scope="module")
+def ga_manifest(prepared: tuple[Path, dict]) -> dict:
+    from uipe.train import unlearn
+
+    run, _ = prepared
+    return json.loads(unlearn(small_cfg(), run, "ga").read_text())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ga_epochs_load_and_forget_nll_rises(prepared: tuple[Path, dict], ga_manifest: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from uipe.data import forget_and_retain
+    from uipe.paths import RunPaths
+
+    run, _ = prepared
+    paths = RunPaths.of(run)
+    forget, _ = forget_and_retain(str(paths.data), "forget10")
+    epochs = ga_manifest["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    nlls = [_nll(paths.target_model, forget)]
+    for e in epochs:
+        AutoModelForCausalLM.from_pretrained(e["path"], use_safetensors=True)  # a complete HF folder
+        nlls.append(_nll(Path(e["path"]), forget))
+    assert all(b > a for a, b in zip(nlls, nlls[1:])), nlls
+    assert ga_manifest["theta_ini"] == str(paths.target_model)
+    assert ga_manifest["optimizer_steps"] == epochs[-1]["optimizer_steps"] > 0
+    assert {"data_hash", "code_version", "params", "job_hash"} <= set(ga_manifest)
+    # Per-step metrics reached MLflow (sqlite under the run folder), one "loss" value per optimizer step.
+    with sqlite3.connect(paths.mlflow_db) as db:
+        rows = db.execute("SELECT count(*) FROM metrics m JOIN runs r ON m.run_uuid = r.run_uuid "
+                          "WHERE r.name = 'unlearn-ga' AND m.key = 'loss'").fetchone()
+    assert rows[0] == ga_manifest["optimizer_steps"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["graddiff", "kl", "npo"])
+def test_retain_nll_stays_bounded(prepared: tuple[Path, dict], method: str) -> None:
+    from uipe.data import forget_and_retain
+    from uipe.paths import RunPaths
+    from uipe.train import unlearn
+
+    run, _ = prepared
+    paths = RunPaths.of(run)
+    manifest = json.loads(unlearn(small_cfg(), run, method).read_text())
+    _, retain = forget_and_retain(str(paths.data), "forget10")
+    start = _nll(paths.target_model, retain)
+    bound = max(RETAIN_FACTOR * start, start + RETAIN_SLACK)
+    for e in manifest["epochs"]:
+        assert _nll(Path(e["path"]), retain) < bound, (method, e["epoch"], start)
+        assert e["retain_nll"] < bound
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_worker_failure_resumes_exactly(prepared: tuple[Path, dict], ga_manifest: dict, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    from uipe.paths import RunPaths
+    from uipe.train import unlearn
+
+    run, _ = prepared
+    paths = RunPaths.of(run)
+    other = tmp_path / "run2"  # same data and theta_ini, another run folder
+    cfg = small_cfg(f"data.source={paths.data}", f"model.target={paths.target_model}")
+    marker = tmp_path / "failed_once"
+    monkeypatch.setenv("UIPE_TEST_FAULT", f"epoch=2,rank=1,marker={marker}")
+    manifest = json.loads(unlearn(cfg, other, "ga").read_text())
+    assert marker.is_file()  # it did fail once
+    assert [e["epoch"] for e in manifest["epochs"]] == [1, 2, 3]
+    assert manifest["optimizer_steps"] == ga_manifest["optimizer_steps"]
+    for mine, ref in zip(manifest["epochs"], ga_manifest["epochs"]):
+        a, b = load_file(Path(mine["path"]) / "model.safetensors"), load_file(Path(ref["path"]) / "model.safetensors")
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b), mine["epoch"]
+    # Re-running a finished run returns its manifest; the same folder with another config is refused.
+    assert json.loads(unlearn(cfg, other, "ga").read_text()) == manifest
+    with pytest.raises(UipeError, match="results of a different config"):
+        unlearn(small_cfg(f"data.source={paths.data}", f"model.target={paths.target_model}", "unlearn.lr=1e-3"),
+                other, "ga")
