@@ -176,3 +176,23 @@ def test_eval_records_roles(world: dict):
     assert set(roles) == {"forget", "retain", "real_authors", "world_facts", "related"}
     forget_authors = {r.author for r in roles["forget"]}
     assert {r.author for r in roles["related"]} <= forget_authors  # related facts of the forget authors only
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tiny_benchmark_separates_target_from_retain(prepared_run, tiny_cfg):
+    """Issue 4's bar on the trained tiny world (forget05): target vs retain forget quality < 0.01, the retain model
+    ~1.0 against its own reference, and the two models' utilities within 10% of each other."""
+    from uipe.models import load_model, load_tokenizer
+
+    assert tiny_cfg.data.forget_split == "forget05"
+    ev = Evaluator.from_source(str(prepared_run.data), "forget05", load_tokenizer(prepared_run.retain_model),
+                               tiny_cfg.model.prompt_template, tiny_cfg.eval, tiny_cfg.model.max_length)
+    ev.set_reference(load_reference(prepared_run.retain_reference))
+    target = ev.evaluate(load_model(prepared_run.target_model)).aggregates
+    retain = ev.evaluate(load_model(prepared_run.retain_model)).aggregates
+    assert target["forget_quality"] < 0.01
+    assert retain["forget_quality"] == pytest.approx(1.0, abs=1e-9)
+    assert abs(target["model_utility"] - retain["model_utility"]) < 0.1 * retain["model_utility"]
+    # the target trained the forget facts: it finds their answers more probable than the retain model does
+    assert target["forget_prob"] > retain["forget_prob"]
