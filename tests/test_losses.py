@@ -44,7 +44,8 @@ def test_answer_logprobs_shift_and_mask() -> None:
     assert count.tolist() == [2, 1]
     assert logp[0].item() == pytest.approx(LN(0.75) + LN(0.5), abs=1e-6)
     assert logp[1].item() == pytest.approx(LN(0.5), abs=1e-6)
-    # Token-weighted mean over the 3 answer tokens: -(ln .75 + ln .5 + ln .5) / 3 = (0.287682 + 1.386294) / 3 = 0.557992.
+    # Token-weighted mean over the 3 answer tokens:
+    # -(ln .75 + ln .5 + ln .5) / 3 = (0.287682 + 1.386294) / 3 = 0.557992.
     assert mean_nll(logits, labels).item() == pytest.approx(-(LN(0.75) + 2 * LN(0.5)) / 3, abs=1e-6)
     assert mean_nll(logits, labels).item() == pytest.approx(0.557992, abs=1e-6)
 

@@ -56,14 +56,14 @@ def test_accumulation_groups() -> None:
 def test_streams_cover_the_shard_and_pair_idk(tiny_base: Path, synth_dir: Path) -> None:
     from uipe.data import forget_and_retain, load_idk
     from uipe.models import load_tokenizer
-    from uipe.train_parts import Job, Streams
+    from uipe.train_parts import Job, Runtime, Streams
 
     cfg = load_config(None, ["train.micro_batch_size=4", "train.effective_batch_size=8"])
     forget, retain = forget_and_retain(str(synth_dir), "forget05")
     job = Job(label="t", objective="idkdpo", params=None, model_path=str(tiny_base), forget=tuple(forget),
               retain=tuple(retain), idk=tuple(load_idk(str(synth_dir))), epochs=1, lr=1e-3, train=cfg.train,
               model=cfg.model, job_hash="x", export="", export_every_epoch=True, checkpoint_every=1, meta={},
-              tracking_uri="", experiment="", use_gpu=False)
+              runtime=Runtime(use_gpu=False, tracking_uri="", experiment_id=""))
     tok = load_tokenizer(tiny_base)
     seen: list[tuple[int, ...]] = []
     for rank in (0, 1):

@@ -1,12 +1,15 @@
 """The parts uipe/train.py's loop is made of: the job a worker receives, its data streams, the learning-rate
-schedule, FSDP2 sharding, and MLflow step logging from rank 0.
+schedule, FSDP2 sharding and loading, exporting HF folders, prepare's ROUGE gate, the progress line, and MLflow step
+logging from rank 0.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import sys
 import time
+from pathlib import Path
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,10 +19,22 @@ from pydantic import BaseModel
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from uipe.checkpoint import gather_full_state, write_hf_folder
 from uipe.config import ModelConfig, TrainConfig
 from uipe.data import TofuRecord
+from uipe.io import atomic_dir
 from uipe.methods import Batch
 from uipe.models import collate, encode_qa
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where a job runs and logs, as the driver resolved it."""
+
+    use_gpu: bool
+    tracking_uri: str
+    experiment_id: str  # created on the driver (uipe.tracking.ensure_experiment), so workers never race to create it
+    fault: str = ""  # tests only: "epoch=E,rank=R,marker=PATH" raises once in epoch E on rank R
 
 
 @dataclass(frozen=True)
@@ -42,13 +57,10 @@ class Job:
     export_every_epoch: bool
     checkpoint_every: int
     meta: dict[str, Any]
-    tracking_uri: str
-    experiment: str
-    use_gpu: bool
+    runtime: Runtime
     gate_items: int = 0  # prepare: greedy ROUGE-L recall on this many training items (0: no gate)
     min_rouge: float = 0.0
     max_new_tokens: int = 32
-    fault: str = ""  # tests only: "epoch=E,rank=R,marker=PATH" raises once in epoch E on rank R
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -126,7 +138,7 @@ class Streams:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def shard_model(model: nn.Module, mesh: Any, bf16: bool) -> nn.Module:
+def shard_model(model: nn.Module, mesh: Any, bf16: bool, reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2: fully_shard each decoder block (HF's _no_split_modules names them), then the root.
 
     bf16 compute with fp32 gradient reduction on GPU (MixedPrecisionPolicy); fp32 on CPU, where bf16 matmuls are slow.
@@ -138,9 +150,108 @@ def shard_model(model: nn.Module, mesh: Any, bf16: bool) -> nn.Module:
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     for module in list(model.modules()):
         if type(module).__name__ in block_names:
-            fully_shard(module, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+            fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def load_sharded(job: Job, device: torch.device, mesh: Any, trainable: bool) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    # fp32 master weights; on GPU the bf16 MixedPrecisionPolicy computes in bf16 unless dtype says float32.
+    bf16 = device.type == "cuda" and job.model.dtype != "float32"
+    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=job.model.trust_remote_code).to(device)
+    model = shard_model(model, mesh, bf16, job.train.reshard_after_forward)
+    if trainable:
+        return model.train()
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def full_value(x: torch.Tensor) -> torch.Tensor:
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def mean_over_ranks(sums: dict[str, torch.Tensor], n_micro: int, device: torch.device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    packed = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys]
+                         + [torch.tensor(float(n_micro), dtype=torch.float64, device=device)])
+    dist.all_reduce(packed)
+    return {k: float(packed[i] / packed[-1]) for i, k in enumerate(keys)}
+
+
+def save_dtype(job: Job, device: torch.device) -> torch.dtype:
+    from uipe.models import resolve_dtype
+
+    return resolve_dtype(job.model.dtype, device)
+
+
+def export_epoch(job: Job, model: torch.nn.Module, out: Path, device: torch.device, rank: int,
+                 meta: dict[str, Any]) -> Path | None:
+    """Gather the full weights (every rank), rank 0 writes the folder atomically; returns it on rank 0."""
+    full = gather_full_state(model)
+    if rank != 0:
+        return None
+    with atomic_dir(out, overwrite=True) as tmp:
+        write_hf_folder(tmp, full, job.model_path, save_dtype(job, device), meta)
+    return out
+
+
+def finish_prepare(job: Job, model: torch.nn.Module, device: torch.device, rank: int,
+                   state: dict[str, Any]) -> dict[str, Any]:
+    full = gather_full_state(model)
+    if rank != 0:
+        return {}
+    rouge = rouge_gate(job, full, device) if job.gate_items else float("nan")  # 0 items: no gate (benchmarks)
+    meta = {**job.meta, "rouge_l_recall": rouge, "optimizer_steps": state["step"], "history": state["history"]}
+    if not rouge < job.min_rouge:  # below the gate nothing is published; the driver raises
+        with atomic_dir(job.export, overwrite=True) as tmp:
+            write_hf_folder(tmp, full, job.model_path, save_dtype(job, device), meta)
+    return {"rouge_l_recall": rouge}
+
+
+def rouge_gate(job: Job, full: dict[str, torch.Tensor], device: torch.device) -> float:
+    """Mean greedy ROUGE-L recall on a deterministic sample of the training questions (an unsharded copy, rank 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from uipe.eval.scoring import greedy_generate, rouge_l_recall
+    from uipe.models import load_tokenizer, prompt_token_ids
+
+    config = AutoConfig.from_pretrained(job.model_path, trust_remote_code=job.model.trust_remote_code)
+    plain = AutoModelForCausalLM.from_config(config, trust_remote_code=job.model.trust_remote_code)
+    plain.load_state_dict(full)
+    plain = plain.to(device).eval()
+    tok = load_tokenizer(job.model_path)
+    items = random.Random(job.train.seed).sample(job.forget, min(job.gate_items, len(job.forget)))
+    prompts = [prompt_token_ids(tok, r.question, job.model.prompt_template) for r in items]
+    texts = greedy_generate(plain, tok, prompts, batch_size=64, max_new_tokens=job.max_new_tokens)
+    return float(sum(rouge_l_recall([r.answer for r in items], texts)) / len(items))
+
+
+def progress(job: Job, epoch: int, step: int, total_steps: int, m: dict[str, float], seconds: float) -> None:
+    every = max(1, job.epochs // 10)  # at most ~10 lines for a long fine-tuning run
+    if epoch % every and epoch != job.epochs:
+        return
+    parts = [f"[{job.label}] epoch {epoch}/{job.epochs} step {step}/{total_steps} loss {m['loss']:.3f}"]
+    parts += [f"{k} {m[k]:.3f}" for k in ("forget_nll", "retain_nll", "nll") if k in m]
+    parts.append(f"{seconds:.1f} s/epoch ETA {seconds * (job.epochs - epoch):.0f}s")
+    # Ray Train V2 patches print() into its logger, which a wrapped stdout then echoes twice: write the stream.
+    sys.__stdout__.write(" ".join(parts) + "\n")
+    sys.__stdout__.flush()
+
+
+def maybe_fail(fault: str, epoch: int, rank: int) -> None:
+    """Tests only: raise once (a marker file remembers) in the given epoch on the given rank."""
+    if not fault:
+        return
+    spec = dict(item.split("=", 1) for item in fault.split(","))
+    marker = Path(spec["marker"])
+    if int(spec["epoch"]) == epoch and int(spec["rank"]) == rank and not marker.exists():
+        marker.write_text(f"failed once in epoch {epoch} on rank {rank}\n")
+        raise RuntimeError(f"injected test fault in epoch {epoch} on rank {rank}")
 
 
 @dataclass
@@ -152,17 +263,13 @@ class StepLog:
     buffer: list[Any] = field(default_factory=list)
 
     def start(self) -> str:
-        import mlflow
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        mlflow.set_tracking_uri(self.job.tracking_uri)
-        self.client = MlflowClient()
+        self.client = MlflowClient(tracking_uri=self.job.runtime.tracking_uri)
         if self.run_id is None:  # a resumed attempt continues the same MLflow run
-            exp = self.client.get_experiment_by_name(self.job.experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(self.job.experiment)
             name = self.job.label if self.job.objective == "finetune" else f"unlearn-{self.job.label}"
-            run = self.client.create_run(exp_id, run_name=name,
+            run = self.client.create_run(self.job.runtime.experiment_id, run_name=name,
                                          tags={"uipe.job_hash": self.job.job_hash, "uipe.stage": self.job.objective})
             self.run_id = run.info.run_id
             params = {"method": self.job.objective, "lr": self.job.lr, "epochs": self.job.epochs,

@@ -1,4 +1,5 @@
-"""KL minimisation (TOFU, arXiv 2401.06121, sec. 4): -NLL_theta(forget) + retain_weight * KL(p_ref || p_theta) on retain.
+"""KL minimisation (TOFU, arXiv 2401.06121, sec. 4): -NLL_theta(forget) + retain_weight * KL(p_ref || p_theta)
+on the retain batch.
 
 Averaging, exactly: for every answer token position t of the retain batch (label != -100 after the shift),
 KL_t = sum_v p_ref(v|x,y<t) * (log p_ref(v|x,y<t) - log p_theta(v|x,y<t)); the retain term is the mean of KL_t over

@@ -1,0 +1,120 @@
+"""Driver-side plumbing for uipe.train: the Ray session, resource checks, run identities, one TorchTrainer per job,
+and reading results back (epoch rows, epoch folders restored from Ray checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from uipe.checkpoint import latest_run_state
+from uipe.config import ExperimentConfig, TrainConfig
+from uipe.errors import UipeError
+from uipe.io import atomic_dir
+from uipe.paths import RunPaths
+from uipe.train_parts import Job, Runtime
+
+FAULT_ENV = "UIPE_TEST_FAULT"  # tests only: see Job.fault
+
+
+def ensure_ray() -> None:
+    """Start a local Ray (no dashboard) unless one is up: the CLI, the search and the tests share one session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+
+
+def use_gpu(train: TrainConfig) -> bool:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if train.use_gpu == "yes" and gpus < train.num_workers:
+        raise UipeError(f"train.use_gpu=yes: {train.num_workers} workers need as many GPUs, Ray has {gpus:g}")
+    return train.use_gpu == "yes" or (train.use_gpu == "auto" and gpus >= train.num_workers)
+
+
+def check_workers(train: TrainConfig) -> None:
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if train.num_workers > cpus:
+        raise UipeError(f"train.num_workers={train.num_workers}: Ray has only {cpus:g} CPUs (one per worker)")
+
+
+def storage_path(cfg: ExperimentConfig, paths: RunPaths) -> str:
+    path = cfg.train.storage_path or str(paths.ray_storage)
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def train_identity(train: TrainConfig) -> dict[str, Any]:
+    """The training settings that change the weights (not storage, retry counts, nor FSDP2 memory policy)."""
+    return train.model_dump(exclude={"storage_path", "max_failures", "reshard_after_forward"})
+
+
+def check_ray_run(storage: str, run_name: str, job_hash: str, folder: Path) -> None:
+    state = latest_run_state(storage, run_name)
+    if state is not None and state.get("job_hash") != job_hash:
+        raise UipeError(f"{storage}/{run_name}: Ray checkpoints of a different config/data; use a new run folder, "
+                        f"or delete it (and {folder}) to start over")
+
+
+def fit(cfg: ExperimentConfig, paths: RunPaths, job: Job, run_name: str, keep_all: bool,
+        loop: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cfg.train.threads_per_worker),
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=job.runtime.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if job.runtime.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path(cfg, paths),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None if keep_all else 1),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    return trainer.fit()
+
+
+def runtime(cfg: ExperimentConfig, paths: RunPaths) -> Runtime:
+    from uipe.tracking import ensure_experiment
+
+    uri, experiment_id = ensure_experiment(cfg, paths)
+    return Runtime(use_gpu=use_gpu(cfg.train), tracking_uri=uri, experiment_id=experiment_id,
+                   fault=os.environ.get(FAULT_ENV, ""))
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def epoch_row(history: list[dict[str, Any]], epoch: int) -> dict[str, Any]:
+    keys = ("loss", "forget_loss", "retain_loss", "forget_nll", "retain_nll", "optimizer_steps", "seconds")
+    row = next(h for h in history if h["epoch"] == epoch)
+    return {k: row[k] for k in keys if k in row}
+
+
+def restore_missing_epochs(result: Any, paths: RunPaths, method: str, epochs: int) -> list[tuple[int, Path]]:
+    """Every epoch folder present, copied back from its Ray checkpoint if it was deleted after a crash."""
+    by_name = {Path(c.path).name: c for c, _ in (result.best_checkpoints or [])}
+    out = []
+    for e in range(1, epochs + 1):
+        target = paths.epoch_dir(method, e)
+        if not (target / "config.json").is_file():
+            ckpt = by_name.get(target.name)
+            if ckpt is None:
+                raise UipeError(f"{target}: missing and no Ray checkpoint holds it; re-run with resume=False")
+            with ckpt.as_directory() as d, atomic_dir(target, overwrite=True) as tmp:
+                shutil.copytree(Path(d) / "hf", tmp, dirs_exist_ok=True)
+        out.append((e, target))
+    return out
+
