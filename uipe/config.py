@@ -77,6 +77,9 @@ class TrainConfig(Strict):
     storage_path: str | None = None  # Ray storage (local, NFS, s3://); default <run_dir>/ray
     max_failures: int = Field(1, ge=0)
     seed: int = 0
+    # FSDP2: free the gathered weights after forward (ZeRO-3, least memory) or keep them for backward (one all-gather
+    # per micro-batch instead of two: faster when the model fits unsharded, e.g. on CPU; see docs/BENCHMARKS.md).
+    reshard_after_forward: bool = True
 
 
 class PrepareConfig(Strict):
