@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -131,11 +132,19 @@ def _tuner(paths: RunPaths, method: str, space: SearchSpace, setup: TrialSetup, 
     )
 
 
+def _trial_id(result: Any) -> str:
+    """Tune's trial id: reported with every result, else read from the trial folder (<name>_<id>_<index>_...)."""
+    if result.metrics and "trial_id" in result.metrics:
+        return str(result.metrics["trial_id"])
+    match = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path).name) if result.path else None
+    return match.group(1) if match else ""
+
+
 def _rows(grid: tune.ResultGrid) -> list[dict]:
     rows = []
     for r in grid:
         cfg = r.config or {}
-        row = {"trial_id": (r.metrics or {}).get("trial_id", Path(r.path).name if r.path else ""),
+        row = {"trial_id": _trial_id(r),
                "alpha": float(cfg.get("alpha", float("nan"))), "epoch": int(cfg.get("epoch", -1))}
         if r.error is None and r.metrics and "forget_quality" in r.metrics:
             row.update({k: v for k, v in r.metrics.items() if isinstance(v, (int, float))}, status="ok")
@@ -148,6 +157,9 @@ def _rows(grid: tune.ResultGrid) -> list[dict]:
 def execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
             setup: TrialSetup, epochs: list[int], resume: bool) -> dict:
     ensure_ray()
+    # Save Tune's experiment state after every step (not every >= 10 s), so a driver killed right after a trial
+    # finished loses at most that trial's bookkeeping; `_drop_orphans` reconciles MLflow with what Tune kept.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     out = paths.search(method)
     ini = theta_ini_metrics(setup, paths.root / "search" / "theta_ini_metrics.json")
     setup = dataclasses.replace(setup, utility_threshold=space.utility_floor * ini["model_utility"])
@@ -173,6 +185,7 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
     """Table, plots, choice, chosen model; everything also on the MLflow parent run."""
     out = paths.search(method)
     c = tracking.client(uri)
+    _drop_orphans(uri, parent, rows)
     atomic_write_text(out / "results.csv", to_csv(rows))
     plots = plot_search(rows, method, setup.utility_threshold, out)
     best, base = choose(rows), base_row(rows)
@@ -205,6 +218,19 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
     c.set_terminated(parent, "FINISHED")
     atomic_write_json(out / RESULT_FILE, summary)
     return summary
+
+
+def _drop_orphans(uri: str, parent: str, rows: list[dict]) -> None:
+    """Child runs of trials Tune no longer knows (finished just before the driver died, then re-sampled after the
+    restore) are deleted, so each trial of the final results appears in MLflow exactly once."""
+    c = tracking.client(uri)
+    kept = {r["trial_id"] for r in rows}
+    exp_id = c.get_run(parent).info.experiment_id
+    orphans = [run for tid, run in tracking.child_runs(uri, exp_id, parent).items() if tid not in kept]
+    for run in orphans:
+        c.delete_run(run.info.run_id)
+    if orphans:
+        c.set_tag(parent, "uipe.orphaned_trial_runs_deleted", str(len(orphans)))
 
 
 def _pick(row: dict) -> dict:
