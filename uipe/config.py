@@ -86,6 +86,9 @@ class PrepareConfig(Strict):
     epochs: int = Field(30, ge=1)
     lr: float = Field(5e-3, gt=0)
     min_rouge: float = Field(0.9, ge=0, le=1)  # greedy ROUGE-L recall the reference models must reach
+    # Train target and retain at the same time, each on half of train.num_workers (same effective batch). On a
+    # small model FSDP2's collectives cost more than a second worker saves, so two one-worker jobs finish sooner.
+    side_by_side: bool = False
 
 
 class GAParams(Strict):

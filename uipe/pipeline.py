@@ -61,7 +61,7 @@ def results_table(summaries: list[dict], cfg: ExperimentConfig) -> Table:
 def run_pipeline(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
     from uipe.data import ensure_data
     from uipe.search import run_search
-    from uipe.search_run import ensure_ray
+    from uipe.ray_jobs import ensure_ray
     from uipe.tracking import tracking_uri
     from uipe.train import prepare, unlearn
 

@@ -22,10 +22,17 @@ FAULT_ENV = "UIPE_TEST_FAULT"  # tests only: see Job.fault
 
 
 def ensure_ray() -> None:
-    """Start a local Ray (no dashboard) unless one is up: the CLI, the search and the tests share one session."""
+    """Join the cluster RAY_ADDRESS names (a `ray job submit` entrypoint, a test's shared session), or start a local
+    Ray without dashboard, unless one is up: the CLI, the search and the tests share one session."""
+    import os
+
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # include_dashboard may not be passed when connecting to an existing cluster
+    else:
         ray.init(include_dashboard=False)
 
 

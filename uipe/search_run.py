@@ -18,6 +18,7 @@ from ray import tune
 
 from uipe.config import ExperimentConfig
 from uipe.errors import UipeError
+from uipe.ray_jobs import ensure_ray
 from uipe.io import atomic_write_json, atomic_write_text, code_version
 from uipe.paths import RunPaths
 from uipe.report import base_row, choose, completed, pareto_front, plot_search, to_csv
@@ -28,18 +29,6 @@ from uipe import tracking
 STATE_FILE = "search_state.json"
 RESULT_FILE = "result.json"
 LARGE_MODEL_BYTES = 2 * 2**30  # above this the registry gets a pointer to the folder, not a copy
-
-
-def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local Ray, unless one is already up."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # a running cluster (a `ray job submit` entrypoint, or a test's shared session)
-    else:
-        ray.init(include_dashboard=False)
 
 
 class Progress(tune.Callback):

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -164,13 +165,18 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
     sets = {"target": target_training_records(source, split), "retain": retain_training_records(source, split)}
     base = prepare_base_model(cfg, paths, source)
     out: dict[str, Any] = {}
-    for role, folder in (("target", paths.target_model), ("retain", paths.retain_model)):
-        if role == "target" and cfg.model.target:
-            out[role] = {"path": str(cfg.model.target), "trained": False}
-            continue
+    pending = [(role, folder) for role, folder in (("target", paths.target_model), ("retain", paths.retain_model))
+               if not (role == "target" and cfg.model.target)]
+    if cfg.model.target:
+        out["target"] = {"path": str(cfg.model.target), "trained": False}
+    side_by_side = cfg.prepare.side_by_side and len(pending) == 2 and cfg.train.num_workers >= 2
+    train_cfg = cfg.train.model_copy(update={"num_workers": cfg.train.num_workers // 2}) if side_by_side else cfg.train
+    job_cfg = cfg.model_copy(update={"train": train_cfg})
+    jobs = []
+    for role, folder in pending:
         records = tuple(sets[role])
         ident = {"role": role, "forget_split": split, "data_hash": records_hash(records), "config_hash": config_hash({
-            "prepare": cfg.prepare, "train": train_identity(cfg.train), "model": cfg.model.model_dump(
+            "prepare": cfg.prepare, "train": train_identity(train_cfg), "model": cfg.model.model_dump(
                 exclude={"target"}), "base": model_identity(base)})}
         meta = read_meta(folder)
         if meta is not None:
@@ -181,14 +187,25 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
         run_name = f"{cfg.name}-prepare-{role}"
         job = Job(
             label=f"prepare-{role}", objective="finetune", params=None, model_path=str(base), forget=records,
-            retain=(), idk=(), epochs=cfg.prepare.epochs, lr=cfg.prepare.lr, train=cfg.train, model=cfg.model,
+            retain=(), idk=(), epochs=cfg.prepare.epochs, lr=cfg.prepare.lr, train=train_cfg, model=cfg.model,
             job_hash=config_hash(ident), export=str(folder), export_every_epoch=False,
             checkpoint_every=max(1, cfg.prepare.epochs // 3), runtime=runtime(cfg, paths),
             meta={**ident, "kind": role, "base": str(base), "code_version": code_version()},
             gate_items=GATE_ITEMS, min_rouge=cfg.prepare.min_rouge, max_new_tokens=cfg.eval.max_new_tokens,
         )
         check_ray_run(storage_path(cfg, paths), run_name, job.job_hash, folder)
-        result = fit(cfg, paths, job, run_name, keep_all=False, loop=train_loop)
+        jobs.append((role, folder, records, job, run_name))
+
+    def train_one(item: tuple) -> Any:
+        role, folder, records, job, run_name = item
+        return fit(job_cfg, paths, job, run_name, keep_all=False, loop=train_loop)
+
+    if len(jobs) == 2 and side_by_side:  # two TorchTrainers at once: each fit blocks its own thread
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = list(pool.map(train_one, jobs))
+    else:
+        results = [train_one(item) for item in jobs]
+    for (role, folder, records, _, _), result in zip(jobs, results):
         rouge = result.return_value["rouge_l_recall"]
         if rouge < cfg.prepare.min_rouge:
             raise UipeError(f"prepare {role}: greedy ROUGE-L recall {rouge:.3f} < prepare.min_rouge "
