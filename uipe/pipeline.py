@@ -21,7 +21,7 @@ from uipe.io import atomic_write_json
 from uipe.paths import RunPaths
 from uipe.report import fmt
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=150)  # the table stays readable in logs and CI output
 
 
 def stage(name: str) -> None:
@@ -44,8 +44,8 @@ def ensure_reference(cfg: ExperimentConfig, paths: RunPaths, data: str) -> str:
 
 def results_table(summaries: list[dict], cfg: ExperimentConfig) -> Table:
     table = Table(title=f"UIPE on {cfg.name} ({cfg.data.forget_split}): base method at its best epoch vs UIPE")
-    for col in ("method", "model", "alpha", "epoch", "forget quality", "model utility", "forget prob",
-                "related prob", "related ROUGE-L", "related FQ"):
+    for col in ("method", "model", "alpha", "epoch", "forget quality", "utility", "forget prob", "related prob",
+                "related ROUGE-L", "related FQ"):
         table.add_column(col, justify="right" if col not in ("method", "model") else "left")
     for s in summaries:
         for label, row in (("base", s["base"]), ("UIPE", s["chosen"])):
