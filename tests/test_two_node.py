@@ -1,8 +1,7 @@
 """The cluster job on two Ray "nodes" simulated on one machine (ray.cluster_utils.Cluster): `uipe unlearn` with one
 FSDP2 worker per node over shared local storage, as a `ray job submit` entrypoint would run it on a real cluster.
 
-It runs in a subprocess with its own Ray (two one-CPU nodes), so the test session's shared Ray stays untouched and
-idle meanwhile (the test's process just waits).
+It runs in a subprocess with its own Ray (two one-CPU nodes); the test session's shared Ray stays idle meanwhile.
 """
 
 from __future__ import annotations
@@ -22,23 +21,19 @@ SCRIPT = textwrap.dedent("""
     import ray
     from ray.cluster_utils import Cluster
     from uipe.config import load_config
-    from uipe.train import prepare, unlearn
+    from uipe.train import unlearn
 
-    run, shared = sys.argv[1], sys.argv[2]
+    run, shared, data, target = sys.argv[1:5]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                       "object_store_memory": 200 * 2**20, "temp_dir": tempfile.mkdtemp(prefix="uipe-2node-")})
     cluster.add_node(num_cpus=1, object_store_memory=200 * 2**20)
     ray.init(address=cluster.address)
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    overrides = [
-        "data.synth.authors=20", "data.synth.facts=4", "data.forget_split=forget10",
-        "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=2",
-        "model.tiny.num_attention_heads=2", "model.max_length=48",
-        "train.num_workers=2", "train.micro_batch_size=8", "train.effective_batch_size=16",
-        f"train.storage_path={shared}", "prepare.epochs=1", "prepare.min_rouge=0", "unlearn.epochs=2",
-    ]
+    # The session's tiny world: its data and target model (theta_ini), as a cluster job would find them on
+    # shared storage; only the unlearning runs here, two epochs.
+    overrides = [f"data.source={data}", f"model.target={target}", "train.num_workers=2",
+                 f"train.storage_path={shared}", "unlearn.epochs=2"]
     cfg = load_config(None, overrides)
-    prepare(cfg, run)
     manifest = unlearn(cfg, run, "ga")
     print(json.dumps({"nodes": [n["Resources"].get("CPU") for n in nodes], "manifest": str(manifest)}))
     ray.shutdown()
@@ -46,11 +41,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_unlearn_runs_one_worker_per_node_over_shared_storage(tmp_path: Path) -> None:
+def test_unlearn_runs_one_worker_per_node_over_shared_storage(tmp_path: Path, prepared_run) -> None:
     shared = tmp_path / "shared_storage"  # stands in for NFS/EFS or s3:// on a real cluster
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(run), str(shared)], capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(run), str(shared), str(prepared_run.data),
+                           str(prepared_run.target_model)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     # Two nodes of one CPU each, and two one-CPU workers: Ray must place one worker on each node.
