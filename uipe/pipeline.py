@@ -9,14 +9,12 @@ Each stage is skipped when its outputs exist and match the configuration, so re-
 
 from __future__ import annotations
 
-import json
 import time
 
 from rich.console import Console
 from rich.table import Table
 
 from uipe.config import ExperimentConfig
-from uipe.errors import UipeError
 from uipe.io import atomic_write_json
 from uipe.paths import RunPaths
 from uipe.report import fmt

@@ -22,7 +22,7 @@ from ray import tune
 from uipe.config import ExperimentConfig
 from uipe.errors import UipeError
 from uipe.paths import RunPaths
-from uipe.search_space import CONSTRAINT, SearchSpace, build_searcher, default_space_path, load_space
+from uipe.search_space import CONSTRAINT, SearchSpace, default_space_path, load_space
 
 
 @dataclass(frozen=True)
