@@ -15,14 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from uipe.errors import UipeError
-from uipe.extrapolate import (
-    OPERATOR,
-    UpdateVector,
-    cached_update_vector,
-    clear_update_vector_cache,
-    extrapolate_folder,
-    extrapolate_tensor,
-)
+from uipe.extrapolate import OPERATOR, extrapolate_folder, extrapolate_tensor
+from uipe.update_vector import UpdateVector, cached_update_vector, clear_update_vector_cache
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -68,7 +68,7 @@ def _context(setup: TrialSetup) -> tuple:
 
 def evaluate_point(setup: TrialSetup, alpha: float, epoch: int) -> dict[str, float]:
     """Extrapolate in memory, evaluate, and return every aggregate plus the constraint; raise on NaN."""
-    from uipe.extrapolate import cached_update_vector
+    from uipe.update_vector import cached_update_vector
 
     start = time.perf_counter()
     model, evaluator, device = _context(setup)
