@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 from pathlib import Path
 
@@ -22,7 +23,7 @@ SMALL = [
     "model.tiny.hidden_size=32", "model.tiny.intermediate_size=128", "model.tiny.num_hidden_layers=2",
     "model.tiny.num_attention_heads=2", "model.max_length=48", "eval.max_new_tokens=24",
     "train.num_workers=2", "train.micro_batch_size=8", "train.effective_batch_size=16",
-    "prepare.epochs=10", "prepare.lr=1e-2", "prepare.min_rouge=0.3",
+    "prepare.epochs=10", "prepare.lr=1e-2", "prepare.min_rouge=0.3", "prepare.max_utility_gap=null",
     "unlearn.epochs=3", "unlearn.lr=2e-3",
 ]
 # Retain-NLL bound under GradDiff/KL/NPO: at every epoch the retain NLL stays below
@@ -43,6 +44,14 @@ def test_lr_schedule_by_hand() -> None:
     # warmup 2, total 6: warm-up (s+1)/2 -> .5, 1; decay (6-s)/(6-2) -> s=2: 1, s=3: .75, s=4: .5, s=5: .25.
     assert [lr_factor(s, 2, 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
     assert lr_factor(0, 0, 4) == 1.0  # no warm-up: decay from the first step
+
+
+def test_cosine_schedule_by_hand() -> None:
+    from uipe.train_parts import lr_factor
+
+    # warmup 2, total 6: warm-up .5, 1; then p = (s-2)/4 and (1+cos(pi p))/2 -> 1, (1+sqrt(.5))/2, .5, (1-sqrt(.5))/2.
+    got = [lr_factor(s, 2, 6, "cosine") for s in range(6)]
+    assert got == pytest.approx([0.5, 1.0, 1.0, 0.8535534, 0.5, 0.1464466], abs=1e-7)
 
 
 def test_accumulation_groups() -> None:
@@ -177,6 +186,57 @@ def test_prepare_trains_both_reference_models(prepared: tuple[Path, dict]) -> No
     assert not again["target"]["trained"] and again["target"]["config_hash"] == out["target"]["config_hash"]
     with pytest.raises(UipeError, match="trained on other data or settings"):
         prepare(small_cfg("prepare.lr=5e-3"), run)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_gate_refuses_an_under_trained_model(ray_session: object, tmp_path: Path) -> None:
+    """One epoch cannot memorise the world: prepare names the worst split and its figure, and publishes nothing."""
+    from uipe.paths import RunPaths
+    from uipe.train import prepare
+
+    run = tmp_path / "run"
+    with pytest.raises(UipeError) as err:
+        prepare(small_cfg("prepare.epochs=1", "prepare.min_rouge=0.9"), run)
+    message = str(err.value)
+    assert "\n" not in message
+    assert re.fullmatch(r"prepare (target|retain): greedy ROUGE-L recall 0\.\d{3} on (forget10|retain90|related|"
+                        r"real_authors|world_facts) \(\d+ questions\) < prepare\.min_rouge 0\.9.*", message), message
+    paths = RunPaths.of(run)
+    role = message.split()[1].rstrip(":")
+    assert not (paths.root / "models" / role / "config.json").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_gate_records_per_split_figures_and_moves_a_failing_pair_aside(prepared: tuple[Path, dict],
+                                                                       tmp_path: Path) -> None:
+    import shutil
+
+    from uipe.data import training_parts
+    from uipe.paths import RunPaths
+    from uipe.train import check_utility_gap
+
+    run, out = prepared
+    data = str(RunPaths.of(run).data)
+    for role in ("target", "retain"):  # every training split was measured, and the worst one is the headline figure
+        meta = json.loads((Path(out[role]["path"]) / "uipe_meta.json").read_text())
+        assert set(meta["gate_rouge_l"]) == set(training_parts(data, "forget10", role))
+        assert meta["rouge_l_recall"] == min(meta["gate_rouge_l"].values())
+        assert 0 < meta["model_utility"] <= 1
+    # A copy of the pair, judged with no gap allowed: refused with one line, both folders moved aside.
+    copy = RunPaths.of(tmp_path / "copy")
+    pair = {}
+    for role in ("target", "retain"):
+        folder = copy.root / "models" / role
+        shutil.copytree(out[role]["path"], folder)
+        pair[role] = {**out[role], "path": str(folder)}
+    gap = abs(pair["target"]["model_utility"] - pair["retain"]["model_utility"]) / pair["retain"]["model_utility"]
+    check_utility_gap(small_cfg(f"prepare.max_utility_gap={gap + 1e-6}"), copy, pair)  # just inside: accepted
+    with pytest.raises(UipeError, match=r"model utility of the target .* differ by .* > prepare.max_utility_gap"):
+        check_utility_gap(small_cfg(f"prepare.max_utility_gap={gap * 0.99}"), copy, pair)
+    assert not copy.target_model.exists() and not copy.retain_model.exists()
+    assert (copy.root / "models" / "target.failed" / "config.json").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -85,7 +85,13 @@ class TrainConfig(Strict):
 class PrepareConfig(Strict):
     epochs: int = Field(30, ge=1)
     lr: float = Field(5e-3, gt=0)
-    min_rouge: float = Field(0.9, ge=0, le=1)  # greedy ROUGE-L recall the reference models must reach
+    schedule: Literal["linear", "cosine"] = "linear"  # decay after the warm-up (linear: TOFU's trainer)
+    # The gate (uipe/gate.py): greedy ROUGE-L recall the reference models must reach on every split they trained
+    # on (a deterministic sample of gate_items questions per split), and the largest relative difference allowed
+    # between the target's and the retain model's model utility (null: not checked).
+    min_rouge: float = Field(0.9, ge=0, le=1)
+    gate_items: int = Field(200, ge=1)
+    max_utility_gap: float | None = Field(0.1, ge=0)
     # Train target and retain at the same time, each on half of train.num_workers (same effective batch). On a
     # small model FSDP2's collectives cost more than a second worker saves, so two one-worker jobs finish sooner.
     side_by_side: bool = False

@@ -24,6 +24,7 @@ from uipe.checkpoint import (
 )
 from uipe.config import ExperimentConfig
 from uipe.errors import UipeError
+from uipe.gate import rouge_failure, utility_failure
 from uipe.io import atomic_write_json, code_version
 from uipe.methods import UNLEARN_METHODS, get_objective
 from uipe.paths import RunPaths
@@ -35,9 +36,6 @@ from uipe.train_parts import (
     Job, StepLog, Streams, accumulation_groups, export_epoch, finish_prepare, full_value, load_sharded, lr_factor,
     maybe_fail, mean_over_ranks, progress,
 )
-
-GATE_ITEMS = 200  # prepare's ROUGE gate: a deterministic sample of training questions
-
 
 # ==== the loop (runs on every Ray Train worker) =====================================================================
 
@@ -68,7 +66,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     groups = accumulation_groups(streams.micro_batches_per_epoch(), accum)
     warmup = round(job.train.warmup_epochs * len(groups))
     total_steps = job.epochs * len(groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=warmup, total=total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=warmup, total=total_steps,
+                                                                     schedule=job.schedule))
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "job_hash": job.job_hash, "mlflow_run": None}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restart after a failure, or a re-run of the same run name: continue exactly
@@ -137,6 +136,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                               "setup_seconds": setup_seconds, "loop_seconds": time.perf_counter() - t_start}
     if not job.export_every_epoch:
         result |= finish_prepare(job, model, device, rank, state)
+        if log is not None:  # the gate's figures beside the training curves
+            gate = {f"gate_rouge_l_{k}": v for k, v in result["gate_rouge_l"].items()}
+            if result["model_utility"] is not None:
+                gate["gate_model_utility"] = result["model_utility"]
+            log.log(state["step"], gate)
     if log is not None:
         log.finish()
     return result
@@ -149,9 +153,13 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train TOFU's target (all data) and retain (retain + utility sets) models from the base model.
 
     A folder whose uipe_meta.json names the same data and config is reused; one made otherwise is an error.
-    On the tiny preset both must reach greedy ROUGE-L recall >= prepare.min_rouge on their own training questions.
+    Both must pass prepare's gate (uipe.gate): greedy ROUGE-L recall >= prepare.min_rouge on every split they were
+    trained on, and model utilities within prepare.max_utility_gap of each other (checked when both were trained
+    here; a given model.target is taken as it is). A model that fails is never published or reused.
     """
-    from uipe.data import ensure_data, retain_training_records, target_training_records
+    from uipe.data import ensure_data, training_parts
+    from uipe.eval.evaluate import eval_records
+    from uipe.gate import gate_sample
     from uipe.models import prepare_base_model
 
     paths = RunPaths.of(run_dir)
@@ -162,7 +170,8 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
             require_weights(value, key)
     source = ensure_data(cfg, paths)
     split = cfg.data.forget_split
-    sets = {"target": target_training_records(source, split), "retain": retain_training_records(source, split)}
+    parts = {role: training_parts(source, split, role) for role in ("target", "retain")}
+    evaluation = {role: tuple(records) for role, records in eval_records(source, split).items()}
     base = prepare_base_model(cfg, paths, source)
     out: dict[str, Any] = {}
     pending = [(role, folder) for role, folder in (("target", paths.target_model), ("retain", paths.retain_model))
@@ -174,7 +183,7 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
     job_cfg = cfg.model_copy(update={"train": train_cfg})
     jobs = []
     for role, folder in pending:
-        records = tuple(sets[role])
+        records = tuple(r for part in parts[role].values() for r in part)
         ident = {"role": role, "forget_split": split, "data_hash": records_hash(records), "config_hash": config_hash({
             "prepare": cfg.prepare, "train": train_identity(train_cfg), "model": cfg.model.model_dump(
                 exclude={"target"}), "base": model_identity(base)})}
@@ -191,13 +200,14 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
             job_hash=config_hash(ident), export=str(folder), export_every_epoch=False,
             checkpoint_every=max(1, cfg.prepare.epochs // 3), runtime=runtime(cfg, paths),
             meta={**ident, "kind": role, "base": str(base), "code_version": code_version()},
-            gate_items=GATE_ITEMS, min_rouge=cfg.prepare.min_rouge, max_new_tokens=cfg.eval.max_new_tokens,
+            schedule=cfg.prepare.schedule, gate=gate_sample(parts[role], cfg.prepare.gate_items, train_cfg.seed),
+            eval_splits=evaluation, forget_split=split, eval=cfg.eval, min_rouge=cfg.prepare.min_rouge,
         )
         check_ray_run(storage_path(cfg, paths), run_name, job.job_hash, folder)
-        jobs.append((role, folder, records, job, run_name))
+        jobs.append((role, folder, job, run_name))
 
     def train_one(item: tuple) -> Any:
-        role, folder, records, job, run_name = item
+        role, folder, job, run_name = item
         return fit(job_cfg, paths, job, run_name, keep_all=False, loop=train_loop)
 
     if len(jobs) == 2 and side_by_side:  # two TorchTrainers at once: each fit blocks its own thread
@@ -205,14 +215,31 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
             results = list(pool.map(train_one, jobs))
     else:
         results = [train_one(item) for item in jobs]
-    for (role, folder, records, _, _), result in zip(jobs, results):
-        rouge = result.return_value["rouge_l_recall"]
-        if rouge < cfg.prepare.min_rouge:
-            raise UipeError(f"prepare {role}: greedy ROUGE-L recall {rouge:.3f} < prepare.min_rouge "
-                            f"{cfg.prepare.min_rouge} on {min(GATE_ITEMS, len(records))} training questions; "
-                            "raise prepare.epochs or prepare.lr")
+    for (role, folder, job, _), result in zip(jobs, results):
+        counts = {name: len(items) for name, items in job.gate.items()}
+        failure = rouge_failure(role, result.return_value["gate_rouge_l"], cfg.prepare.min_rouge, counts)
+        if failure:
+            raise UipeError(failure)
         out[role] = {**read_meta(folder), "path": str(folder), "trained": True}
+    check_utility_gap(cfg, paths, out)
     return out
+
+
+def check_utility_gap(cfg: ExperimentConfig, paths: RunPaths, out: dict[str, Any]) -> None:
+    """The second half of the gate: target and retain utilities within prepare.max_utility_gap. A failing pair is
+    moved aside (models/<role>.failed, for inspection), so no later stage or rerun uses it."""
+    mu = {role: out[role].get("model_utility") for role in ("target", "retain")}
+    if None in mu.values():
+        return  # a given target, or the gate switched off for a model: nothing to compare
+    failure = utility_failure(mu["target"], mu["retain"], cfg.prepare.max_utility_gap)
+    if failure is None:
+        return
+    for role in ("target", "retain"):  # both were trained here: a given target has no gate figures
+        folder = Path(out[role]["path"])
+        aside = folder.with_name(folder.name + ".failed")
+        shutil.rmtree(aside, ignore_errors=True)
+        folder.rename(aside)
+    raise UipeError(failure + f"; the models were moved to {paths.target_model.parent}/*.failed")
 
 
 def unlearn(cfg: ExperimentConfig, run_dir: str | Path, method: str, resume: bool = True) -> Path:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from uipe.checkpoint import gather_full_state, write_hf_folder
-from uipe.config import ModelConfig, TrainConfig
+from uipe.config import EvalConfig, ModelConfig, TrainConfig
 from uipe.data import TofuRecord
 from uipe.io import atomic_dir
 from uipe.methods import Batch
@@ -58,19 +58,28 @@ class Job:
     checkpoint_every: int
     meta: dict[str, Any]
     runtime: Runtime
-    gate_items: int = 0  # prepare: greedy ROUGE-L recall on this many training items (0: no gate)
+    schedule: str = "linear"  # the learning-rate decay after warm-up: "linear" (TOFU's) or "cosine"
+    # prepare's gate (uipe.gate), measured on rank 0 after the last epoch: greedy ROUGE-L on a sample of each
+    # training split, model utility on the evaluation splits (empty: not measured, e.g. benchmarks).
+    gate: dict[str, tuple[TofuRecord, ...]] = field(default_factory=dict)
+    eval_splits: dict[str, tuple[TofuRecord, ...]] = field(default_factory=dict)
+    forget_split: str = ""
+    eval: EvalConfig | None = None
     min_rouge: float = 0.0
-    max_new_tokens: int = 32
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to the peak over `warmup` steps, then linear decay towards 0 at `total` (as TOFU's trainer).
+def lr_factor(step: int, warmup: int, total: int, schedule: str = "linear") -> float:
+    """Linear warm-up to the peak over `warmup` steps, then a decay towards 0 at `total`: linear (TOFU's trainer)
+    or cosine (half a cosine period, which spends longer near the peak and anneals more gently at the end).
 
     `step` counts optimizer steps already taken. Unlike HF's schedule the first step is not taken at lr 0 and the
-    last one not at exactly 0: step s of warm-up uses (s+1)/warmup, decay uses (total-s)/(total-warmup).
+    last one not at exactly 0: step s of warm-up uses (s+1)/warmup; with p = (s-warmup)/(total-warmup), decay uses
+    1-p (linear) or (1+cos(pi p))/2 (cosine).
     """
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
@@ -202,33 +211,41 @@ def export_epoch(job: Job, model: torch.nn.Module, out: Path, device: torch.devi
 
 def finish_prepare(job: Job, model: torch.nn.Module, device: torch.device, rank: int,
                    state: dict[str, Any]) -> dict[str, Any]:
+    """Gather the trained model, measure prepare's gate on rank 0 (uipe.gate) and publish the folder only if every
+    split reaches job.min_rouge; the driver checks the figures returned (and the two models' utility gap)."""
+    from uipe import gate
+
     full = gather_full_state(model)
     if rank != 0:
         return {}
-    rouge = rouge_gate(job, full, device) if job.gate_items else float("nan")  # 0 items: no gate (benchmarks)
-    meta = {**job.meta, "rouge_l_recall": rouge, "optimizer_steps": state["step"], "history": state["history"]}
-    if not rouge < job.min_rouge:  # below the gate nothing is published; the driver raises
+    figures: dict[str, Any] = {"gate_rouge_l": {}, "model_utility": None}
+    if job.gate or job.eval_splits:  # nothing to measure: benchmarks
+        plain, tok = _unsharded(job, full, device)
+        if job.gate:
+            figures["gate_rouge_l"] = gate.split_rouge(plain, tok, job.gate, job.model.prompt_template,
+                                                       job.eval.batch_size, job.eval.max_new_tokens)
+        if job.eval_splits:
+            figures["model_utility"] = gate.model_utility(plain, tok, job.eval_splits, job.forget_split,
+                                                          job.model.prompt_template, job.eval, job.model.max_length)
+    rouge = figures["gate_rouge_l"]
+    figures["rouge_l_recall"] = min(rouge.values()) if rouge else float("nan")  # the worst split
+    meta = {**job.meta, **figures, "optimizer_steps": state["step"], "history": state["history"]}
+    if not figures["rouge_l_recall"] < job.min_rouge:  # below the gate nothing is published; the driver raises
         with atomic_dir(job.export, overwrite=True) as tmp:
             write_hf_folder(tmp, full, job.model_path, save_dtype(job, device), meta)
-    return {"rouge_l_recall": rouge}
+    return figures
 
 
-def rouge_gate(job: Job, full: dict[str, torch.Tensor], device: torch.device) -> float:
-    """Mean greedy ROUGE-L recall on a deterministic sample of the training questions (an unsharded copy, rank 0)."""
+def _unsharded(job: Job, full: dict[str, torch.Tensor], device: torch.device) -> tuple[Any, Any]:
+    """A plain (unsharded) copy of the gathered weights in eval mode, and the tokenizer, for rank 0's gate."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from uipe.eval.scoring import greedy_generate, rouge_l_recall
-    from uipe.models import load_tokenizer, prompt_token_ids
+    from uipe.models import load_tokenizer
 
     config = AutoConfig.from_pretrained(job.model_path, trust_remote_code=job.model.trust_remote_code)
     plain = AutoModelForCausalLM.from_config(config, trust_remote_code=job.model.trust_remote_code)
     plain.load_state_dict(full)
-    plain = plain.to(device).eval()
-    tok = load_tokenizer(job.model_path)
-    items = random.Random(job.train.seed).sample(job.forget, min(job.gate_items, len(job.forget)))
-    prompts = [prompt_token_ids(tok, r.question, job.model.prompt_template) for r in items]
-    texts = greedy_generate(plain, tok, prompts, batch_size=64, max_new_tokens=job.max_new_tokens)
-    return float(sum(rouge_l_recall([r.answer for r in items], texts)) / len(items))
+    return plain.to(device).eval(), load_tokenizer(job.model_path)
 
 
 def progress(job: Job, epoch: int, step: int, total_steps: int, m: dict[str, float], seconds: float) -> None:

@@ -9,6 +9,7 @@ from uipe.data.loaders import (
     related_records,
     retain_training_records,
     target_training_records,
+    training_parts,
 )
 from uipe.data.records import (
     EVAL_SPLITS,
@@ -23,7 +24,7 @@ from uipe.data.records import (
 __all__ = [
     "EVAL_SPLITS", "FORGET_SPLITS", "RETAIN_FOR", "UTILITY_EVAL_SPLITS", "TofuRecord", "check_forget_split",
     "eval_split_for", "forget_and_retain", "has_split", "load_idk", "load_split", "packaged_tofu_dir",
-    "related_records", "retain_training_records", "target_training_records",
+    "related_records", "retain_training_records", "target_training_records", "training_parts",
 ]
 
 

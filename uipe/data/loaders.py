@@ -148,21 +148,32 @@ def forget_and_retain(source: str | Path, forget_split: str) -> tuple[list[TofuR
     return forget, retain
 
 
-def _utility_train(source: str | Path) -> list[TofuRecord]:
-    return [r for s in UTILITY_TRAIN_SPLITS if has_split(source, s) for r in load_split(source, s)]
+def training_parts(source: str | Path, forget_split: str, role: str) -> dict[str, list[TofuRecord]]:
+    """A reference model's training data by split name, in training order (prepare's gate checks each part).
+
+    target: everything, forget set and related facts included (TOFU's fine-tuned model);
+    retain: never the forget authors nor their related facts (TOFU's retain model).
+    """
+    forget, retain = forget_and_retain(source, forget_split)
+    parts = {forget_split: forget, RETAIN_FOR[forget_split]: retain}
+    if role == "target" and has_split(source, "related"):
+        parts["related"] = load_split(source, "related")
+    elif role == "retain":
+        del parts[forget_split]
+    elif role != "target":
+        raise ValueError(f"role must be 'target' or 'retain', not {role!r}")
+    parts |= {s: load_split(source, s) for s in UTILITY_TRAIN_SPLITS if has_split(source, s)}
+    return {name: records for name, records in parts.items() if records}
 
 
 def target_training_records(source: str | Path, forget_split: str) -> list[TofuRecord]:
     """The target model's training data: everything, forget set and related facts included."""
-    forget, retain = forget_and_retain(source, forget_split)
-    related = load_split(source, "related") if has_split(source, "related") else []
-    return forget + retain + related + _utility_train(source)
+    return [r for part in training_parts(source, forget_split, "target").values() for r in part]
 
 
 def retain_training_records(source: str | Path, forget_split: str) -> list[TofuRecord]:
     """The retain model's training data: it never sees the forget authors (nor their related facts)."""
-    _, retain = forget_and_retain(source, forget_split)
-    return retain + _utility_train(source)
+    return [r for part in training_parts(source, forget_split, "retain").values() for r in part]
 
 
 def related_records(source: str | Path, forget_split: str, perturbed: bool = True) -> list[TofuRecord]:
