@@ -5,8 +5,17 @@ Tests never touch the network: HF_HUB_OFFLINE is set, and everything they load i
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,8 +55,10 @@ def ray_session():
 
     if not ray.is_initialized():
         tmp = tempfile.mkdtemp(prefix="uipe-ray-")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-                 _temp_dir=tmp, log_to_driver=True)
+        # The dashboard serves the State API that Ray Train V2's PlacementGroupCleaner polls (as uipe's own
+        # ensure_ray does); bound to 127.0.0.1, on a free port.
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 object_store_memory=256 * 2**20, _temp_dir=tmp, log_to_driver=True)
     yield ray
     ray.shutdown()
 
@@ -86,3 +97,62 @@ def unlearned_run(prepared_run, tiny_cfg):
     for method in ("ga", "npo"):
         unlearn(tiny_cfg, prepared_run.root, method)
     return prepared_run
+
+
+def copy_run(src: "RunPaths", dest: Path, methods: tuple[str, ...] = ("ga", "npo")) -> "RunPaths":  # noqa: F821
+    """A copy of a prepared (and unlearned) run folder without its searches, Ray state and MLflow store, with the
+    unlearning manifests pointing into the copy."""
+    import shutil
+
+    from uipe.paths import RunPaths
+
+    paths = RunPaths.of(dest)
+    shutil.copytree(src.root, paths.root, ignore=shutil.ignore_patterns("search", "ray", "mlflow.db", "mlartifacts",
+                                                                        "logs"))
+    for method in methods:
+        manifest = json.loads(paths.manifest(method).read_text())
+        for e in manifest["epochs"]:
+            e["path"] = e["path"].replace(str(src.root), str(paths.root))
+        manifest["theta_ini"] = manifest["theta_ini"].replace(str(src.root), str(paths.root))
+        paths.manifest(method).write_text(json.dumps(manifest))
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, *extra: str, log: Path | None = None) -> Iterator[str]:
+    """A real `mlflow server` on a free loopback port, ready to serve; yields its http URL."""
+    port = free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", backend_store_uri, "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1", *extra],
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"mlflow server exited with {proc.returncode}")
+                time.sleep(1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        if log:
+            out.close()
+
+
+def rest(url: str, path: str, body: dict | None = None) -> dict:
+    """One call of MLflow's REST API (POST with a JSON body, else GET)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data=data,
+                                 headers={"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=30))

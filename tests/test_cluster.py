@@ -173,6 +173,24 @@ def test_kuberay_rayjob() -> None:
     _check_cluster_spec(spec["rayClusterSpec"], "rayjob.yaml")
 
 
+def test_kuberay_mlflow_uses_postgres_from_a_secret() -> None:
+    """MLflow's store is a database server named by a Secret: no SQLite on the shared volume, no password in git."""
+    service, statefulset = _docs(KUBERAY / "postgres.yaml")
+    assert service["kind"] == "Service" and service["spec"]["type"] == "ClusterIP"
+    (pg,) = statefulset["spec"]["template"]["spec"]["containers"]
+    assert _pinned(pg["image"])
+    password = next(e for e in pg["env"] if e["name"] == "POSTGRES_PASSWORD")
+    assert password["valueFrom"]["secretKeyRef"] == {"name": "uipe-mlflow-db", "key": "password"}
+    for path, spec in ((KUBERAY / "raycluster.yaml", lambda d: d["spec"]),
+                       (KUBERAY / "rayjob.yaml", lambda d: d["spec"]["rayClusterSpec"])):
+        (doc,) = _docs(path)
+        (mlflow,) = [c for c in _containers(spec(doc)["headGroupSpec"]["template"]) if c["name"] == "mlflow"]
+        args = " ".join(mlflow["args"])
+        assert "sqlite" not in args and "--host 127.0.0.1" in args and "--artifacts-destination" in args, path
+        uri = next(e for e in mlflow["env"] if e["name"] == "MLFLOW_BACKEND_STORE_URI")
+        assert uri["valueFrom"]["secretKeyRef"] == {"name": "uipe-mlflow-db", "key": "uri"}, path
+
+
 def test_kuberay_pvc_is_shared() -> None:
     (doc,) = _docs(KUBERAY / "pvc.yaml")
     assert doc["kind"] == "PersistentVolumeClaim" and doc["metadata"]["name"] == "uipe-shared"
@@ -350,9 +368,14 @@ def test_paper_config_fits_the_cluster() -> None:
     assert cfg.train.num_workers <= gpus  # one training worker per GPU, on one node
     # Everything durable lives on the storage every node mounts.
     assert cfg.train.storage_path.startswith("/mnt/uipe/")
-    assert cfg.tracking.uri == "sqlite:////mnt/uipe/mlflow.db"
     assert any("/mnt/uipe" in c for c in cluster["setup_commands"])
-    assert "sqlite:////mnt/uipe/mlflow.db" in " ".join(cluster["head_start_ray_commands"])
+    # One writer: the driver logs through the head's MLflow server, whose store is PostgreSQL (never SQLite on NFS).
+    assert cfg.tracking.uri == "http://127.0.0.1:5000"
+    start = " ".join(cluster["head_start_ray_commands"])
+    assert "--host 127.0.0.1 --port 5000" in start and "sqlite" not in start
+    assert "MLFLOW_BACKEND_STORE_URI=" in start and "--artifacts-destination /mnt/uipe/mlartifacts" in start
+    setup = " ".join(cluster["head_setup_commands"])
+    assert "postgresql" in setup and "~/.pgpass" in setup and "mlflow_backend_uri" in setup
 
 
 def test_paper_config_retain_references_ship() -> None:

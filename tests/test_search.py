@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from conftest import copy_run, mlflow_server, rest
 from uipe.search import run_search
 from uipe.tracking import CHAMPION, client, experiment_name, tracking_uri
 
@@ -74,39 +73,15 @@ def test_a_finished_search_is_reused_not_rerun(ga_search, unlearned_run, tiny_cf
     assert len(_children(tiny_cfg, unlearned_run, ga_search["parent_run_id"])) == 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_real_mlflow_server_serves_the_runs_over_rest(ga_search, unlearned_run, tiny_cfg, tmp_path) -> None:
-    port = _free_port()
-    mlflow = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", tracking_uri(tiny_cfg, unlearned_run),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
-        for _ in range(90):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(1)
-        exp = json.load(urllib.request.urlopen(
-            f"{base}/experiments/get-by-name?experiment_name={experiment_name(tiny_cfg)}", timeout=10))
-        body = json.dumps({"experiment_ids": [exp["experiment"]["experiment_id"]],
-                           "filter": f"tags.mlflow.parentRunId = '{ga_search['parent_run_id']}'",
-                           "max_results": 100}).encode()
-        req = urllib.request.Request(f"{base}/runs/search", data=body, headers={"Content-Type": "application/json"})
-        runs = json.load(urllib.request.urlopen(req, timeout=10))["runs"]
+    with mlflow_server(tracking_uri(tiny_cfg, unlearned_run)) as url:
+        exp = rest(url, f"experiments/get-by-name?experiment_name={experiment_name(tiny_cfg)}")
+        runs = rest(url, "runs/search", {"experiment_ids": [exp["experiment"]["experiment_id"]],
+                                         "filter": f"tags.mlflow.parentRunId = '{ga_search['parent_run_id']}'",
+                                         "max_results": 100})["runs"]
         assert len(runs) == 8
         keys = {m["key"] for m in runs[0]["data"]["metrics"]}
         assert {"forget_quality", "model_utility"} <= keys
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def test_search_survives_sigkill_of_the_driver_and_resume_logs_each_trial_once(unlearned_run, tiny_cfg,
@@ -118,8 +93,9 @@ def test_search_survives_sigkill_of_the_driver_and_resume_logs_each_trial_once(u
                             start_new_session=True)
     finished = 0
     deadline = time.time() + 240
-    for line in proc.stdout:  # kill the driver once 3 trials have finished
-        finished += "[search npo] trial" in line and "FAILED" not in line
+    for line in proc.stdout:  # kill the driver once 3 trials have finished (the console shows a line per third)
+        done = re.match(r"\[search npo\] trial (\d+)/", line)
+        finished = int(done.group(1)) if done and "FAILED" not in line else finished
         if finished >= 3 or time.time() > deadline:
             break
     os.killpg(proc.pid, signal.SIGKILL)
@@ -140,17 +116,8 @@ def test_search_survives_sigkill_of_the_driver_and_resume_logs_each_trial_once(u
 
 
 def test_a_broken_checkpoint_fails_its_trials_and_the_search_goes_on(unlearned_run, tiny_cfg, tmp_path) -> None:
-    from uipe.paths import RunPaths
-
     # A copy of the run whose GA epoch 2 checkpoint is truncated: trials at epoch 2 raise, the others finish.
-    paths = RunPaths.of(tmp_path / "broken")
-    shutil.copytree(unlearned_run.root, paths.root, ignore=shutil.ignore_patterns("search", "ray", "mlflow.db",
-                                                                                  "mlartifacts"))
-    manifest = json.loads(paths.manifest("ga").read_text())
-    for e in manifest["epochs"]:
-        e["path"] = e["path"].replace(str(unlearned_run.root), str(paths.root))
-    manifest["theta_ini"] = manifest["theta_ini"].replace(str(unlearned_run.root), str(paths.root))
-    paths.manifest("ga").write_text(json.dumps(manifest))
+    paths = copy_run(unlearned_run, tmp_path / "broken")
     weights = next(Path(paths.epoch_dir("ga", 2)).glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])
     space = tmp_path / "ga.yaml"

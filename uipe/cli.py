@@ -35,6 +35,18 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Exper
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default: runs/<name>).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. --set unlearn.lr=2e-5.")]
 MethodOpt = Annotated[str, typer.Option("--method", "-m", help="ga, graddiff, kl, npo, simnpo or idkdpo.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's, Tune's and transformers' own output "
+                                          "on the console (default: in <run-dir>/logs/; also UIPE_VERBOSE=1).")]
+
+
+def _quiet(paths, command: str, verbose: bool):
+    """The console shows uipe's stages, progress and results; everything else goes to <run-dir>/logs/."""
+    import time
+
+    from uipe.console import quiet, verbose_requested
+
+    log = paths.root / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    return quiet(log, verbose_requested(verbose), until_exit=True)
 
 
 def _setup(config: Path | None, run_dir: Path | None, overrides: list[str] | None):
@@ -71,22 +83,33 @@ def data_synth(out: Annotated[Path, typer.Option("--out", help="Folder to write 
 
 
 @app.command()
-def prepare(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
+def prepare(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+            verbose: VerboseOpt = False) -> None:
     """Train TOFU's two reference models: target (all data) and retain (retain split + utility sets)."""
+    from uipe.console import say
+    from uipe.gate import summary_line
     from uipe.train import prepare as run_prepare
 
     cfg, paths = _setup(config, run_dir, set_)
-    typer.echo(json.dumps(run_prepare(cfg, paths.root), indent=1, default=str))
+    with _quiet(paths, "prepare", verbose):
+        models = run_prepare(cfg, paths.root)
+        say(summary_line(models))
+        for role, meta in models.items():
+            say(f"{role}: {meta['path']}")
 
 
 @app.command()
-def unlearn(method: MethodOpt, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
+def unlearn(method: MethodOpt, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+            verbose: VerboseOpt = False) -> None:
     """Run a base unlearning method on Ray Train (FSDP2), writing a HF checkpoint every epoch."""
     from uipe.train import unlearn as run_unlearn
 
     cfg, paths = _setup(config, run_dir, set_)
     cfg.method_params(method)
-    typer.echo(str(run_unlearn(cfg, paths.root, method)))
+    from uipe.console import say
+
+    with _quiet(paths, f"unlearn-{method}", verbose):
+        say(str(run_unlearn(cfg, paths.root, method)))
 
 
 @app.command()
@@ -149,29 +172,36 @@ def tofu_report(model_logs: Annotated[Path, typer.Option("--model-logs")],
 def search(method: MethodOpt, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
            space: Annotated[Optional[Path], typer.Option("--space", help="Space file (default tune_spaces/<m>.yaml).")]
            = None,
-           resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search.")] = False) -> None:
+           resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search.")] = False,
+           verbose: VerboseOpt = False) -> None:
     """Ray Tune + Optuna over alpha and checkpoint epoch; a cheap extrapolate-then-evaluate trial each."""
     from uipe.search import run_search
 
     cfg, paths = _setup(config, run_dir, set_)
     cfg.method_params(method)
-    typer.echo(json.dumps(run_search(cfg, paths, method, space, resume), indent=1, default=str))
+    from uipe.console import say
+
+    with _quiet(paths, f"search-{method}", verbose):
+        say(json.dumps(run_search(cfg, paths, method, space, resume), indent=1, default=str))
 
 
 @app.command()
-def run(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
+def run(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """The main job: data, reference models, unlearning per method, alpha search, a results table."""
     from uipe.pipeline import run_pipeline
 
     cfg, paths = _setup(config, run_dir, set_)
-    run_pipeline(cfg, paths)
+    with _quiet(paths, "run", verbose):
+        run_pipeline(cfg, paths)
 
 
 def main() -> None:
     try:
         app()
     except UipeError as e:
-        print(f"uipe: error: {e}", file=sys.stderr)
+        from uipe.console import error
+
+        error(f"uipe: error: {e}")
         sys.exit(e.exit_code)
 
 

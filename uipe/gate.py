@@ -89,3 +89,20 @@ def utility_failure(target: float, retain: float, max_gap: float | None) -> str 
 def gate_figures(meta: Mapping[str, Any]) -> tuple[dict[str, float], float | None]:
     """(per-split ROUGE-L, model utility) as a model folder's uipe_meta.json records them."""
     return dict(meta.get("gate_rouge_l", {})), meta.get("model_utility")
+
+
+def summary_line(models: Mapping[str, Mapping[str, Any]]) -> str:
+    """One line for the console: each model's worst split and its utility, and the gap between them."""
+    parts = []
+    for role in ("target", "retain"):
+        rouge, mu = gate_figures(models.get(role, {}))
+        if rouge:
+            worst = min(rouge, key=rouge.__getitem__)
+            parts.append(f"{role}: ROUGE-L >= {rouge[worst]:.2f} on {len(rouge)} splits (lowest {worst}), "
+                         f"utility {mu:.3f}" if mu is not None else f"{role}: ROUGE-L >= {rouge[worst]:.2f}")
+        else:
+            parts.append(f"{role}: given, not gated")
+    mu = [gate_figures(models.get(r, {}))[1] for r in ("target", "retain")]
+    if None not in mu:
+        parts.append(f"utility gap {utility_gap(mu[0], mu[1]):.1%}")
+    return "prepare gate passed: " + "; ".join(parts)

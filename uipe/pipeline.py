@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import time
 
-from rich.console import Console
 from rich.table import Table
 
 from uipe.config import ExperimentConfig
+from uipe.console import say, show_table, stage
 from uipe.io import atomic_write_json
 from uipe.paths import RunPaths
 from uipe.report import fmt
-
-console = Console(highlight=False, width=150)  # the table stays readable in logs and CI output
-
-
-def stage(name: str) -> None:
-    console.print(f"[bold cyan]== {name}[/]")
-
 
 def ensure_reference(cfg: ExperimentConfig, paths: RunPaths, data: str) -> str:
     """The retain model's truth ratios, computed once (or TOFU's published logs when configured)."""
@@ -58,6 +51,7 @@ def results_table(summaries: list[dict], cfg: ExperimentConfig) -> Table:
 
 def run_pipeline(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
     from uipe.data import ensure_data
+    from uipe.gate import summary_line
     from uipe.search import run_search
     from uipe.ray_jobs import ensure_ray
     from uipe.tracking import tracking_uri
@@ -68,7 +62,7 @@ def run_pipeline(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
     data = ensure_data(cfg, paths)
     ensure_ray()
     stage("prepare: target and retain models")
-    prepare(cfg, paths.root)
+    say(summary_line(prepare(cfg, paths.root)))
     stage("retain reference")
     ensure_reference(cfg, paths, data)
     summaries = []
@@ -77,11 +71,11 @@ def run_pipeline(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
         unlearn(cfg, paths.root, method)
         stage(f"search {method}: alpha and epoch")
         summaries.append(run_search(cfg, paths, method, None, resume=True))  # reuses or resumes
-    console.print(results_table(summaries, cfg))
+    show_table(results_table(summaries, cfg))
     atomic_write_json(paths.root / "summary.json", {"config": cfg.model_dump(mode="json"), "methods": summaries,
                                                      "seconds": time.time() - start})
     uri = tracking_uri(cfg, paths)
-    console.print(f"Done in {time.time() - start:.0f} s. Results: {paths.root}/summary.json")
-    console.print(f"Review in the MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    say(f"Done in {time.time() - start:.0f} s. Results: {paths.root}/summary.json")
+    say(f"Review in the MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
                   if uri.startswith("sqlite") else f"Review in the MLflow UI at {uri}")
     return summaries

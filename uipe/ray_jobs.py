@@ -4,12 +4,15 @@ and reading results back (epoch rows, epoch folders restored from Ray checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import ray
 
 from uipe.checkpoint import latest_run_state
 from uipe.config import ExperimentConfig, TrainConfig
@@ -23,22 +26,21 @@ FAULT_ENV = "UIPE_TEST_FAULT"  # tests only: see Job.fault
 
 def ensure_ray() -> None:
     """Join the cluster RAY_ADDRESS names (a `ray job submit` entrypoint, a test's shared session), or start a local
-    Ray without dashboard, unless one is up: the CLI, the search and the tests share one session."""
-    import os
+    Ray, unless one is up: the CLI, the search and the tests share one session.
 
-    import ray
-
+    The local Ray keeps its dashboard (on 127.0.0.1): it serves the State API, which Ray Train V2's
+    PlacementGroupCleaner polls during every fit; without it that actor logs "Failed to query Ray Train Controller
+    actor state" every few seconds (Ray 2.60).
+    """
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # include_dashboard may not be passed when connecting to an existing cluster
     else:
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def use_gpu(train: TrainConfig) -> bool:
-    import ray
-
     gpus = ray.cluster_resources().get("GPU", 0)
     if train.use_gpu == "yes" and gpus < train.num_workers:
         raise UipeError(f"train.use_gpu=yes: {train.num_workers} workers need as many GPUs, Ray has {gpus:g}")
@@ -46,8 +48,6 @@ def use_gpu(train: TrainConfig) -> bool:
 
 
 def check_workers(train: TrainConfig) -> None:
-    import ray
-
     cpus = ray.cluster_resources().get("CPU", 0)
     if train.num_workers > cpus:
         raise UipeError(f"train.num_workers={train.num_workers}: Ray has only {cpus:g} CPUs (one per worker)")
@@ -71,12 +71,19 @@ def check_ray_run(storage: str, run_name: str, job_hash: str, folder: Path) -> N
 
 
 def fit(cfg: ExperimentConfig, paths: RunPaths, job: Job, run_name: str, keep_all: bool,
-        loop: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+        loop: Callable[[dict[str, Any]], dict[str, Any]], data: tuple[str, dict[str, Any]] | None = None) -> Any:
+    """One TorchTrainer fit. Rank 0 reports to a Board; this driver logs the reports to MLflow (the one writer of the
+    tracking store) and shows them as the fit's progress display. `data`: (source, {split: records}) of the
+    training data, logged as the run's MLflow datasets."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from uipe.progress import Board, Follower
+
     env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cfg.train.threads_per_worker),
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    board = Board.remote()
+    job = dataclasses.replace(job, runtime=dataclasses.replace(job.runtime, board=board))
     trainer = TorchTrainer(
         loop,
         train_loop_config={"job": job},
@@ -89,15 +96,67 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, job: Job, run_name: str, keep_al
             worker_runtime_env={"env_vars": env},
         ),
     )
-    return trainer.fit()
+    watcher = FitWatcher(cfg, paths, job, data)
+    try:
+        with Follower(board, watcher.handle):
+            result = trainer.fit()
+    except BaseException:
+        watcher.close("FAILED")
+        raise
+    finally:
+        ray.kill(board)
+    watcher.close("FINISHED")
+    return result
+
+
+class FitWatcher:
+    """Driver side of one fit: its MLflow run and its progress display, fed by rank 0's reports."""
+
+    def __init__(self, cfg: ExperimentConfig, paths: RunPaths, job: Job,
+                 data: tuple[str, dict[str, Any]] | None = None) -> None:
+        from uipe.console import Task
+        from uipe.tracking import TrainRunLog, ensure_experiment
+
+        uri, experiment_id = ensure_experiment(cfg, paths)
+        name = job.label if job.objective == "finetune" else f"unlearn-{job.label}"
+        params = {"method": job.objective, "lr": job.lr, "epochs": job.epochs, "schedule": job.schedule,
+                  **(job.params.model_dump() if job.params else {}),
+                  **{f"train.{k}": v for k, v in job.train.model_dump().items()}}
+        self.run = TrainRunLog(uri, experiment_id, name, job.job_hash, job.objective, params, data)
+        self.task = Task(job.label, job.epochs)
+        self.epochs, self.failed_events = job.epochs, 0
+
+    def handle(self, event: dict[str, Any]) -> None:
+        try:
+            if event["kind"] == "steps":
+                self.run.log_rows(event["rows"])
+            elif event["kind"] == "epoch":
+                m = event["metrics"]
+                self.run.log(event["step"], {f"epoch_{k}": v for k, v in m.items()
+                                             if k not in ("epoch", "total_steps")})
+                losses = " ".join(f"{k} {m[k]:.3f}" for k in ("loss", "forget_nll", "retain_nll") if k in m)
+                self.task.update(event["epoch"], f"epoch {event['epoch']}/{self.epochs} step {event['step']}/"
+                                 f"{m['total_steps']} {losses} {m['seconds']:.1f} s/epoch",
+                                 eta_s=m["seconds"] * (self.epochs - event["epoch"]))
+            elif event["kind"] == "final":
+                self.run.log(event["step"], event["metrics"])
+        except Exception as e:  # noqa: BLE001 - a tracking hiccup must not kill the fit; say it once
+            self.failed_events += 1
+            if self.failed_events == 1:
+                from uipe.console import warn
+
+                warn(f"could not log training metrics to MLflow ({type(e).__name__}: {e}); training goes on")
+
+    def close(self, status: str) -> None:
+        self.task.finish()
+        try:
+            self.run.finish(status)
+        except Exception:  # noqa: BLE001 - the fit's own outcome matters more than its run's status
+            pass
 
 
 def runtime(cfg: ExperimentConfig, paths: RunPaths) -> Runtime:
-    from uipe.tracking import ensure_experiment
-
-    uri, experiment_id = ensure_experiment(cfg, paths)
-    return Runtime(use_gpu=use_gpu(cfg.train), tracking_uri=uri, experiment_id=experiment_id,
-                   fault=os.environ.get(FAULT_ENV, ""))
+    return Runtime(use_gpu=use_gpu(cfg.train), fault=os.environ.get(FAULT_ENV, ""))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

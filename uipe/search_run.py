@@ -17,6 +17,7 @@ import yaml
 from ray import tune
 
 from uipe.config import ExperimentConfig
+from uipe.console import Task, say
 from uipe.errors import UipeError
 from uipe.ray_jobs import ensure_ray
 from uipe.io import atomic_write_json, atomic_write_text, code_version
@@ -32,28 +33,40 @@ LARGE_MODEL_BYTES = 2 * 2**30  # above this the registry gets a pointer to the f
 
 
 class Progress(tune.Callback):
-    """One line per finished trial on the driver: the point, its scores, the best so far and an ETA."""
+    """The search's progress display on the driver: trials done, the best feasible forget quality so far, an ETA."""
 
     def __init__(self, method: str, total: int) -> None:
-        self.method, self.total, self.done, self.best, self.start = method, total, 0, None, time.time()
+        self.method, self.total, self.done, self.failed, self.best = method, total, 0, 0, None
+        self.task: Task | None = None
+
+    def setup(self, **info: Any) -> None:
+        self.task = Task(f"search {self.method}", self.total)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.done += 1
         r = trial.last_result or {}
         if r.get("feasible") and (self.best is None or r["forget_quality"] > self.best):
             self.best = r["forget_quality"]
-        elapsed = time.time() - self.start
-        eta = elapsed / self.done * max(0, self.total - self.done)
-        print(f"[search {self.method}] trial {self.done}/{self.total} alpha {trial.config['alpha']:.3f} "
-              f"epoch {trial.config['epoch']} FQ {r.get('forget_quality', float('nan')):.3g} "
-              f"MU {r.get('model_utility', float('nan')):.3f} {'feasible' if r.get('feasible') else 'infeasible'} "
-              f"| best FQ {self.best if self.best is not None else float('nan'):.3g} | {elapsed:.0f}s, ETA {eta:.0f}s",
-              flush=True)
+        self._advance(f"last alpha {trial.config['alpha']:.3f} epoch {trial.config['epoch']} "
+                      f"FQ {r.get('forget_quality', float('nan')):.3g} MU {r.get('model_utility', float('nan')):.3f}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.failed += 1
+        self._advance(f"last alpha {trial.config['alpha']:.3f} epoch {trial.config['epoch']} FAILED "
+                      "(recorded in MLflow; the search goes on)")
+
+    def _advance(self, last: str) -> None:
         self.done += 1
-        print(f"[search {self.method}] trial {self.done}/{self.total} alpha {trial.config['alpha']:.3f} "
-              f"epoch {trial.config['epoch']} FAILED (recorded in MLflow; the search goes on)", flush=True)
+        best = f"{self.best:.3g}" if self.best is not None else "none yet"
+        failed = f", {self.failed} failed" if self.failed else ""
+        if self.task is not None:
+            self.task.update(self.done, f"trial {self.done}/{self.total} | best feasible FQ {best}{failed} | {last}")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.task is not None:
+            self.task.finish()
+
+    def __getstate__(self) -> dict:  # Tune checkpoints its callbacks; a live display does not pickle
+        return {**self.__dict__, "task": None}
 
 
 def _identity(space: SearchSpace, setup: TrialSetup, epochs: list[int]) -> str:
@@ -72,7 +85,8 @@ def _parent_run(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path:
     c = tracking.client(uri)
     run = c.create_run(exp_id, run_name=f"search-{method}", tags={
         "uipe.method": method, "uipe.kind": "search", "uipe.code_version": code_version(),
-        "uipe.space_file": str(space_path), "uipe.theta_ini": setup.theta_ini})
+        "uipe.space_file": str(space_path), "uipe.theta_ini": setup.theta_ini, **tracking.source_tags()})
+    tracking.log_datasets(c, run.info.run_id, setup.data, _eval_splits(setup), "evaluation")
     tracking.log_flat(c, run.info.run_id, {}, {
         "method": method, "space_file": str(space_path), "sampler": space.sampler, "objective": space.objective,
         "alpha_low": space.alpha.low, "alpha_high": space.alpha.high, "num_samples": space.num_samples,
@@ -83,6 +97,17 @@ def _parent_run(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path:
     c.log_text(run.info.run_id, space_path.read_text(), "space.yaml")
     atomic_write_json(state_path, {"identity": identity, "parent_run_id": run.info.run_id, "experiment_id": exp_id})
     return uri, exp_id, run.info.run_id
+
+
+def _eval_splits(setup: TrialSetup) -> dict[str, list]:
+    """The evaluation data a search scores every trial on, by TOFU split name."""
+    from uipe.data import eval_split_for
+    from uipe.eval.evaluate import eval_records
+
+    names = {"forget": eval_split_for(setup.forget_split), "retain": "retain_perturbed",
+             "real_authors": "real_authors_perturbed", "world_facts": "world_facts_perturbed",
+             "related": "related_perturbed"}
+    return {names[role]: records for role, records in eval_records(setup.data, setup.forget_split).items()}
 
 
 def _previous(paths: RunPaths, method: str, identity: str, resume: bool) -> dict | None:
@@ -155,7 +180,7 @@ def execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pat
     identity = _identity(space, setup, epochs)
     previous = _previous(paths, method, identity, resume)
     if previous is not None:
-        print(f"[search {method}] finished before with the same space and checkpoints: reusing {out / RESULT_FILE}")
+        say(f"[search {method}] finished before with the same space and checkpoints: reusing {out / RESULT_FILE}")
         return previous
     uri, exp_id, parent = _parent_run(cfg, paths, method, space_path, space, setup, identity)
     total = space.trials_needed(epochs)

@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any
 from ray import tune
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     from mlflow import MlflowClient
 
     from uipe.config import ExperimentConfig
+    from uipe.data import TofuRecord
     from uipe.paths import RunPaths
 
 TRIAL_TAG = "uipe.trial_id"
@@ -66,6 +69,42 @@ def log_flat(c: MlflowClient, run_id: str, metrics: dict[str, Any], params: dict
     ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
     for i in range(0, max(len(ms), len(ps)), 900):  # MLflow caps a batch at 1000 entries
         c.log_batch(run_id, metrics=ms[i:i + 900], params=ps[i:i + 900])
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags, so the runs table's Source column and the run page say what made a run."""
+    import sys
+
+    from uipe.io import code_version
+
+    version = code_version()
+    command = Path(sys.argv[0]).name if sys.argv else "uipe"
+    if command in ("uipe", "cli.py") and len(sys.argv) > 1:
+        command = f"uipe {sys.argv[1]}"
+    tags = {"mlflow.source.name": command, "mlflow.source.type": "LOCAL", "uipe.code_version": version}
+    if "+g" in version:
+        tags["mlflow.source.git.commit"] = version.split("+g", 1)[1]
+    return tags
+
+
+def log_datasets(c: MlflowClient, run_id: str, source: str, splits: Mapping[str, Sequence[TofuRecord]],
+                 context: str) -> None:
+    """Each split as an MLflow dataset input (name, content digest, source), so the runs table's Dataset column and
+    the lineage show which data a run used; `context` is MLflow's "training" or "evaluation"."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from uipe.checkpoint import records_hash
+
+    where = json.dumps({"uri": source if "://" in source or not Path(source).exists() else
+                        Path(source).resolve().as_uri()})
+    inputs = [DatasetInput(Dataset(name=name, digest=records_hash(list(records))[:16], source_type="local"
+                                   if "://" not in source and Path(source).exists() else "hugging_face",
+                                   source=where, profile=json.dumps({"num_rows": len(records)})),
+                           tags=[InputTag("mlflow.data.context", context)])
+              for name, records in splits.items() if records]
+    c.log_inputs(run_id, datasets=inputs)
 
 
 def child_runs(uri: str, experiment_id: str, parent_id: str) -> dict[str, Any]:
@@ -137,3 +176,42 @@ def register_model(uri: str, name: str, source: str, run_id: str, tags: dict[str
     version = c.create_model_version(name, source=source, run_id=run_id, tags=tags)
     c.set_registered_model_alias(name, CHAMPION, version.version)
     return version.version
+
+
+class TrainRunLog:
+    """A training job's MLflow run, written by the driver from what rank 0 reports (uipe.progress).
+
+    A job restarted after a failure, or run again after a crash, continues the unfinished run of the same job hash.
+    """
+
+    def __init__(self, uri: str, experiment_id: str, name: str, job_hash: str, stage: str,
+                 params: dict[str, Any], data: tuple[str, Mapping[str, Sequence[TofuRecord]]] | None = None) -> None:
+        self.client = client(uri)
+        found = self.client.search_runs([experiment_id], f"tags.`uipe.job_hash` = '{job_hash}' and "
+                                        "attributes.status != 'FINISHED'", max_results=1)
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, "RUNNING")
+        else:
+            run = self.client.create_run(experiment_id, run_name=name,
+                                         tags={"uipe.job_hash": job_hash, "uipe.stage": stage, **source_tags()})
+            self.run_id = run.info.run_id
+            log_flat(self.client, self.run_id, {}, params)
+            if data is not None:
+                log_datasets(self.client, self.run_id, data[0], data[1], "training")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        log_flat(self.client, self.run_id, metrics, step=step)
+
+    def log_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Many steps in one batch (one SQL transaction, not one per metric)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for step, values in rows for k, v in values.items()
+                   if math.isfinite(float(v))]
+        for i in range(0, len(metrics), 900):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
+
+    def finish(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)

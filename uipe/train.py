@@ -32,9 +32,10 @@ from uipe.ray_jobs import (
     check_ray_run, check_workers, ensure_ray, epoch_row, fit, read_json, restore_missing_epochs,
     runtime, storage_path, train_identity,
 )
+from uipe.progress import Reporter
 from uipe.train_parts import (
-    Job, StepLog, Streams, accumulation_groups, export_epoch, finish_prepare, full_value, load_sharded, lr_factor,
-    maybe_fail, mean_over_ranks, progress,
+    Job, Streams, accumulation_groups, export_epoch, finish_prepare, full_value, load_sharded, lr_factor, maybe_fail,
+    mean_over_ranks,
 )
 
 # ==== the loop (runs on every Ray Train worker) =====================================================================
@@ -68,7 +69,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     total_steps = job.epochs * len(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=warmup, total=total_steps,
                                                                      schedule=job.schedule))
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "job_hash": job.job_hash, "mlflow_run": None}
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "job_hash": job.job_hash}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restart after a failure, or a re-run of the same run name: continue exactly
         with checkpoint.as_directory() as folder:
@@ -76,9 +77,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if state["job_hash"] != job.job_hash:
             raise RuntimeError(f"Ray checkpoint {checkpoint.path} belongs to another job; use a new run folder")
         scheduler.load_state_dict(state["scheduler"])
-    log = StepLog(job, state["mlflow_run"]) if rank == 0 else None
-    if log is not None:
-        state["mlflow_run"] = log.start()
+    report = Reporter(job.runtime.board) if rank == 0 else None  # to the driver, which logs and shows it
 
     setup_seconds = time.perf_counter() - t_start
 
@@ -103,8 +102,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             state["step"] += 1
             tokens += step_tokens
             maybe_fail(job.runtime.fault, epoch, rank)
-            if log is not None:  # the last micro-batch's terms; tokens/s counts every rank's tokens
-                log.log(state["step"], {**{k: float(v) for k, v in metrics.items()}, "lr": scheduler.get_last_lr()[0],
+            if report is not None:  # the last micro-batch's terms; tokens/s counts every rank's tokens
+                report.step(state["step"], {**{k: float(v) for k, v in metrics.items()}, "lr": scheduler.get_last_lr()[0],
                                         "grad_norm": float(full_value(grad_norm)),
                                         "tokens_per_s": step_tokens * world / (time.perf_counter() - t_step)})
         epoch_metrics = mean_over_ranks(sums, n_micro, device)
@@ -113,10 +112,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                           "tokens_per_s": tokens * world / seconds}
         state["history"].append(epoch_metrics)
         state["epoch"], state["scheduler"] = epoch, scheduler.state_dict()
-        if log is not None:
-            log.log(state["step"], {f"epoch_{k}": v for k, v in epoch_metrics.items() if k != "epoch"})
-            log.flush()
-            progress(job, epoch, state["step"], total_steps, epoch_metrics, seconds)
+        if report is not None:
+            report.epoch(epoch, state["step"], {**epoch_metrics, "total_steps": total_steps})
 
         # ---- save: an HF folder per epoch (unlearn), the sharded state as a Ray checkpoint (resume) ----
         hf_folder = None
@@ -136,13 +133,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                               "setup_seconds": setup_seconds, "loop_seconds": time.perf_counter() - t_start}
     if not job.export_every_epoch:
         result |= finish_prepare(job, model, device, rank, state)
-        if log is not None:  # the gate's figures beside the training curves
+        if report is not None:  # the gate's figures beside the training curves
             gate = {f"gate_rouge_l_{k}": v for k, v in result["gate_rouge_l"].items()}
             if result["model_utility"] is not None:
                 gate["gate_model_utility"] = result["model_utility"]
-            log.log(state["step"], gate)
-    if log is not None:
-        log.finish()
+            report.final(state["step"], gate)
     return result
 
 
@@ -206,21 +201,21 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
         check_ray_run(storage_path(cfg, paths), run_name, job.job_hash, folder)
         jobs.append((role, folder, job, run_name))
 
-    def train_one(item: tuple) -> Any:
+    def train_one(item: tuple) -> None:
         role, folder, job, run_name = item
-        return fit(job_cfg, paths, job, run_name, keep_all=False, loop=train_loop)
+        result = fit(job_cfg, paths, job, run_name, keep_all=False, loop=train_loop, data=(source, parts[role]))
+        counts = {name: len(items) for name, items in job.gate.items()}
+        failure = rouge_failure(role, result.return_value["gate_rouge_l"], cfg.prepare.min_rouge, counts)
+        if failure:  # one after the other, a failing target stops prepare before the retain model trains
+            raise UipeError(failure)
+        out[role] = {**read_meta(folder), "path": str(folder), "trained": True}
 
     if len(jobs) == 2 and side_by_side:  # two TorchTrainers at once: each fit blocks its own thread
         with ThreadPoolExecutor(max_workers=2) as pool:
-            results = list(pool.map(train_one, jobs))
+            list(pool.map(train_one, jobs))
     else:
-        results = [train_one(item) for item in jobs]
-    for (role, folder, job, _), result in zip(jobs, results):
-        counts = {name: len(items) for name, items in job.gate.items()}
-        failure = rouge_failure(role, result.return_value["gate_rouge_l"], cfg.prepare.min_rouge, counts)
-        if failure:
-            raise UipeError(failure)
-        out[role] = {**read_meta(folder), "path": str(folder), "trained": True}
+        for item in jobs:
+            train_one(item)
     check_utility_gap(cfg, paths, out)
     return out
 
@@ -248,7 +243,7 @@ def unlearn(cfg: ExperimentConfig, run_dir: str | Path, method: str, resume: boo
     Re-running resumes (same run name, same job hash); a run folder holding another config's results is an error.
     resume=False deletes this method's earlier results (folders and Ray checkpoints) first.
     """
-    from uipe.data import ensure_data, forget_and_retain, load_idk
+    from uipe.data import RETAIN_FOR, ensure_data, forget_and_retain, load_idk
 
     if method not in UNLEARN_METHODS:
         raise UipeError(f"unknown method {method!r}; choose one of {', '.join(UNLEARN_METHODS)}")
@@ -288,7 +283,8 @@ def unlearn(cfg: ExperimentConfig, run_dir: str | Path, method: str, resume: boo
         runtime=runtime(cfg, paths), meta=meta,
     )
     t_fit = time.perf_counter()
-    result = fit(cfg, paths, job, run_name, keep_all=True, loop=train_loop)
+    splits = {cfg.data.forget_split: forget, RETAIN_FOR[cfg.data.forget_split]: retain}
+    result = fit(cfg, paths, job, run_name, keep_all=True, loop=train_loop, data=(source, splits))
     timing = {"fit_seconds": time.perf_counter() - t_fit, "worker_setup_seconds": result.return_value["setup_seconds"],
               "worker_loop_seconds": result.return_value["loop_seconds"]}
     epochs = restore_missing_epochs(result, paths, method, cfg.unlearn.epochs)

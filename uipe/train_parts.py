@@ -1,14 +1,11 @@
 """The parts uipe/train.py's loop is made of: the job a worker receives, its data streams, the learning-rate
-schedule, FSDP2 sharding and loading, exporting HF folders, prepare's ROUGE gate, the progress line, and MLflow step
-logging from rank 0.
+schedule, FSDP2 sharding and loading, exporting HF folders, and measuring prepare's gate on rank 0.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import sys
-import time
 from pathlib import Path
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,11 +26,10 @@ from uipe.models import collate, encode_qa
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where a job runs and logs, as the driver resolved it."""
+    """Where a job runs and where it reports, as the driver resolved it."""
 
     use_gpu: bool
-    tracking_uri: str
-    experiment_id: str  # created on the driver (uipe.tracking.ensure_experiment), so workers never race to create it
+    board: Any = None  # uipe.progress.Board: rank 0 posts metrics and progress there; the driver logs them
     fault: str = ""  # tests only: "epoch=E,rank=R,marker=PATH" raises once in epoch E on rank R
 
 
@@ -248,18 +244,6 @@ def _unsharded(job: Job, full: dict[str, torch.Tensor], device: torch.device) ->
     return plain.to(device).eval(), load_tokenizer(job.model_path)
 
 
-def progress(job: Job, epoch: int, step: int, total_steps: int, m: dict[str, float], seconds: float) -> None:
-    every = max(1, job.epochs // 10)  # at most ~10 lines for a long fine-tuning run
-    if epoch % every and epoch != job.epochs:
-        return
-    parts = [f"[{job.label}] epoch {epoch}/{job.epochs} step {step}/{total_steps} loss {m['loss']:.3f}"]
-    parts += [f"{k} {m[k]:.3f}" for k in ("forget_nll", "retain_nll", "nll") if k in m]
-    parts.append(f"{seconds:.1f} s/epoch ETA {seconds * (job.epochs - epoch):.0f}s")
-    # Ray Train V2 patches print() into its logger, which a wrapped stdout then echoes twice: write the stream.
-    sys.__stdout__.write(" ".join(parts) + "\n")
-    sys.__stdout__.flush()
-
-
 def maybe_fail(fault: str, epoch: int, rank: int) -> None:
     """Tests only: raise once (a marker file remembers) in the given epoch on the given rank."""
     if not fault:
@@ -269,45 +253,3 @@ def maybe_fail(fault: str, epoch: int, rank: int) -> None:
     if int(spec["epoch"]) == epoch and int(spec["rank"]) == rank and not marker.exists():
         marker.write_text(f"failed once in epoch {epoch} on rank {rank}\n")
         raise RuntimeError(f"injected test fault in epoch {epoch} on rank {rank}")
-
-
-@dataclass
-class StepLog:
-    """MLflow logging from rank 0, batched (one sqlite transaction per flush, not per metric)."""
-
-    job: Job
-    run_id: str | None = None
-    buffer: list[Any] = field(default_factory=list)
-
-    def start(self) -> str:
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=self.job.runtime.tracking_uri)
-        if self.run_id is None:  # a resumed attempt continues the same MLflow run
-            name = self.job.label if self.job.objective == "finetune" else f"unlearn-{self.job.label}"
-            run = self.client.create_run(self.job.runtime.experiment_id, run_name=name,
-                                         tags={"uipe.job_hash": self.job.job_hash, "uipe.stage": self.job.objective})
-            self.run_id = run.info.run_id
-            params = {"method": self.job.objective, "lr": self.job.lr, "epochs": self.job.epochs,
-                      **(self.job.params.model_dump() if self.job.params else {}),
-                      **{f"train.{k}": v for k, v in self.job.train.model_dump().items()}}
-            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        return self.run_id
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.buffer += [Metric(k, float(v), now, step) for k, v in values.items()]
-        if len(self.buffer) >= 500:
-            self.flush()
-
-    def flush(self) -> None:
-        while self.buffer:
-            self.client.log_batch(self.run_id, metrics=self.buffer[:1000])
-            self.buffer = self.buffer[1000:]
-
-    def finish(self) -> None:
-        self.flush()
-        self.client.set_terminated(self.run_id)
