@@ -144,8 +144,13 @@ def mlflow_server(backend_store_uri: str, *extra: str, log: Path | None = None) 
                 time.sleep(1)
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:  # a worker holding a database connection can ignore SIGTERM
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=20)
         if log:
             out.close()
 
@@ -156,3 +161,69 @@ def rest(url: str, path: str, body: dict | None = None) -> dict:
     req = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data=data,
                                  headers={"Content-Type": "application/json"})
     return json.load(urllib.request.urlopen(req, timeout=30))
+
+
+# ---- tracking as on a cluster: MLflow over PostgreSQL (this project's machines run one on 127.0.0.1:5432) --------
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+
+def pg_admin():
+    """A connection to the local PostgreSQL server (trust auth), or None with the reason."""
+    try:
+        import psycopg
+    except ImportError:
+        return None, "psycopg is not installed (pip install -e '.[postgres]')"
+    try:
+        return psycopg.connect(dbname="postgres", connect_timeout=3, autocommit=True, **PG), ""
+    except psycopg.OperationalError as e:
+        return None, f"no PostgreSQL server reachable on 127.0.0.1:5432 ({str(e).strip().splitlines()[0]})"
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
+    """An MLflow tracking server backed by a fresh PostgreSQL database (dropped afterwards), artifacts served from a
+    local folder; None (with the reason in PG_SKIP) where no PostgreSQL server is reachable."""
+    import uuid
+
+    admin, reason = pg_admin()
+    if admin is None:
+        PG_SKIP.append(reason)
+        yield None
+        return
+    name = f"uipe_test_{uuid.uuid4().hex[:10]}"
+    admin.execute(f"CREATE DATABASE {name}")
+    root = tmp_path_factory.mktemp("pg_mlflow")
+    try:
+        uri = f"postgresql://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
+        with mlflow_server(uri, "--artifacts-destination", str(root / "artifacts"), log=root / "server.log") as url:
+            yield url
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+PG_SKIP: list[str] = []
+
+
+def run_uipe(args: list[str], ray_session, out: Path, extra_env: dict[str, str] | None = None) -> int:
+    """The CLI as a user runs it (a subprocess, output to a file), joining the test session's Ray."""
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, **(extra_env or {})}
+    env.pop("UIPE_VERBOSE", None)
+    with open(out, "w") as f:
+        return subprocess.run([sys.executable, "-m", "uipe.cli", *args], stdout=f, stderr=subprocess.STDOUT, env=env,
+                              stdin=subprocess.DEVNULL, timeout=900).returncode
+
+
+@pytest.fixture(scope="session")
+def served_run(unlearned_run, ray_session, pg_server, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A reduced `uipe run` (a copy of the session's unlearned world, one new method, few trials), its console in a
+    file, logging to the PostgreSQL-backed MLflow server where there is one (else the run folder's sqlite store)."""
+    root = tmp_path_factory.mktemp("served")
+    paths = copy_run(unlearned_run, root / "run")
+    args = ["run", "--run-dir", str(paths.root), "--set", "unlearn.methods=[graddiff]", "--set", "unlearn.epochs=2",
+            "--set", "search.num_samples=3"]
+    if pg_server:
+        args += ["--set", f"tracking.uri={pg_server}"]
+    out = root / "console.txt"
+    rc = run_uipe(args, ray_session, out)
+    return {"rc": rc, "lines": out.read_text().splitlines(), "paths": paths, "tracking_uri": pg_server}

@@ -78,7 +78,7 @@ def test_cluster_file_passes_ray_up_validation(path: Path) -> None:
     # Setup installs uipe with the pins, torch first.
     setup = prepared["setup_commands"]
     torch_i = next(i for i, c in enumerate(setup) if '"torch==2.13.0" -c constraints.txt' in c)
-    uipe_i = next(i for i, c in enumerate(setup) if '-e ".[dev]" -c constraints.txt' in c)
+    uipe_i = next(i for i, c in enumerate(setup) if '-e ".[dev,postgres]" -c constraints.txt' in c)
     assert torch_i < uipe_i
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import run_uipe
 from uipe.console import Task, UnexpectedError, _last_line, quiet, say
 
 
@@ -54,30 +53,18 @@ def test_plain_progress_prints_a_line_per_third(capsys: pytest.CaptureFixture) -
     assert all(re.search(r"\| \d+s, ETA \d+s$", ln) for ln in lines)
 
 
-# ---- the real thing: `uipe run` as a user runs it, output to a file --------------------------------------------------
+# ---- the real thing: `uipe run` as a user runs it, output to a file (conftest.served_run) -------------------------
 RAY_INTERNALS = ("pid=", "RayTrainWorker", "PlacementGroupCleaner", "PreemptionWatcher", "core_worker", "Tune",
                  "tensorboard", "Checkpoint successfully", "Loading weights", "Writing model shards")
 
 
-def _uipe(args: list[str], ray_session, out: Path, extra_env: dict[str, str] | None = None) -> int:
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, **(extra_env or {})}
-    env.pop("UIPE_VERBOSE", None)
-    with open(out, "w") as f:
-        return subprocess.run([sys.executable, "-m", "uipe.cli", *args], stdout=f, stderr=subprocess.STDOUT, env=env,
-                              stdin=subprocess.DEVNULL, timeout=900).returncode
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_uipe_run_console_is_short_and_shows_stages_progress_and_table(unlearned_run, ray_session,
-                                                                       tmp_path: Path) -> None:
-    """A reduced `uipe run` (the session's prepared world, one new method, few trials): the console holds the
-    stages, progress for the fit and the search, the table; Ray's own output is in the run folder's log."""
-    out = tmp_path / "console.txt"
-    rc = _uipe(["run", "--run-dir", str(unlearned_run.root), "--set", "unlearn.methods=[graddiff]",
-                "--set", "unlearn.epochs=2", "--set", "search.num_samples=3"], ray_session, out)
-    lines = out.read_text().splitlines()
-    assert rc == 0, "\n".join(lines[-20:])
+def test_uipe_run_console_is_short_and_shows_stages_progress_and_table(served_run: dict) -> None:
+    """The console holds the stages, progress for the fit and the search, the table; Ray's own output is in the run
+    folder's log."""
+    lines = served_run["lines"]
+    assert served_run["rc"] == 0, "\n".join(lines[-20:])
     assert len(lines) <= 60, "\n".join(lines)
     assert not [ln for ln in lines if any(s in ln for s in RAY_INTERNALS)], "\n".join(lines)
     assert not [ln for ln in lines if "\x1b[" in ln]  # no cursor or colour codes in a file
@@ -88,7 +75,7 @@ def test_uipe_run_console_is_short_and_shows_stages_progress_and_table(unlearned
     assert any(re.match(r"\[search graddiff\] trial \d+/\d+ \| best feasible FQ", ln) for ln in lines)
     assert any("UIPE on tiny" in ln for ln in lines) and any(ln.lstrip("│| ").startswith("graddiff") for ln in lines)
     log = Path(lines[0].removeprefix("log: "))
-    assert log.parent == unlearned_run.root / "logs"
+    assert log.parent == served_run["paths"].root / "logs"
     text = log.read_text()
     assert "RayTrainWorker" in text  # Ray's worker output is kept, in the log
     # the cause, not a filter: Ray Train V2's PlacementGroupCleaner needs the State API (the dashboard)
@@ -101,9 +88,9 @@ def test_a_failed_fit_is_one_line_on_the_console_and_a_traceback_in_the_log(unle
                                                                             tmp_path: Path) -> None:
     out = tmp_path / "console.txt"
     marker = tmp_path / "fault-marker"
-    rc = _uipe(["unlearn", "--method", "kl", "--run-dir", str(unlearned_run.root), "--set", "unlearn.epochs=2",
-                "--set", "train.max_failures=0"], ray_session, out,
-               {"UIPE_TEST_FAULT": f"epoch=1,rank=0,marker={marker}"})
+    rc = run_uipe(["unlearn", "--method", "kl", "--run-dir", str(unlearned_run.root), "--set", "unlearn.epochs=2",
+                   "--set", "train.max_failures=0"], ray_session, out,
+                  {"UIPE_TEST_FAULT": f"epoch=1,rank=0,marker={marker}"})
     lines = out.read_text().splitlines()
     assert rc == 1, lines
     errors = [ln for ln in lines if ln.startswith("uipe: error:")]

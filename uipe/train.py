@@ -103,9 +103,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             tokens += step_tokens
             maybe_fail(job.runtime.fault, epoch, rank)
             if report is not None:  # the last micro-batch's terms; tokens/s counts every rank's tokens
-                report.step(state["step"], {**{k: float(v) for k, v in metrics.items()}, "lr": scheduler.get_last_lr()[0],
-                                        "grad_norm": float(full_value(grad_norm)),
-                                        "tokens_per_s": step_tokens * world / (time.perf_counter() - t_step)})
+                report.step(state["step"], {**{k: float(v) for k, v in metrics.items()},
+                                            "lr": scheduler.get_last_lr()[0], "grad_norm": float(full_value(grad_norm)),
+                                            "tokens_per_s": step_tokens * world / (time.perf_counter() - t_step)})
         epoch_metrics = mean_over_ranks(sums, n_micro, device)
         seconds = time.perf_counter() - t0
         epoch_metrics |= {"epoch": epoch, "optimizer_steps": state["step"], "seconds": seconds,
