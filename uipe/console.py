@@ -108,7 +108,7 @@ class Task:
 
     def __init__(self, label: str, total: int) -> None:
         self.label, self.total, self.start = label, max(1, total), time.monotonic()
-        self.last_line, self.next_third, self.finished = self.start, 1, False
+        self.last_line, self.next_third = self.start, 1
         self._progress = TERMINAL.progress() if TERMINAL.live else None
         self._id = self._progress.add_task(f"[{label}]", total=self.total, text="") if self._progress else None
 
@@ -119,15 +119,12 @@ class Task:
         if self._progress is not None:
             self._progress.update(self._id, completed=done, text=line)
             return
-        now = time.monotonic()
-        crossed = done * 3 >= self.next_third * self.total
-        if crossed or now - self.last_line >= PLAIN_EVERY_S or done >= self.total:
+        crossed = done * 3 >= self.next_third * self.total  # a third of the work (the last one: done)
+        if crossed or self.start + elapsed - self.last_line >= PLAIN_EVERY_S:
             while self.next_third <= 3 and done * 3 >= self.next_third * self.total:
                 self.next_third += 1
-            self.last_line = now
+            self.last_line = self.start + elapsed
             say(f"[{self.label}] {line}")
-            if done >= self.total:
-                self.finished = True
 
     def finish(self, text: str = "") -> None:
         if self._progress is not None:

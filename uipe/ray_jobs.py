@@ -129,17 +129,17 @@ class FitWatcher:
     def handle(self, event: dict[str, Any]) -> None:
         try:
             if event["kind"] == "steps":
-                self.run.log_rows(event["rows"])
+                self.run.log(event["rows"])
             elif event["kind"] == "epoch":
                 m = event["metrics"]
-                self.run.log(event["step"], {f"epoch_{k}": v for k, v in m.items()
-                                             if k not in ("epoch", "total_steps")})
+                self.run.log([(event["step"], {f"epoch_{k}": v for k, v in m.items()
+                                               if k not in ("epoch", "total_steps")})])
                 losses = " ".join(f"{k} {m[k]:.3f}" for k in ("loss", "forget_nll", "retain_nll") if k in m)
                 self.task.update(event["epoch"], f"epoch {event['epoch']}/{self.epochs} step {event['step']}/"
                                  f"{m['total_steps']} {losses} {m['seconds']:.1f} s/epoch",
                                  eta_s=m["seconds"] * (self.epochs - event["epoch"]))
             elif event["kind"] == "final":
-                self.run.log(event["step"], event["metrics"])
+                self.run.log([(event["step"], event["metrics"])])
         except Exception as e:  # noqa: BLE001 - a tracking hiccup must not kill the fit; say it once
             self.failed_events += 1
             if self.failed_events == 1:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Mapping
 
     from mlflow import MlflowClient
 
@@ -61,10 +62,17 @@ def ensure_experiment(cfg: ExperimentConfig, paths: RunPaths) -> tuple[str, str]
 def log_flat(c: MlflowClient, run_id: str, metrics: dict[str, Any], params: dict[str, Any] | None = None,
              step: int = 0) -> None:
     """Log finite numeric metrics and string-able params in one batch (MLflow rejects NaN params, not metrics)."""
+    log_rows(c, run_id, [(step, metrics)], params)
+
+
+def log_rows(c: MlflowClient, run_id: str, rows: Sequence[tuple[int, dict[str, Any]]],
+             params: dict[str, Any] | None = None) -> None:
+    """Metrics of many steps (and params) in as few batches as MLflow allows: one SQL transaction each, not one per
+    metric. Non-numeric and non-finite values are left out."""
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)
-    ms = [Metric(k, float(v), now, step) for k, v in metrics.items()
+    ms = [Metric(k, float(v), now, step) for step, values in rows for k, v in values.items()
           if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
     ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
     for i in range(0, max(len(ms), len(ps)), 900):  # MLflow caps a batch at 1000 entries
@@ -97,11 +105,11 @@ def log_datasets(c: MlflowClient, run_id: str, source: str, splits: Mapping[str,
 
     from uipe.checkpoint import records_hash
 
-    where = json.dumps({"uri": source if "://" in source or not Path(source).exists() else
-                        Path(source).resolve().as_uri()})
-    inputs = [DatasetInput(Dataset(name=name, digest=records_hash(list(records))[:16], source_type="local"
-                                   if "://" not in source and Path(source).exists() else "hugging_face",
-                                   source=where, profile=json.dumps({"num_rows": len(records)})),
+    local = "://" not in source and Path(source).exists()  # else a hub id such as locuslab/TOFU
+    where = json.dumps({"uri": Path(source).resolve().as_uri() if local else source})
+    inputs = [DatasetInput(Dataset(name=name, digest=records_hash(list(records))[:16],
+                                   source_type="local" if local else "hugging_face", source=where,
+                                   profile=json.dumps({"num_rows": len(records)})),
                            tags=[InputTag("mlflow.data.context", context)])
               for name, records in splits.items() if records]
     c.log_inputs(run_id, datasets=inputs)
@@ -200,18 +208,8 @@ class TrainRunLog:
             if data is not None:
                 log_datasets(self.client, self.run_id, data[0], data[1], "training")
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        log_flat(self.client, self.run_id, metrics, step=step)
-
-    def log_rows(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        """Many steps in one batch (one SQL transaction, not one per metric)."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for step, values in rows for k, v in values.items()
-                   if math.isfinite(float(v))]
-        for i in range(0, len(metrics), 900):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
+    def log(self, rows: Sequence[tuple[int, dict[str, float]]]) -> None:
+        log_rows(self.client, self.run_id, rows)
 
     def finish(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
