@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from uipe.errors import UipeError
-from uipe.extrapolate import OPERATOR, extrapolate_folder, extrapolate_tensor
+from uipe.extrapolate import CHUNK, OPERATOR, extrapolate_folder, extrapolate_tensor
 from uipe.update_vector import UpdateVector, cached_update_vector, clear_update_vector_cache
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -123,7 +128,9 @@ def test_bf16_is_computed_in_fp32_then_cast(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_kernel_matches_whole_tensor_formula(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+def test_chunked_kernel_matches_whole_tensor_formula(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+) -> None:
     import uipe.extrapolate as ex
 
     g = torch.Generator().manual_seed(3)
@@ -131,14 +138,18 @@ def test_chunked_kernel_matches_whole_tensor_formula(monkeypatch: pytest.MonkeyP
     # the operator on whole fp32 tensors: v = un - ini, then alpha*v, then + un, then one cast
     u32, i32 = un.float(), ini.float()
     expected = ((u32 - i32) * 1.75 + u32).to(dtype)
-    monkeypatch.setattr(ex, "_CHUNK", 7)  # 45 elements: six full chunks and a tail of 3
+    monkeypatch.setattr(ex, "CHUNK", 7)  # 45 elements: six full chunks and a tail of 3
     assert torch.equal(extrapolate_tensor(ini, un, 1.75), expected)
-    # the in-memory form, into a parameter of the same dtype, through the same chunks
-    uv = UpdateVector(Path("i"), Path("u"), {"w": u32}, {"w": u32 - i32})
+    # the in-memory form, streamed from the files into a parameter of the same dtype, through the same chunks
+    uv = UpdateVector.from_folders(write_model(tmp_path / "i", {"model.safetensors": {"w": ini}}),
+                                   write_model(tmp_path / "u", {"model.safetensors": {"w": un}}))
     model = torch.nn.Module()
     model.w = torch.nn.Parameter(torch.zeros(5, 9, dtype=dtype))
     uv.apply(model, 1.75)
     assert torch.equal(model.w.detach(), expected)
+    # working set: bf16 needs fp32 chunks of un, ini and v (3 buffers x 7 elements x 4 bytes); fp32 is computed in
+    # place in the parameter, reading the mmap'ed files directly (no buffer at all)
+    assert uv.scratch.chunk == 7 and uv.nbytes == (3 * 7 * 4 if dtype == torch.bfloat16 else 0)
 
 
 def test_shards_index_and_other_files(tmp_path: Path) -> None:
@@ -217,7 +228,7 @@ def test_existing_out_needs_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    with pytest.raises(UipeError, match="already exists"):
+    with pytest.raises(UipeError, match="already exists \\(use --overwrite to replace it\\)"):
         extrapolate_folder(ini, un, 1.0, out, progress=False)
     assert (out / "keep.txt").exists()
     extrapolate_folder(ini, un, 1.0, out, overwrite=True, progress=False)
@@ -292,8 +303,9 @@ def test_apply_does_not_accumulate(llama_pair: tuple[Path, Path]) -> None:
     uv.apply(once, 0.7)
     for (k, a), (_, b) in zip(twice.state_dict().items(), once.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
-    n_params = sum(t.numel() for t in _load_llama(un).state_dict().values())
-    assert uv.nbytes == 2 * 4 * n_params  # theta_un and v, both fp32
+    # fp32 weights are computed in place in the parameters from mmap views of the files: nothing held beyond the
+    # model (the old design held theta_un and v in fp32, 8 bytes per parameter)
+    assert uv.nbytes == 0
 
 
 def test_apply_rejects_unknown_key_and_shape(tmp_path: Path) -> None:
@@ -330,8 +342,9 @@ def test_cached_update_vector_lru(tmp_path: Path) -> None:
                for i in range(3)]
     a = cached_update_vector(folders[0], folders[1])
     assert cached_update_vector(folders[0], folders[1]) is a
-    # v = 1 - 0 = 1; theta_un = 1
-    assert torch.equal(a.v["x"], torch.ones(2)) and torch.equal(a.theta_un["x"], torch.ones(2))
+    assert a.nbytes == 0  # an entry is headers only: no tensor data is read before apply
+    # theta_un = 1, v = 1 - 0 = 1: alpha = 2 gives 1 + 2*1 = 3
+    assert torch.equal(_apply_x(a, 2.0), torch.full((2,), 3.0))
     b = cached_update_vector(folders[0], folders[2])
     assert cached_update_vector(folders[0], folders[1]) is a  # a is now most recent; b the least
     cached_update_vector(folders[1], folders[2])  # third entry evicts b
@@ -341,5 +354,112 @@ def test_cached_update_vector_lru(tmp_path: Path) -> None:
     save_file({"x": torch.full((2,), 5.0)}, folders[1] / "model.safetensors")
     os.utime(folders[1] / "model.safetensors", ns=(1, 1))
     fresh = cached_update_vector(folders[0], folders[1])
-    assert fresh is not a and torch.equal(fresh.v["x"], torch.full((2,), 5.0))
+    # theta_un = 5, v = 5 - 0 = 5: alpha = 2 gives 5 + 2*5 = 15
+    assert fresh is not a and torch.equal(_apply_x(fresh, 2.0), torch.full((2,), 15.0))
     clear_update_vector_cache()
+    assert cached_update_vector(folders[0], folders[1]) is not fresh
+
+
+def _apply_x(uv: UpdateVector, alpha: float) -> torch.Tensor:
+    model = torch.nn.Module()
+    model.x = torch.nn.Parameter(torch.zeros(2))
+    uv.apply(model, alpha)
+    return model.x.detach()
+
+
+def _corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    if how == "header":  # cut inside the JSON header
+        path.write_bytes(data[: header_end // 2])
+    elif how == "data":  # header intact, the last tensor's bytes cut short
+        path.write_bytes(data[:-16])
+    elif how == "garbage":  # the first 8 bytes give an absurd header length
+        path.write_bytes(random.Random(0).randbytes(len(data)))
+    else:  # the right size, but a tensor's shape does not match its bytes: only safetensors' own checks see it
+        header = json.loads(data[8:header_end])
+        header["w32"]["shape"] = [8, 4]
+        raw = json.dumps(header).encode()
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[header_end:])
+
+
+@pytest.mark.parametrize("how", ["header", "data", "garbage", "inconsistent"])
+def test_corrupt_shard_is_one_clear_error(tmp_path: Path, how: str) -> None:
+    ini, un, _, _ = _random_pair(tmp_path)
+    _corrupt(un / S1, how)
+    expected = f"{un / S1}: not a readable safetensors file ("
+    with pytest.raises(UipeError) as e:
+        extrapolate_folder(ini, un, 1.0, tmp_path / "out", progress=False)
+    assert str(e.value).startswith(expected)
+    if how == "data":  # refused by the size check on the header, before safetensors maps a byte of data
+        assert "but its header describes" in str(e.value)
+    _assert_nothing_written(tmp_path)
+    with pytest.raises(UipeError) as e:
+        UpdateVector.from_folders(ini, un)
+    assert str(e.value).startswith(expected)
+    proc = subprocess.run([sys.executable, "-m", "uipe.cli", "extrapolate", "--init", str(ini), "--unlearned",
+                           str(un), "--alpha", "1.0", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"uipe: error: {expected}"), proc.stderr
+    _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "same-size garbage"])
+def test_shard_broken_after_caching_is_refused_before_reading(tmp_path: Path, how: str) -> None:
+    # A cached UpdateVector outlives its header check: a shard truncated since must be refused when it is opened
+    # (mapping it and reading past the end of the file would kill the process with SIGBUS); one rewritten with
+    # the same size is refused by safetensors when opened, and that error is turned into the same one line.
+    ini, un, _, _ = _random_pair(tmp_path)
+    uv = UpdateVector.from_folders(ini, un)
+    data = (un / S2).read_bytes()
+    (un / S2).write_bytes(data[:-1] if how == "truncated" else random.Random(0).randbytes(len(data)))
+    model = torch.nn.Module()
+    for key, (shape, dtype) in {"w32": ((8, 5), torch.float32), "w16": ((6, 4), torch.bfloat16),
+                                "idx": ((4,), torch.int64), "mask": ((2,), torch.bool)}.items():
+        model.register_buffer(key, torch.zeros(shape, dtype=dtype))
+    with pytest.raises(UipeError, match=re.escape(f"{un / S2}: not a readable safetensors file (")):
+        uv.apply(model, 1.0)
+
+
+def _rss_anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return 1024 * int(re.search(r"^RssAnon:\s+(\d+) kB", f.read(), re.M).group(1))  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_apply_memory_does_not_scale_with_the_model(tmp_path: Path) -> None:
+    # 40M bf16 parameters (80 MB). The old in-memory design held theta_un and v in fp32: 320 MB beyond the model.
+    # The new one reads mmap'ed files (page cache, not anonymous memory) through ~3 MB of chunk buffers.
+    g = torch.Generator().manual_seed(0)
+    shapes = {f"w{i}": (2500, 4000) for i in range(4)}
+    ini_t = {k: torch.randn(s, generator=g).bfloat16() for k, s in shapes.items()}
+    un_t = {k: (t.float() + 0.01 * torch.randn(t.shape, generator=g)).bfloat16() for k, t in ini_t.items()}
+    ini = write_model(tmp_path / "ini", {"model.safetensors": ini_t})
+    un = write_model(tmp_path / "un", {"model.safetensors": un_t})
+    model = torch.nn.Module()
+    for k, s in shapes.items():  # filled, so every page of the live model is resident before the baseline
+        model.register_parameter(k, torch.nn.Parameter(torch.full(s, 0.5, dtype=torch.bfloat16)))
+    expected_w0 = extrapolate_tensor(ini_t["w0"], un_t["w0"], 1.5)
+    model_bytes = sum(p.nbytes for p in model.parameters())
+    del ini_t, un_t
+    base = peak = _rss_anon_bytes()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.002):
+            peak = max(peak, _rss_anon_bytes())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        uv = UpdateVector.from_folders(ini, un)
+        uv.apply(model, 1.5)
+        peak = max(peak, _rss_anon_bytes())  # what is kept after apply: what a cached entry costs between trials
+    finally:
+        done.set()
+        sampler.join()
+    assert uv.nbytes == 3 * 4 * CHUNK  # fp32 chunks of un, ini and v
+    assert peak - base < 0.3 * model_bytes, f"{(peak - base) / 1e6:.0f} MB beyond an {model_bytes / 1e6:.0f} MB model"
+    assert torch.equal(model.w0.detach(), expected_w0)

@@ -1,88 +1,80 @@
-"""UIPE's operator in memory, for search trials: theta_un and v = theta_un - theta_ini are held once per checkpoint,
-and `apply(model, alpha)` sets a loaded model's weights in place to theta_un + alpha*v (arXiv 2503.04693), with the
-same per-element arithmetic as the streaming folder form in uipe/extrapolate.py (so both give identical weights).
+"""UIPE's operator for search trials: `apply(model, alpha)` sets a live model's weights in place to
+theta_un + alpha*(theta_un - theta_ini) (arXiv 2503.04693), streamed from the two safetensors checkpoints.
+
+Memory: theta_ini and theta_un stay in their files, opened read-only with mmap, so their pages live in the page
+cache, shared by every trial on a node and reclaimable; a trial's own memory is the live model plus chunk buffers
+(`UpdateVector.nbytes`: 3 MiB on CPU; on CUDA 64 MiB on the GPU and 16 MiB pinned on the host), whatever the model's
+size. The per-element arithmetic is the folder form's
+(`uipe.extrapolate.extrapolate_into`), so both give identical weights.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from uipe.errors import UipeError
-from uipe.extrapolate import (
-    INDEX_FILE,
-    _apply_into,
-    _check_alpha,
-    _compute_dtype,
-    _keys_in_file_order,
-    _open,
-    _ShardReader,
-    read_checkpoint,
-    validate_pair,
-)
+from uipe.extrapolate import Scratch, check_alpha, extrapolate_into
+from uipe.safetensors_io import INDEX_FILE, Checkpoint, ShardReader, read_checkpoint, validate_pair
+
+# Elements per host -> GPU chunk: bigger than the CPU chunk, so per-copy latency does not dominate (still 16 MiB
+# per fp32 buffer).
+CUDA_CHUNK = 1 << 22
 
 
-@dataclass
 class UpdateVector:
-    """theta_un and v = theta_un - theta_ini in memory, keyed by safetensors key, for repeated `apply`.
+    """v = theta_un - theta_ini, kept as the two checkpoints' headers (validated once) and applied by streaming.
 
-    Float tensors are held in fp32 (both theta_un and v); int/bool tensors as theta_un's.
+    Holds no tensor data; the files are opened for each `apply` and closed after it.
     """
 
-    init: Path
-    unlearned: Path
-    theta_un: dict[str, torch.Tensor]
-    v: dict[str, torch.Tensor]
+    def __init__(self, init: Checkpoint, unlearned: Checkpoint, device: str | torch.device = "cpu") -> None:
+        validate_pair(init, unlearned)
+        self.init, self.unlearned = init, unlearned
+        self.scratch = Scratch(CUDA_CHUNK if torch.device(device).type == "cuda" else None)
+        self._lock = threading.Lock()  # one set of scratch buffers: one apply at a time
 
     @classmethod
-    def from_folders(cls, init: str | Path, unlearned: str | Path, device: str = "cpu") -> UpdateVector:
-        ini, un = read_checkpoint(init), read_checkpoint(unlearned)
-        validate_pair(ini, un)
-        theta_un: dict[str, torch.Tensor] = {}
-        v: dict[str, torch.Tensor] = {}
-        ini_reader = _ShardReader(ini)
-        try:
-            for shard in un.shards:
-                with _open(un.folder / shard) as f:
-                    for key in (k for k in _keys_in_file_order(f) if un.weight_map.get(k) == shard):
-                        t_un = f.get_tensor(key)
-                        # copies: the mmap-backed tensors must not outlive their files
-                        if not t_un.dtype.is_floating_point:
-                            theta_un[key] = t_un.to(device, copy=True)
-                            continue
-                        dt = _compute_dtype(t_un.dtype)
-                        un32 = t_un.to(device, dt, copy=True)
-                        # same arithmetic as extrapolate_tensor: v = theta_un - theta_ini in the compute dtype
-                        v[key] = torch.sub(un32, ini_reader.get(key).to(device, dt))
-                        theta_un[key] = un32
-        finally:
-            ini_reader.close()
-        return cls(Path(init), Path(unlearned), theta_un, v)
+    def from_folders(cls, init: str | Path, unlearned: str | Path, device: str | torch.device = "cpu") -> UpdateVector:
+        """Read and check both folders' headers (names, shapes, dtypes, file sizes); no tensor data is read."""
+        return cls(read_checkpoint(init), read_checkpoint(unlearned), device=device)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.theta_un.values()) + sum(t.nbytes for t in self.v.values())
+        """The trial's working set beyond the model: the chunk buffers (the checkpoints are page cache)."""
+        return self.scratch.nbytes
+
+    def _check_model(self, state: dict[str, torch.Tensor]) -> None:
+        for key in sorted(self.unlearned.specs):  # check every key before touching any weight
+            shape = self.unlearned.specs[key][1]
+            if key not in state:
+                raise UipeError(f"tensor {key!r} from {self.unlearned.folder} is not in the model's state_dict")
+            if tuple(state[key].shape) != shape:
+                raise UipeError(f"tensor {key!r}: shape {list(shape)} in {self.unlearned.folder}, "
+                                f"{list(state[key].shape)} in the model")
 
     def apply(self, model: torch.nn.Module, alpha: float) -> None:
-        """Set the model's parameters and buffers in place to theta_un + alpha*v (never accumulates)."""
-        alpha = _check_alpha(alpha)
+        """Set the model's parameters and buffers in place to theta_un + alpha*(theta_un - theta_ini) (UIPE, arXiv
+        2503.04693); the result depends only on alpha (never accumulates). Every key and shape is checked before any
+        weight is written. Each weight is cast once, to its own dtype, at the end; a CUDA model's chunks go through
+        pinned staging buffers."""
+        alpha = check_alpha(alpha)
         state = model.state_dict()
-        for key in sorted(self.theta_un):  # check every key before touching any weight
-            if key not in state:
-                raise UipeError(f"tensor {key!r} from {self.unlearned} is not in the model's state_dict")
-            if tuple(state[key].shape) != tuple(self.theta_un[key].shape):
-                raise UipeError(f"tensor {key!r}: shape {list(self.theta_un[key].shape)} in {self.unlearned}, "
-                                f"{list(state[key].shape)} in the model")
-        with torch.no_grad():
-            for key, un in self.theta_un.items():
-                if alpha == 0 or key not in self.v:
-                    state[key].copy_(un)  # copy_ casts to the parameter's dtype, as the folder form's final cast
-                else:
-                    _apply_into(un, self.v[key], alpha, state[key])
+        self._check_model(state)
+        with self._lock, torch.no_grad(), ShardReader(self.init) as ini, ShardReader(self.unlearned) as un:
+            for shard in self.unlearned.shards:
+                for key in un.keys(shard):  # file order: sequential reads of theta_un
+                    self._apply_one(ini.get(key), un.get(key), alpha, state[key])
+
+    def _apply_one(self, t_ini: torch.Tensor, t_un: torch.Tensor, alpha: float, param: torch.Tensor) -> None:
+        if param.is_contiguous():
+            extrapolate_into(t_ini, t_un, alpha, param, self.scratch)
+        else:  # rare (no Hugging Face model has one): a whole-tensor temporary, then copy
+            tmp = torch.empty_like(param, memory_format=torch.contiguous_format)
+            param.copy_(extrapolate_into(t_ini, t_un, alpha, tmp, self.scratch))
 
 
 _CACHE_SIZE = 2
@@ -97,10 +89,11 @@ def _fingerprint(folder: str | Path) -> tuple[object, ...]:
     return (str(folder), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
 
 
-def cached_update_vector(init: str | Path, unlearned: str | Path, device: str = "cpu") -> UpdateVector:
+def cached_update_vector(init: str | Path, unlearned: str | Path, device: str | torch.device = "cpu") -> UpdateVector:
     """`UpdateVector.from_folders`, memoised per process (Ray Tune's reused actors keep it across trials).
 
-    At most `_CACHE_SIZE` entries, least recently used evicted first (before loading, to bound the peak).
+    Entries are headers and a few MB of scratch, so the cache is cheap; it saves re-reading and re-validating the
+    headers each trial. At most `_CACHE_SIZE` entries, least recently used evicted first.
     """
     if not Path(init).is_dir() or not Path(unlearned).is_dir():
         raise UipeError(f"{init} / {unlearned}: model folders not found")

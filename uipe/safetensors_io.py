@@ -1,0 +1,185 @@
+"""Reading Hugging Face safetensors model folders without loading them: headers, shapes, mmap-backed tensors.
+
+Every file is checked before any tensor is read, and every safetensors/OS error becomes one `UipeError` naming the
+file ("<path>: not a readable safetensors file (...)"), which the CLI prints on one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from uipe.errors import UipeError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Weight files of any format: never taken as config files, and listed when a folder has no safetensors weights.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".pkl")
+
+Spec = tuple[str, tuple[int, ...]]  # (safetensors dtype name such as "BF16", shape)
+
+
+def unreadable(path: Path, reason: object) -> UipeError:
+    return UipeError(f"{path}: not a readable safetensors file ({reason})")
+
+
+@contextlib.contextmanager
+def readable(path: Path) -> Iterator[None]:
+    """Turn safetensors' errors (bad header, short file) and OS errors inside the block into one `UipeError`."""
+    try:
+        yield
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise unreadable(path, e) from e
+
+
+def read_header(path: Path) -> tuple[dict[str, Spec], int]:
+    """The tensors' specs and the file's size, from the header parsed here (u64 little-endian length, then JSON).
+
+    The size must be exactly 8 + header length + the largest data end offset: a file cut short in its data part
+    is refused here, before any mmap read (reading a mapped page past the end of a file raises SIGBUS).
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+            if not 0 < n <= size - 8:
+                raise unreadable(path, f"header length {n} does not fit in a file of {size} bytes")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise unreadable(path, e) from e
+    except ValueError as e:  # JSON and UTF-8 decoding errors
+        raise unreadable(path, f"header is not JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise unreadable(path, "header is not a JSON object")
+    specs: dict[str, Spec] = {}
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(x) for x in entry["data_offsets"])
+            specs[key] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise unreadable(path, f"bad header entry for tensor {key!r}: {e!r}") from e
+        end = max(end, begin, stop)
+    if size != 8 + n + end:
+        raise unreadable(path, f"{size} bytes, but its header describes {8 + n + end}: truncated or padded")
+    return specs, size
+
+
+def open_safetensors(path: Path, expected_size: int | None = None) -> safe_open:
+    """Open with the default mmap backend: get_tensor gives a read-only view of the page cache, no copy, so every
+    process reading the same file shares one copy in memory. `expected_size` (from `read_header`) guards against a
+    file rewritten or truncated since its header was checked."""
+    with readable(path):
+        if expected_size is not None and path.stat().st_size != expected_size:
+            raise unreadable(path, f"{path.stat().st_size} bytes, {expected_size} when its header was checked")
+        return safe_open(path, framework="pt")
+
+
+def keys_in_file_order(f: safe_open) -> list[str]:
+    return list(f.offset_keys()) if hasattr(f, "offset_keys") else sorted(f.keys())
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A safetensors model folder: which shard holds each tensor, each tensor's dtype and shape, each shard's size."""
+
+    folder: Path
+    shards: tuple[str, ...]
+    weight_map: dict[str, str]
+    specs: dict[str, Spec]
+    sizes: dict[str, int]
+
+
+def _weight_map(folder: Path) -> dict[str, str]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            return dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UipeError(f"{index}: not a safetensors index with a weight_map ({e})") from e
+    if (folder / SINGLE_FILE).is_file():
+        return {k: SINGLE_FILE for k in read_header(folder / SINGLE_FILE)[0]}
+    found = ", ".join(sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)) or "no weights"
+    raise UipeError(f"{folder}: safetensors weights are required ({SINGLE_FILE} or {INDEX_FILE}); found {found}")
+
+
+def read_checkpoint(folder: str | Path) -> Checkpoint:
+    """Read the index (or the single file's header) and every shard's header; tensor data is not read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UipeError(f"{folder}: not a model folder")
+    weight_map = _weight_map(folder)
+    shards = tuple(dict.fromkeys(sorted(weight_map.values())))
+    specs: dict[str, Spec] = {}
+    sizes: dict[str, int] = {}
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise UipeError(f"{folder / shard}: shard listed in {INDEX_FILE} is missing")
+        present, sizes[shard] = read_header(folder / shard)
+        with open_safetensors(folder / shard, sizes[shard]):
+            pass  # safetensors' own checks too (offsets, dtype sizes): every file is refused before any writing
+        for key in (k for k, s in weight_map.items() if s == shard):
+            if key not in present:
+                raise UipeError(f"{folder / shard}: tensor {key!r} listed in the index is not in the shard")
+            specs[key] = present[key]
+    return Checkpoint(folder, shards, weight_map, specs, sizes)
+
+
+def validate_pair(ini: Checkpoint, un: Checkpoint) -> None:
+    """Same tensor names, shapes and dtypes in both models; the error names the first bad tensor in sorted order."""
+    both = f"init {ini.folder} vs unlearned {un.folder}"
+    for key in sorted(set(ini.specs) | set(un.specs)):
+        if key not in un.specs:
+            raise UipeError(f"tensor {key!r} is in init but missing from unlearned ({both})")
+        if key not in ini.specs:
+            raise UipeError(f"tensor {key!r} is in unlearned but missing from init ({both})")
+        (di, si), (du, su) = ini.specs[key], un.specs[key]
+        if si != su:
+            raise UipeError(f"tensor {key!r}: shape {list(si)} in init, {list(su)} in unlearned ({both})")
+        if di != du:
+            raise UipeError(f"tensor {key!r}: dtype {di} in init, {du} in unlearned ({both})")
+
+
+class ShardReader:
+    """A checkpoint's shards, opened on demand (theta_ini's layout may differ from theta_un's), closed together.
+
+    Tensors are mmap views: valid only while the reader is open.
+    """
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self.files: dict[str, safe_open] = {}
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def file(self, shard: str) -> safe_open:
+        if shard not in self.files:
+            self.files[shard] = open_safetensors(self.ckpt.folder / shard, self.ckpt.sizes[shard])
+        return self.files[shard]
+
+    def get(self, key: str) -> torch.Tensor:
+        shard = self.ckpt.weight_map[key]
+        with readable(self.ckpt.folder / shard):
+            return self.file(shard).get_tensor(key)
+
+    def keys(self, shard: str) -> list[str]:
+        """The shard's tensors in file order (sequential reads), as listed for it in the weight map."""
+        return [k for k in keys_in_file_order(self.file(shard)) if self.ckpt.weight_map.get(k) == shard]
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.__exit__(None, None, None)
+        self.files.clear()

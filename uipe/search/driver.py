@@ -1,0 +1,263 @@
+"""Automatic alpha selection on the driver: Ray Tune + Optuna over (alpha, checkpoint epoch), a cheap trial each.
+
+    uipe search --method npo                # after `uipe prepare` and `uipe unlearn --method npo`
+    uipe search --method npo --resume       # continue an interrupted search
+
+run_search: space -> the start model's utility (the floor) -> the MLflow parent run -> the Tuner (fresh or
+restored) -> results -> choice, chosen model, registry (uipe/search/outcome.py). One search per folder at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from uipe import tracking
+from uipe.config import ExperimentConfig
+from uipe.console import Task, say
+from uipe.errors import UipeError
+from uipe.io import atomic_write_json, code_version, exclusive
+from uipe.paths import RunPaths
+from uipe.ray_jobs import ensure_ray
+from uipe.search.outcome import RESULT_FILE, finish
+from uipe.search.result import TrialResult
+from uipe.search.space import SearchSpace, build_searcher, default_space_path, load_space
+from uipe.search.trial import KILL_SWITCH, TrialSetup, theta_ini_metrics, trial
+
+STATE_FILE = "search_state.json"
+
+
+def run_search(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path | None = None,
+               resume: bool = False) -> dict:
+    """Validate, run (or resume) the Tune search, then report, choose, write and register the chosen model."""
+    path, space = resolve_space(cfg, method, space_path)
+    setup = make_setup(cfg, paths, method)
+    epochs = space.candidate_epochs(sorted(setup.epoch_dirs))
+    with exclusive(paths.search(method), f"a search of {method}"):
+        return _execute(cfg, paths, method, path, space, setup, epochs, resume)
+
+
+def resolve_space(cfg: ExperimentConfig, method: str, space_path: Path | None) -> tuple[Path, SearchSpace]:
+    path = Path(space_path) if space_path else default_space_path(method, cfg.search.space_dir)
+    space = load_space(path, method)
+    if cfg.search.num_samples:
+        space = space.model_copy(update={"num_samples": cfg.search.num_samples})
+    return path, space
+
+
+def make_setup(cfg: ExperimentConfig, paths: RunPaths, method: str) -> TrialSetup:
+    from uipe.data import ensure_data
+
+    data = ensure_data(cfg, paths)
+    theta_ini, dirs = _epoch_dirs(paths, method, cfg, data)
+    reference = cfg.eval.retain_reference or str(paths.retain_reference)
+    if not Path(reference).exists():
+        raise UipeError(f"{reference}: no retain reference; run `uipe prepare` then `uipe reference`, or set "
+                        "eval.retain_reference to a folder of TOFU eval logs")
+    return TrialSetup(theta_ini, dirs, data, cfg.data.forget_split, cfg.model.prompt_template,
+                      cfg.model.max_length, cfg.eval, reference, cfg.model.dtype, max(1, int(cfg.search.cpus_per_trial)))
+
+
+def _epoch_dirs(paths: RunPaths, method: str, cfg: ExperimentConfig, data: str) -> tuple[str, dict[int, str]]:
+    """theta_ini and the epoch checkpoints from the unlearning manifest, which must have forgotten the same data the
+    search evaluates (a search scored on another forget split or data would choose alpha for the wrong question)."""
+    from uipe.data import records_hash, unlearning_records
+    from uipe.methods import get_objective
+
+    manifest = paths.manifest(method)
+    if not manifest.is_file():
+        raise UipeError(f"{manifest}: no unlearning manifest; run `uipe unlearn --method {method}` first")
+    m = json.loads(manifest.read_text())
+    if m.get("forget_split") != cfg.data.forget_split:
+        raise UipeError(f"{manifest}: unlearned {m.get('forget_split')}, but the search evaluates "
+                        f"{cfg.data.forget_split} (data.forget_split); unlearn that split first")
+    records = unlearning_records(data, cfg.data.forget_split, get_objective(method).needs_idk)
+    if m.get("data_hash") != records_hash(*records):
+        raise UipeError(f"{manifest}: unlearned other data than {data} holds now; re-run `uipe unlearn --method "
+                        f"{method}` (or point data.source at the data it used)")
+    dirs = {int(e["epoch"]): str(e["path"]) for e in m["epochs"]}
+    if not dirs:
+        raise UipeError(f"{manifest}: lists no epoch checkpoints")
+    return m["theta_ini"], dirs
+
+
+class Progress(tune.Callback):
+    """The search's progress display on the driver: trials done, the best feasible forget quality so far, an ETA."""
+
+    def __init__(self, method: str, total: int) -> None:
+        self.method, self.total, self.done, self.failed, self.best = method, total, 0, 0, None
+        self.task: Task | None = None
+
+    def setup(self, **info: Any) -> None:
+        self.task = Task(f"search {self.method}", self.total)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        r = trial.last_result or {}
+        if r.get("feasible") and (self.best is None or r["forget_quality"] > self.best):
+            self.best = r["forget_quality"]
+        self._advance(f"last alpha {trial.config['alpha']:.3f} epoch {trial.config['epoch']} "
+                      f"FQ {r.get('forget_quality', float('nan')):.3g} MU {r.get('model_utility', float('nan')):.3f}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.failed += 1
+        self._advance(f"last alpha {trial.config['alpha']:.3f} epoch {trial.config['epoch']} FAILED "
+                      "(recorded in MLflow; the search goes on)")
+
+    def _advance(self, last: str) -> None:
+        self.done += 1
+        best = f"{self.best:.3g}" if self.best is not None else "none yet"
+        failed = f", {self.failed} failed" if self.failed else ""
+        if self.task is not None:
+            self.task.update(self.done, f"trial {self.done}/{self.total} | best feasible FQ {best}{failed} | {last}")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.task is not None:
+            self.task.finish()
+
+    def __getstate__(self) -> dict:  # Tune checkpoints its callbacks; a live display does not pickle
+        return {**self.__dict__, "task": None}
+
+
+def _identity(space: SearchSpace, setup: TrialSetup, epochs: list[int], threshold: float) -> str:
+    doc = {"space": space.model_dump(), "setup": setup.identity(), "epochs": epochs, "utility_threshold": threshold}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _start_metrics(setup: TrialSetup, cache: Path) -> dict[str, float]:
+    """theta_ini's evaluation (the utility the floor refers to), cached beside the search folders."""
+    from uipe.eval.reference import model_hash
+
+    key = {"model": model_hash(setup.theta_ini), "eval": setup.eval.model_dump(), "data": setup.data,
+           "forget_split": setup.forget_split, "reference": setup.reference}
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached["metrics"]
+    metrics = theta_ini_metrics(setup)
+    atomic_write_json(cache, {"key": key, "metrics": metrics})
+    return metrics
+
+
+def _parent_run(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
+                setup: TrialSetup, threshold: float, identity: str) -> tuple[str, str, str]:
+    state_path = paths.search(method) / STATE_FILE
+    uri, exp_id = tracking.ensure_experiment(cfg, paths)
+    if state_path.is_file():
+        return uri, exp_id, json.loads(state_path.read_text())["parent_run_id"]
+    from uipe.eval.reference import model_hash
+
+    c = tracking.client(uri)
+    run = c.create_run(exp_id, run_name=f"search-{method}", tags={
+        "uipe.method": method, "uipe.kind": "search", "uipe.code_version": code_version(),
+        "uipe.space_file": str(space_path), "uipe.theta_ini": setup.theta_ini, **tracking.source_tags()})
+    tracking.log_datasets(c, run.info.run_id, setup.data, _eval_splits(setup), "evaluation")
+    tracking.log_flat(c, run.info.run_id, {}, {
+        "method": method, "space_file": str(space_path), "sampler": space.sampler, "objective": space.objective,
+        "alpha_low": space.alpha.low, "alpha_high": space.alpha.high, "num_samples": space.num_samples,
+        "utility_floor": space.utility_floor, "forget_split": setup.forget_split, "theta_ini": setup.theta_ini,
+        "checkpoints": json.dumps(setup.epoch_dirs), "data": setup.data, "retain_reference": setup.reference,
+        "theta_ini_hash": model_hash(setup.theta_ini), "utility_threshold": threshold,
+        "method_params": json.dumps(cfg.method_params(method).model_dump())})
+    c.log_text(run.info.run_id, space_path.read_text(), "space.yaml")
+    atomic_write_json(state_path, {"identity": identity, "parent_run_id": run.info.run_id, "experiment_id": exp_id})
+    return uri, exp_id, run.info.run_id
+
+
+def _eval_splits(setup: TrialSetup) -> dict[str, list]:
+    """The evaluation data a search scores every trial on, by TOFU split name."""
+    from uipe.data import eval_split_for
+    from uipe.eval.evaluate import eval_records
+
+    names = {"forget": eval_split_for(setup.forget_split), "retain": "retain_perturbed",
+             "real_authors": "real_authors_perturbed", "world_facts": "world_facts_perturbed",
+             "related": "related_perturbed"}
+    return {names[role]: records for role, records in eval_records(setup.data, setup.forget_split).items()}
+
+
+def _previous(paths: RunPaths, method: str, identity: str, resume: bool) -> dict | None:
+    """A finished search with this identity (returned as is), an interrupted one (None: restore it when `resume`),
+    or an error for a search folder made with another space, checkpoints or data."""
+    out = paths.search(method)
+    state_path = out / STATE_FILE
+    if not state_path.is_file():
+        if (out / "tune").exists():
+            raise UipeError(f"{out}: a search folder without {STATE_FILE}; remove it to start anew")
+        return None
+    if json.loads(state_path.read_text())["identity"] != identity:
+        raise UipeError(f"{out}: holds a search with another space, checkpoints or data; remove it (or use "
+                        "another --run-dir) to start anew")
+    if (out / RESULT_FILE).is_file():
+        return json.loads((out / RESULT_FILE).read_text())
+    if not resume:
+        raise UipeError(f"{out}: an interrupted search is there; pass --resume to continue it, or remove it")
+    return None
+
+
+def _tuner(paths: RunPaths, method: str, space: SearchSpace, trainable: Any, epochs: list[int], seed: int,
+           callbacks: list, resume: bool) -> tune.Tuner:
+    tune_dir = paths.search(method) / "tune"
+    if resume and tune_dir.exists() and tune.Tuner.can_restore(str(tune_dir)):
+        # resume_errored=False: a trial that raised stays failed (and Ray 2.60's restart_errored breaks Optuna).
+        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True)
+    searcher = build_searcher(space, epochs, seed)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=space.trials_needed(epochs),
+                                    max_concurrent_trials=space.max_concurrent_trials, reuse_actors=True),
+        run_config=tune.RunConfig(name="tune", storage_path=str(paths.search(method)), callbacks=callbacks,
+                                  verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
+def _trial_id(result: Any) -> str:
+    """Tune's trial id: reported with every result, else read from the trial folder (<name>_<id>_<index>_...)."""
+    if result.metrics and "trial_id" in result.metrics:
+        return str(result.metrics["trial_id"])
+    match = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path).name) if result.path else None
+    return match.group(1) if match else ""
+
+
+def _results(grid: tune.ResultGrid) -> list[TrialResult]:
+    out = []
+    for r in grid:
+        cfg = r.config or {}
+        alpha, epoch = float(cfg.get("alpha", float("nan"))), int(cfg.get("epoch", -1))
+        if r.error is None and r.metrics and "forget_quality" in r.metrics:
+            out.append(TrialResult.from_report(_trial_id(r), {"alpha": alpha, "epoch": epoch}, r.metrics))
+        else:
+            error = str(r.error).splitlines()[-1][:300] if r.error else "no result"
+            out.append(TrialResult.failed(_trial_id(r), alpha, epoch, error))
+    return out
+
+
+def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
+             setup: TrialSetup, epochs: list[int], resume: bool) -> dict:
+    ensure_ray()
+    # Save Tune's experiment state after every step (not every >= 10 s), so a driver killed right after a trial
+    # finished loses at most that trial's bookkeeping; outcome.finish reconciles MLflow with what Tune kept.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    out = paths.search(method)
+    ini = _start_metrics(setup, paths.root / "search" / "theta_ini_metrics.json")
+    threshold = space.utility_floor * ini["model_utility"]
+    identity = _identity(space, setup, epochs, threshold)
+    previous = _previous(paths, method, identity, resume)
+    if previous is not None:
+        say(f"[search {method}] finished before with the same space and checkpoints: reusing {out / RESULT_FILE}")
+        return previous
+    uri, exp_id, parent = _parent_run(cfg, paths, method, space_path, space, setup, threshold, identity)
+    total = space.trials_needed(epochs)
+    callbacks = [tracking.TrialLogger(uri, exp_id, parent, method), Progress(method, total)]
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, setup=setup, utility_threshold=threshold, fault=os.environ.get(KILL_SWITCH, "")),
+        {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial})
+    tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume)
+    start = time.time()
+    grid = tuner.fit()
+    return finish(cfg, paths, method, space, setup, _results(grid), ini, threshold, uri, parent, time.time() - start)

@@ -1,0 +1,131 @@
+"""Search spaces (tune_spaces/<method>.yaml), validated with pydantic, and the Optuna searcher built from one.
+
+The searcher maximises forget quality subject to model utility >= floor x utility of theta_ini. The constraint is set
+per trial with Optuna 5's `trial.set_constraint` (feasible when <= 0) from a small OptunaSearch subclass: Optuna 5
+deprecates samplers' constraints_func, and a lambda would not pickle when Tune checkpoints the searcher.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+from ray.tune.search.optuna import OptunaSearch
+
+from uipe.config import MethodName
+from uipe.errors import UipeError
+from uipe.methods import check_method
+from uipe.schema import Strict, one_line
+
+CONSTRAINT = "utility_constraint"  # reported by each trial: floor * MU(theta_ini) - MU(trial); feasible when <= 0
+
+
+class AlphaRange(Strict):
+    low: float = 0.0
+    high: float = 2.0
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AlphaRange:
+        if not self.low < self.high:
+            raise ValueError(f"alpha bounds reversed or empty: low {self.low} must be below high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("a log alpha range needs low > 0")
+        return self
+
+
+class SearchSpace(Strict):
+    method: MethodName
+    alpha: AlphaRange = AlphaRange()
+    epochs: Literal["all"] | list[int] = "all"
+    sampler: Literal["tpe", "gp", "nsga2", "grid"] = "tpe"
+    grid_step: float = Field(0.1, gt=0)
+    startup_trials: int = Field(6, ge=0)
+    num_samples: int = Field(16, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    objective: Literal["forget_quality", "pareto"] = "forget_quality"
+    utility_floor: float = Field(0.95, ge=0)
+
+    def alpha_grid(self) -> list[float]:
+        n = int(round((self.alpha.high - self.alpha.low) / self.grid_step))
+        return [round(self.alpha.low + i * self.grid_step, 10) for i in range(n + 1)]
+
+    def candidate_epochs(self, available: list[int]) -> list[int]:
+        if self.epochs == "all":
+            return sorted(available)
+        missing = [e for e in self.epochs if e not in available]
+        if missing:
+            raise UipeError(f"space file: epochs: epoch {missing[0]} has no checkpoint (have {sorted(available)})")
+        return sorted(set(self.epochs))
+
+    def trials_needed(self, epochs: list[int]) -> int:
+        # at least the base method at every epoch (points evaluated first), then the sampler's own trials
+        return len(self.alpha_grid()) * len(epochs) if self.sampler == "grid" else max(self.num_samples, len(epochs))
+
+
+def default_space_path(method: str, space_dir: str = "tune_spaces") -> Path:
+    """tune_spaces/<method>.yaml, relative to the working directory, else to the repository that holds uipe."""
+    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        path = root / space_dir / f"{method}.yaml"
+        if path.is_file():
+            return path
+    raise UipeError(f"{space_dir}/{method}.yaml: space file not found (pass --space FILE)")
+
+
+def load_space(path: str | Path, method: str) -> SearchSpace:
+    path = Path(path)
+    check_method(method)
+    if not path.is_file():
+        raise UipeError(f"{path}: space file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        space = SearchSpace.model_validate(raw)
+    except yaml.YAMLError as e:
+        raise UipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except ValidationError as e:
+        raise UipeError(one_line(e, str(path))) from None
+    if space.method != method:
+        raise UipeError(f"{path}: method: the file is for {space.method!r}, not {method!r}")
+    return space
+
+
+class ConstrainedOptunaSearch(OptunaSearch):
+    """OptunaSearch that records each trial's utility constraint before telling Optuna its value."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and result and CONSTRAINT in result:
+            ot_trial.set_constraint(CONSTRAINT, float(result[CONSTRAINT]))
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def _sampler(space: SearchSpace, epochs: list[int], seed: int):
+    import optuna
+
+    if space.sampler == "grid":
+        return optuna.samplers.GridSampler({"alpha": space.alpha_grid(), "epoch": epochs}, seed=seed)
+    if space.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=space.startup_trials)
+    if space.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=space.startup_trials, constant_liar=True)
+
+
+def build_searcher(space: SearchSpace, epochs: list[int], seed: int) -> ConstrainedOptunaSearch:
+    """The base method first: alpha 0 at the last epoch, then at every other epoch, so every result shows its gain
+    over the plain method at its best epoch. The grid holds those points already."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    dists = {"alpha": FloatDistribution(space.alpha.low, space.alpha.high, log=space.alpha.log),
+             "epoch": CategoricalDistribution(epochs)}
+    start = 0.0 if space.alpha.low <= 0 <= space.alpha.high else space.alpha.low
+    base = [{"alpha": start, "epoch": e} for e in reversed(epochs)]
+    if space.objective == "pareto":
+        metric, mode = ["forget_quality", "model_utility"], ["max", "max"]
+    else:
+        metric, mode = "forget_quality", "max"
+    first = None if space.sampler == "grid" else base
+    return ConstrainedOptunaSearch(space=dists, metric=metric, mode=mode, points_to_evaluate=first,
+                                   sampler=_sampler(space, epochs, seed))

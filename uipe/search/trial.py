@@ -1,0 +1,108 @@
+"""What runs in a search trial's worker process: load once, apply alpha, evaluate, report.
+
+A trial trains nothing: it sets a loaded theta_ini model's weights in place to theta_un + alpha*(theta_un -
+theta_ini) (UIPE, arXiv 2503.04693, the extrapolation operator) for one epoch's checkpoint, and evaluates it with
+TOFU's metrics. Actors are reused, so the model, tokenizer and evaluator are loaded once per worker process, not
+once per trial. The driver (uipe/search/driver.py) imports this module; this module never imports the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from uipe.config import EvalConfig
+from uipe.search.result import TrialResult
+
+# Tests only, read by the driver and passed to every trial: "alpha=A,marker=PATH" kills the trial's process once
+# at alpha A (as the OOM killer would).
+KILL_SWITCH = "UIPE_TEST_KILL_TRIAL"
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """Everything a trial needs, as plain values (pickled into each trial actor)."""
+
+    theta_ini: str
+    epoch_dirs: dict[int, str]
+    data: str
+    forget_split: str
+    template: str
+    max_length: int
+    eval: EvalConfig
+    reference: str
+    dtype: str
+    threads: int
+
+    def identity(self) -> dict[str, Any]:
+        return {**asdict(self), "eval": self.eval.model_dump()}
+
+
+_CONTEXT: dict[str, tuple] = {}  # per worker process: (model, evaluator, device), kept across trials by reuse_actors
+
+
+def context(setup: TrialSetup) -> tuple:
+    """The loaded model, evaluator (retain reference set) and device for this setup, built once per process."""
+    key = json.dumps(setup.identity(), sort_keys=True, default=str)
+    if key not in _CONTEXT:
+        import torch
+
+        from uipe.eval.evaluate import Evaluator
+        from uipe.eval.reference import load_reference
+        from uipe.models import default_device, load_model, load_tokenizer
+
+        torch.set_num_threads(setup.threads)
+        device = default_device()
+        model = load_model(setup.theta_ini, dtype=setup.dtype, device=device)
+        evaluator = Evaluator.from_source(setup.data, setup.forget_split, load_tokenizer(setup.theta_ini),
+                                          setup.template, setup.eval, setup.max_length)
+        evaluator.set_reference(load_reference(setup.reference))
+        _CONTEXT.clear()
+        _CONTEXT[key] = (model, evaluator, device)
+    return _CONTEXT[key]
+
+
+def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshold: float) -> TrialResult:
+    """Extrapolate in memory and evaluate; raise when the extrapolated model's metrics are not finite."""
+    from uipe.update_vector import cached_update_vector
+
+    start = time.perf_counter()
+    model, evaluator, device = context(setup)
+    cached_update_vector(setup.theta_ini, setup.epoch_dirs[epoch], device=device).apply(model, alpha)
+    metrics = evaluator.evaluate(model).aggregates
+    bad = [k for k in ("forget_quality", "model_utility") if not math.isfinite(metrics.get(k, math.nan))]
+    if bad:
+        raise ValueError(f"alpha={alpha} epoch={epoch}: {bad[0]} is not finite (the extrapolated model broke)")
+    return TrialResult.scored(alpha, epoch, metrics, utility_threshold, time.perf_counter() - start)
+
+
+def theta_ini_metrics(setup: TrialSetup) -> dict[str, float]:
+    """The start model's evaluation: the utility the search's floor refers to."""
+    model, evaluator, _ = context(setup)
+    return evaluator.evaluate(model).aggregates
+
+
+def trial(config: dict, setup: TrialSetup, utility_threshold: float, fault: str = "") -> None:
+    """The Tune function trainable: one (alpha, epoch) point, reported once."""
+    from ray import tune
+
+    alpha, epoch = float(config["alpha"]), int(config["epoch"])
+    _maybe_die(fault, alpha)
+    result = evaluate_point(setup, alpha, epoch, utility_threshold)
+    tune.report({**result.to_report(), "alpha": alpha, "epoch": epoch})
+
+
+def _maybe_die(fault: str, alpha: float) -> None:
+    """Tests only: a trial process killed mid-trial, once (a marker file remembers), at the given alpha."""
+    if not fault:
+        return
+    opts = dict(item.split("=", 1) for item in fault.split(","))
+    marker = opts["marker"]
+    if math.isclose(alpha, float(opts["alpha"])) and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(f"killed at alpha {alpha}\n")
+        os._exit(137)
