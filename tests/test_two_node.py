@@ -17,13 +17,15 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SCRIPT = textwrap.dedent("""
-    import json, sys, tempfile
+    import json, os, sys, tempfile
     import ray
     from ray.cluster_utils import Cluster
     from uipe.config import load_config
-    from uipe.train import unlearn
+    from uipe.train.recipe import unlearn
 
     run, shared, data, target = sys.argv[1:5]
+    # Cluster() records its address in /tmp/ray whatever temp_dir says, and fails if no earlier Ray made that folder
+    os.makedirs(os.path.join(tempfile.gettempdir(), "ray"), exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
                       "object_store_memory": 200 * 2**20, "temp_dir": tempfile.mkdtemp(prefix="uipe-2node-")})
     cluster.add_node(num_cpus=1, object_store_memory=200 * 2**20)
