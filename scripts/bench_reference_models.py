@@ -30,7 +30,7 @@ def run_cell(out: Path, train_seed: int, data_seed: int, threads: int, overrides
     from uipe.eval.reference import compute_reference
     from uipe.models import load_model, load_tokenizer
     from uipe.paths import RunPaths
-    from uipe.train import prepare
+    from uipe.train.recipe import prepare
 
     folder = out / f"train{train_seed}-data{data_seed}-threads{threads}"
     done = folder / "summary.json"

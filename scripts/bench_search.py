@@ -35,7 +35,7 @@ def scratch_run(run_dir: Path, name: str) -> Path:
 
 def run_one(cfg, run_root: Path, method: str, space_text: str) -> tuple[dict, float, list[dict]]:
     from uipe.paths import RunPaths
-    from uipe.search import run_search
+    from uipe.search.driver import run_search
 
     space = run_root / f"{method}.yaml"
     space.write_text(space_text)
@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from uipe.config import load_config
-    from uipe.search_space import default_space_path, load_space
+    from uipe.search.space import default_space_path, load_space
 
     cfg = load_config(args.config, ["tracking.register_model=false"])
     if not (args.run_dir / "unlearn" / args.method / "manifest.json").is_file():

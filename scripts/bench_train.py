@@ -1,4 +1,4 @@
-"""Tokens/s of uipe's Ray Train + FSDP2 loop (uipe.train.train_loop, objective `finetune`) with 1 and 2 CPU workers
+"""Tokens/s of uipe's Ray Train + FSDP2 loop (uipe.train.loop.train_loop, objective `finetune`) with 1 and 2 CPU workers
 against a plain single-process PyTorch loop on the same model, data and global batch; printed as ratios of
 per-token cost. Ray start-up (ray.init) and the trainer's fixed cost (fit time minus loop time) are reported apart.
 
@@ -78,9 +78,9 @@ def plain_loop(base: str, records: tuple, cfg, batch: int, epochs: int, threads:
 def ray_loop(root: Path, hidden: int, layers: int, items: int, micro: int, workers: int, epochs: int,
              reshard: bool) -> dict:
     from uipe.checkpoint import config_hash
-    from uipe.ray_jobs import fit, runtime
-    from uipe.train import train_loop
-    from uipe.train_parts import Job
+    from uipe.train.driver import fit, runtime
+    from uipe.train.loop import train_loop
+    from uipe.train.job import Job
 
     cfg, paths, base, records = build(root, hidden, layers, items, micro, workers, reshard)
     job = Job(label=f"bench-{workers}w", objective="finetune", params=None, model_path=str(base), forget=records,

@@ -80,7 +80,7 @@ def prepared_run(tmp_path_factory: pytest.TempPathFactory, ray_session, tiny_cfg
     from uipe.data import ensure_data
     from uipe.paths import RunPaths
     from uipe.pipeline import ensure_reference
-    from uipe.train import prepare
+    from uipe.train.recipe import prepare
 
     paths = RunPaths.of(tmp_path_factory.mktemp("run") / "tiny")
     data = ensure_data(tiny_cfg, paths)
@@ -92,7 +92,7 @@ def prepared_run(tmp_path_factory: pytest.TempPathFactory, ray_session, tiny_cfg
 @pytest.fixture(scope="session")
 def unlearned_run(prepared_run, tiny_cfg):
     """prepared_run plus GA and NPO unlearning (2 Ray Train workers, a checkpoint per epoch)."""
-    from uipe.train import unlearn
+    from uipe.train.recipe import unlearn
 
     for method in ("ga", "npo"):
         unlearn(tiny_cfg, prepared_run.root, method)
@@ -125,9 +125,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_store_uri: str, *extra: str, log: Path | None = None) -> Iterator[str]:
-    """A real `mlflow server` on a free loopback port, ready to serve; yields its http URL."""
-    port = free_port()
+def mlflow_server(backend_store_uri: str, *extra: str, log: Path | None = None, port: int | None = None,
+                  ) -> Iterator[str]:
+    """A real `mlflow server` on a loopback port (default: a free one), ready to serve; yields its http URL."""
+    port = port or free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", backend_store_uri, "--host", "127.0.0.1",

@@ -13,9 +13,11 @@ import torch
 
 from uipe.config import EvalConfig, TinyModelConfig
 from uipe.errors import UipeError
-from uipe.eval import Evaluator, compute_reference, evaluate_cli, load_or_compute_reference, load_reference
+from uipe.cli import evaluate_cli, reference_cli
+from uipe.eval import Evaluator, compute_reference, load_or_compute_reference, load_reference
 from uipe.eval import reference as ref_mod
-from uipe.eval.evaluate import eval_records, reference_cli, tofu_report_cli
+from uipe.eval.evaluate import eval_records
+from uipe.eval.tofu_logs import tofu_report
 from uipe.eval.tofu_logs import shipped_logs_dir
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -167,7 +169,7 @@ def test_cli_entry_points_write_metrics(world: dict, tmp_path: Path):
     assert written["fidelity"] == "subset:6" and len(written["per_item"]["forget"]["answer_nll"]) == 6
     with pytest.raises(UipeError, match="retain reference not found"):
         evaluate_cli(world["dir_b"], world["data"], "forget05", tmp_path / "nope.json", out, "llama2", FAST, "auto")
-    report = tofu_report_cli(shipped_logs_dir("llama2-7b_full"), shipped_logs_dir("llama2-7b_retain90"))
+    report = tofu_report(shipped_logs_dir("llama2-7b_full"), shipped_logs_dir("llama2-7b_retain90"))
     assert {"forget_quality", "model_utility", "world_facts_truth_ratio"} <= set(report)
 
 

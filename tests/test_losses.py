@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from uipe.config import METHODS, GradDiffParams, IdkDPOParams, KLParams, NPOParams, SimNPOParams
+from uipe.config import GradDiffParams, IdkDPOParams, KLParams, NPOParams, SimNPOParams
 from uipe.errors import UipeError
-from uipe.methods import OBJECTIVES, Batch, get_objective
+from uipe.methods import OBJECTIVES, UNLEARN_METHODS, Batch, get_objective
 from uipe.methods.common import answer_logprobs, mean_nll
 from uipe.methods.ga import ga_loss
 from uipe.methods.graddiff import graddiff_loss
@@ -147,7 +147,12 @@ def _batch(seed: int, bsz: int = 4, length: int = 10) -> dict[str, torch.Tensor]
 
 
 def test_registry_covers_config_methods() -> None:
-    assert set(METHODS) | {"finetune"} == set(OBJECTIVES)
+    from uipe.config import UnlearnConfig
+
+    assert set(UNLEARN_METHODS) | {"finetune"} == set(OBJECTIVES)
+    # every method's config section (unlearn.<name>) is the Params model defined beside its loss
+    assert {m: UnlearnConfig.model_fields[m].annotation for m in UNLEARN_METHODS} == {
+        m: OBJECTIVES[m].params for m in UNLEARN_METHODS}
     assert {m for m, o in OBJECTIVES.items() if o.needs_ref} == {"kl", "npo", "idkdpo"}
     with pytest.raises(UipeError, match="unknown method 'bogus'"):
         get_objective("bogus")

@@ -7,13 +7,16 @@ from pathlib import Path
 import pytest
 
 from uipe.errors import UipeError
+from uipe.search.result import TrialResult
 from uipe.report import base_row, choose, pareto_front, plot_search, to_csv
-from uipe.search_space import SearchSpace, default_space_path, load_space
+from uipe.search.space import SearchSpace, default_space_path, load_space
 
 
-def _row(alpha: float, epoch: int, fq: float, mu: float, feasible: bool, status: str = "ok") -> dict:
-    return {"trial_id": f"t{alpha}-{epoch}", "status": status, "alpha": alpha, "epoch": epoch, "forget_quality": fq,
-            "model_utility": mu, "feasible": float(feasible), "trial_seconds": 1.0}
+def _row(alpha: float, epoch: int, fq: float, mu: float, feasible: bool, status: str = "ok") -> TrialResult:
+    if status != "ok":
+        return TrialResult.failed(f"t{alpha}-{epoch}", alpha, epoch, "boom")
+    return TrialResult(f"t{alpha}-{epoch}", status, alpha, epoch, forget_quality=fq, model_utility=mu,
+                       feasible=feasible, trial_seconds=1.0)
 
 
 ROWS = [
@@ -29,14 +32,14 @@ ROWS = [
 def test_choice_is_the_best_feasible_trial_not_the_best_overall() -> None:
     # Feasible completed trials: FQ 0.01, 0.30, 0.20, 0.10 -> alpha 1.0 at epoch 5 wins; alpha 1.5 (FQ 0.90) is
     # infeasible, which is exactly what Ray's get_best_result would have picked.
-    assert (choose(ROWS)["alpha"], choose(ROWS)["epoch"]) == (1.0, 5)
-    assert base_row(ROWS)["forget_quality"] == 0.01
+    assert (choose(ROWS).alpha, choose(ROWS).epoch) == (1.0, 5)
+    assert base_row(ROWS).forget_quality == 0.01
 
 
 def test_with_no_feasible_trial_the_highest_utility_one_is_flagged() -> None:
     rows = [_row(1.0, 5, 0.5, 0.5, False), _row(2.0, 5, 0.9, 0.3, False)]
     best = choose(rows)
-    assert best["alpha"] == 1.0 and best["feasible"] == 0.0
+    assert best.alpha == 1.0 and best.feasible == 0.0
     assert choose([_row(1.0, 1, 0, 0, False, status="failed")]) is None
 
 
@@ -44,7 +47,7 @@ def test_pareto_front_by_hand() -> None:
     # (FQ, MU): (0.01, 0.80) (0.30, 0.78) (0.90, 0.60) (0.20, 0.79) (0.10, 0.70)
     # (0.10, 0.70) is beaten by (0.30, 0.78) on both; every other point is best on one side of some pair.
     front = pareto_front(ROWS)
-    assert [(r["forget_quality"], r["model_utility"]) for r in front] == [(0.90, 0.60), (0.30, 0.78), (0.20, 0.79),
+    assert [(r.forget_quality, r.model_utility) for r in front] == [(0.90, 0.60), (0.30, 0.78), (0.20, 0.79),
                                                                          (0.01, 0.80)]
 
 
@@ -63,6 +66,31 @@ def test_shipped_space_files_validate() -> None:
         assert space.alpha.low == 0.0 and space.utility_floor == 0.95
     grid = SearchSpace(method="ga", sampler="grid", alpha={"low": 0.0, "high": 2.0}, grid_step=0.1)
     assert len(grid.alpha_grid()) == 21 and grid.alpha_grid()[-1] == 2.0 and grid.trials_needed([1, 2, 3]) == 63
+
+
+def test_default_spaces_ship_inside_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # From a folder that has no tune_spaces/ (an installed wheel, run anywhere) the packaged space is found; a user's
+    # own tune_spaces/<method>.yaml in the working directory wins.
+    monkeypatch.chdir(tmp_path)
+    shipped = default_space_path("npo")
+    assert shipped.parent.name == "tune_spaces" and tmp_path not in shipped.parents
+    (tmp_path / "tune_spaces").mkdir()
+    (tmp_path / "tune_spaces" / "npo.yaml").write_text("method: npo\nnum_samples: 3\n")
+    assert default_space_path("npo") == tmp_path / "tune_spaces" / "npo.yaml"
+    assert load_space(default_space_path("npo"), "npo").num_samples == 3
+
+
+def test_a_trial_result_survives_the_trip_through_tune() -> None:
+    # MU 0.60 against a threshold of 0.95 x 0.60 = 0.57: constraint 0.57 - 0.60 = -0.03 <= 0, feasible.
+    agg = {"forget_quality": 0.25, "model_utility": 0.60, "forget_prob": 0.5, "retain_prob": 0.9}
+    r = TrialResult.scored(1.5, 3, agg, 0.57, seconds=2.0)
+    assert r.feasible and r.utility_constraint == pytest.approx(-0.03) and r.metrics["retain_prob"] == 0.9
+    reported = {**r.to_report(), "alpha": 1.5, "epoch": 3, "time_total_s": 7.0, "training_iteration": 1}
+    back = TrialResult.from_report("t1", {"alpha": 1.5, "epoch": 3}, reported)
+    assert (back.trial_id, back.summary(), back.metrics, back.utility_constraint, back.trial_seconds) == (
+        "t1", r.summary(), r.metrics, r.utility_constraint, r.trial_seconds)  # Tune's own keys left out
+    assert not TrialResult.scored(1.5, 3, {**agg, "model_utility": 0.56}, 0.57, seconds=1.0).feasible
+    assert back.summary()["related_prob"] is None  # not measured: null in summary.json, not NaN
 
 
 @pytest.mark.parametrize(("text", "message"), [

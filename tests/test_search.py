@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import copy_run, mlflow_server, rest
-from uipe.search import run_search
+from uipe.errors import UipeError
+from uipe.search.driver import run_search
 from uipe.tracking import CHAMPION, client, experiment_name, tracking_uri
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -115,17 +116,85 @@ def test_search_survives_sigkill_of_the_driver_and_resume_logs_each_trial_once(u
     assert len(ids) == len(set(ids)) == 10
 
 
-def test_a_broken_checkpoint_fails_its_trials_and_the_search_goes_on(unlearned_run, tiny_cfg, tmp_path) -> None:
-    # A copy of the run whose GA epoch 2 checkpoint is truncated: trials at epoch 2 raise, the others finish.
+def test_a_tracking_server_that_stops_mid_search_loses_no_trial(unlearned_run, tiny_cfg, ray_session,
+                                                               tmp_path) -> None:
+    """The server dies after the first trial is logged: the search goes on (trials are Tune's record), ends saying
+    to resume once the server is back, and the resume logs every trial exactly once."""
+    import sqlite3
+
+    from conftest import free_port
+
+    paths = copy_run(unlearned_run, tmp_path / "run", methods=("ga",))
+    db, port = tmp_path / "server.db", free_port()
+    space = tmp_path / "ga.yaml"
+    space.write_text("method: ga\nalpha: {low: 0.0, high: 1.0}\nepochs: [2, 3]\nsampler: grid\ngrid_step: 0.5\n"
+                     "max_concurrent_trials: 1\n")
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    cmd = [sys.executable, "-m", "uipe.cli", "search", "--method", "ga", "--run-dir", str(paths.root), "--space",
+           str(space), "--set", f"tracking.uri=http://127.0.0.1:{port}", "--set", "tracking.register_model=false"]
+
+    def children() -> int:
+        with sqlite3.connect(db) as con:
+            return con.execute("SELECT count(*) FROM tags WHERE key = 'uipe.trial_id'").fetchone()[0]
+
+    with mlflow_server(f"sqlite:///{db}", port=port):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while children() < 1 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert children() >= 1
+    out, err = proc.communicate(timeout=600)  # the server is gone from here on
+    assert proc.returncode == 2 and "--resume" in err and "Traceback" not in err, err[-2000:]
+    assert len((paths.search("ga") / "results.csv").read_text().splitlines()) == 1 + 6  # every trial kept
+    assert children() < 6
+    with mlflow_server(f"sqlite:///{db}", port=port) as url:
+        done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads((paths.search("ga") / "result.json").read_text())
+        exp = rest(url, f"experiments/get-by-name?experiment_name={experiment_name(tiny_cfg)}")["experiment"]
+        runs = rest(url, "runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                         "filter": f"tags.mlflow.parentRunId = '{result['parent_run_id']}'",
+                                         "max_results": 100})["runs"]
+        assert exp["tags"] and {"key": "mlflow.experimentKind", "value": "custom_model_development"} in exp["tags"]
+    ids = [t["value"] for r in runs for t in r["data"]["tags"] if t["key"] == "uipe.trial_id"]
+    assert len(ids) == len(set(ids)) == 6 == result["trials"]
+
+
+def test_a_truncated_candidate_stops_the_search_before_it_starts(unlearned_run, tiny_cfg, tmp_path) -> None:
+    from uipe.search.driver import make_setup
+
+    paths = copy_run(unlearned_run, tmp_path / "truncated")
+    weights = next(Path(paths.epoch_dir("ga", 2)).glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(UipeError, match=re.escape(str(weights))):
+        make_setup(tiny_cfg, paths, "ga")
+    assert not paths.search("ga").exists()
+
+
+def test_broken_weights_and_a_killed_trial_fail_their_trials_and_the_search_goes_on(unlearned_run, tiny_cfg, tmp_path,
+                                                                                    monkeypatch) -> None:
+    # A copy of the run whose GA epoch 2 weights are all NaN (the files are whole, so the search starts): every
+    # epoch-2 trial raises. And one trial's process is killed mid-trial (as by the OOM killer). The others finish.
+    from uipe.search.trial import KILL_SWITCH
+
     paths = copy_run(unlearned_run, tmp_path / "broken")
     weights = next(Path(paths.epoch_dir("ga", 2)).glob("*.safetensors"))
-    weights.write_bytes(weights.read_bytes()[:1000])
+    raw = bytearray(weights.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    raw[start:] = b"\xff" * (len(raw) - start)  # 0xffffffff is a NaN in fp32
+    weights.write_bytes(bytes(raw))
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_SWITCH, f"alpha=0.5,marker={marker}")
     space = tmp_path / "ga.yaml"
-    space.write_text("method: ga\nalpha: {low: 0.0, high: 1.0}\nepochs: [2, 3]\nsampler: tpe\nnum_samples: 4\n"
+    space.write_text("method: ga\nalpha: {low: 0.0, high: 1.0}\nepochs: [2, 3]\nsampler: grid\ngrid_step: 0.5\n"
                      "max_concurrent_trials: 1\n")
     cfg = tiny_cfg.model_copy(update={"tracking": tiny_cfg.tracking.model_copy(update={"register_model": False}),
                                       "search": tiny_cfg.search.model_copy(update={"num_samples": None})})
     s = run_search(cfg, paths, "ga", space)
-    assert s["failed"] >= 1 and s["trials"] == 4 and s["chosen"]["epoch"] == 3
+    killed_epoch = int(marker.read_text())  # one trial did die: at epoch 3 it adds a failure to epoch 2's three
+    assert s["trials"] == 6 and s["failed"] == 3 + (killed_epoch == 3) and s["chosen"]["epoch"] == 3
     failed = [r for r in _children(cfg, paths, s["parent_run_id"]) if r.info.status == "FAILED"]
     assert len(failed) == s["failed"] and all("uipe.error" in r.data.tags for r in failed)
+    rows = (paths.search("ga") / "results.csv").read_text().splitlines()
+    assert sum(",failed," in row for row in rows) == s["failed"]

@@ -39,7 +39,7 @@ def small_cfg(*extra: str) -> ExperimentConfig:
 
 
 def test_lr_schedule_by_hand() -> None:
-    from uipe.train_parts import lr_factor
+    from uipe.train.loop import lr_factor
 
     # warmup 2, total 6: warm-up (s+1)/2 -> .5, 1; decay (6-s)/(6-2) -> s=2: 1, s=3: .75, s=4: .5, s=5: .25.
     assert [lr_factor(s, 2, 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
@@ -47,7 +47,7 @@ def test_lr_schedule_by_hand() -> None:
 
 
 def test_cosine_schedule_by_hand() -> None:
-    from uipe.train_parts import lr_factor
+    from uipe.train.loop import lr_factor
 
     # warmup 2, total 6: warm-up .5, 1; then p = (s-2)/4 and (1+cos(pi p))/2 -> 1, (1+sqrt(.5))/2, .5, (1-sqrt(.5))/2.
     got = [lr_factor(s, 2, 6, "cosine") for s in range(6)]
@@ -55,7 +55,7 @@ def test_cosine_schedule_by_hand() -> None:
 
 
 def test_accumulation_groups() -> None:
-    from uipe.train_parts import accumulation_groups
+    from uipe.train.loop import accumulation_groups
 
     assert accumulation_groups(5, 2) == [2, 2, 1]
     assert accumulation_groups(4, 2) == [2, 2]
@@ -65,7 +65,8 @@ def test_accumulation_groups() -> None:
 def test_streams_cover_the_shard_and_pair_idk(tiny_base: Path, synth_dir: Path) -> None:
     from uipe.data import forget_and_retain, load_idk
     from uipe.models import load_tokenizer
-    from uipe.train_parts import Job, Runtime, Streams
+    from uipe.train.job import Job, Runtime
+    from uipe.train.streams import Streams
 
     cfg = load_config(None, ["train.micro_batch_size=4", "train.effective_batch_size=8"])
     forget, retain = forget_and_retain(str(synth_dir), "forget05")
@@ -115,7 +116,7 @@ def test_hf_folder_sharded_round_trip(tiny_base: Path, tmp_path: Path) -> None:
 
 @pytest.mark.ray
 def test_bad_input_writes_nothing(ray_session: object, tmp_path: Path, synth_dir: Path) -> None:
-    from uipe.train import prepare, unlearn
+    from uipe.train.recipe import prepare, unlearn
 
     run = tmp_path / "run"
     with pytest.raises(UipeError, match="unknown method 'sgd'"):
@@ -143,7 +144,7 @@ def test_bad_input_writes_nothing(ray_session: object, tmp_path: Path, synth_dir
 
 @pytest.fixture(scope="module")
 def prepared(ray_session: object, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    from uipe.train import prepare
+    from uipe.train.recipe import prepare
 
     run = tmp_path_factory.mktemp("train") / "run"
     return run, prepare(small_cfg(), run)
@@ -165,7 +166,7 @@ def _nll(folder: Path, records: list) -> float:
 def test_prepare_trains_both_reference_models(prepared: tuple[Path, dict]) -> None:
     from uipe.data import forget_and_retain, retain_training_records, target_training_records
     from uipe.paths import RunPaths
-    from uipe.train import prepare
+    from uipe.train.recipe import prepare
 
     run, out = prepared
     paths = RunPaths.of(run)
@@ -195,7 +196,7 @@ def test_prepare_trains_both_reference_models(prepared: tuple[Path, dict]) -> No
 def test_gate_refuses_an_under_trained_model(ray_session: object, tmp_path: Path) -> None:
     """One epoch cannot memorise the world: prepare names the worst split and its figure, and publishes nothing."""
     from uipe.paths import RunPaths
-    from uipe.train import prepare
+    from uipe.train.recipe import prepare
 
     run = tmp_path / "run"
     with pytest.raises(UipeError) as err:  # one worker: one model after the other, so the first failure stops it
@@ -217,7 +218,7 @@ def test_gate_records_per_split_figures_and_moves_a_failing_pair_aside(prepared:
 
     from uipe.data import training_parts
     from uipe.paths import RunPaths
-    from uipe.train import check_utility_gap
+    from uipe.train.recipe import check_utility_gap
 
     run, out = prepared
     data = str(RunPaths.of(run).data)
@@ -243,7 +244,7 @@ def test_gate_records_per_split_figures_and_moves_a_failing_pair_aside(prepared:
 
 @pytest.fixture(scope="module")
 def ga_manifest(prepared: tuple[Path, dict]) -> dict:
-    from uipe.train import unlearn
+    from uipe.train.recipe import unlearn
 
     run, _ = prepared
     return json.loads(unlearn(small_cfg(), run, "ga").read_text())
@@ -283,7 +284,7 @@ def test_ga_epochs_load_and_forget_nll_rises(prepared: tuple[Path, dict], ga_man
 def test_retain_nll_stays_bounded(prepared: tuple[Path, dict], method: str) -> None:
     from uipe.data import forget_and_retain
     from uipe.paths import RunPaths
-    from uipe.train import unlearn
+    from uipe.train.recipe import unlearn
 
     run, _ = prepared
     paths = RunPaths.of(run)
@@ -303,7 +304,7 @@ def test_worker_failure_resumes_exactly(prepared: tuple[Path, dict], ga_manifest
     from safetensors.torch import load_file
 
     from uipe.paths import RunPaths
-    from uipe.train import unlearn
+    from uipe.train.recipe import unlearn
 
     run, _ = prepared
     paths = RunPaths.of(run)

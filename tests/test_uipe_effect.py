@@ -11,16 +11,17 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.mark.parametrize("method", ["ga", "npo"])
 def test_alpha_above_zero_lowers_forget_probability(unlearned_run, tiny_cfg, method: str) -> None:
-    from uipe.search import make_setup, evaluate_point
+    from uipe.search.driver import make_setup
+    from uipe.search.trial import evaluate_point
 
     setup = make_setup(tiny_cfg, unlearned_run, method)
     last = max(setup.epoch_dirs)
-    probs = {a: evaluate_point(setup, a, last)["forget_prob"] for a in (0.0, 0.5, 1.0)}
+    probs = {a: evaluate_point(setup, a, last, 0.0).forget_prob for a in (0.0, 0.5, 1.0)}
     # theta = theta_un + alpha * (theta_un - theta_ini): further along the unlearning direction, the forget
     # answers must become less likely, monotonically over these steps.
     assert probs[1.0] < probs[0.5] < probs[0.0]
     # alpha = -1 is theta_ini: the start model, which knows the forget set best.
-    assert evaluate_point(setup, -1.0, last)["forget_prob"] > probs[0.0]
+    assert evaluate_point(setup, -1.0, last, 0.0).forget_prob > probs[0.0]
 
 
 def test_unlearning_manifests_record_every_epoch(unlearned_run, tiny_cfg) -> None:

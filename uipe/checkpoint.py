@@ -17,11 +17,10 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from uipe.data import TofuRecord
 from uipe.errors import UipeError
 from uipe.io import sha256_bytes
+from uipe.stages import META_FILE
 
-META_FILE = "uipe_meta.json"  # the same name uipe.models writes for the base model
 STATE_FILE = "state.json"  # epoch, optimizer step, scheduler, history, job hash: beside the DCP shards
 DCP_DIR = "dcp"
 HF_DIR = "hf"
@@ -29,12 +28,6 @@ MAX_SHARD_BYTES = 2 * 2**30  # safetensors shard size of exported model folders
 
 
 # ---- identities ----------------------------------------------------------------------------------------------------
-
-
-def records_hash(*splits: list[TofuRecord] | tuple[TofuRecord, ...] | list[str] | tuple[str, ...]) -> str:
-    """sha256 of the training data as the loop sees it (format-independent: JSON of the records, in order)."""
-    rows = [[r.to_json() if isinstance(r, TofuRecord) else r for r in split] for split in splits]
-    return sha256_bytes(json.dumps(rows, sort_keys=True).encode())
 
 
 def config_hash(parts: dict[str, Any]) -> str:

@@ -18,11 +18,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from uipe.errors import UipeError
+
+if TYPE_CHECKING:
+    from uipe.config import EvalConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="UIPE unlearning with automatic alpha selection (Ray Train, Ray Tune + Optuna, MLflow).")
@@ -88,7 +91,7 @@ def prepare(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = 
     """Train TOFU's two reference models: target (all data) and retain (retain split + utility sets)."""
     from uipe.console import say
     from uipe.gate import summary_line
-    from uipe.train import prepare as run_prepare
+    from uipe.train.recipe import prepare as run_prepare
 
     cfg, paths = _setup(config, run_dir, set_)
     with _quiet(paths, "prepare", verbose):
@@ -102,7 +105,7 @@ def prepare(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = 
 def unlearn(method: MethodOpt, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
             verbose: VerboseOpt = False) -> None:
     """Run a base unlearning method on Ray Train (FSDP2), writing a HF checkpoint every epoch."""
-    from uipe.train import unlearn as run_unlearn
+    from uipe.train.recipe import unlearn as run_unlearn
 
     cfg, paths = _setup(config, run_dir, set_)
     cfg.method_params(method)
@@ -124,6 +127,32 @@ def extrapolate(init: Annotated[Path, typer.Option("--init", help="theta_ini mod
     typer.echo(str(extrapolate_folder(init, unlearned, alpha, out, overwrite=overwrite)))
 
 
+def evaluate_cli(model: Path, data: str, forget_split: str, retain_reference: Path, out: Path, template: str,
+                 eval_cfg: EvalConfig, dtype: str, max_length: int = 128) -> dict:
+    """`uipe evaluate`: every aggregate (forget_quality, model_utility, ...) and per-item values -> `out`."""
+    from uipe.eval import Evaluator, load_reference
+    from uipe.io import atomic_write_json
+    from uipe.models import default_device, load_model, load_tokenizer
+
+    reference = load_reference(retain_reference)  # before loading a model: a missing file fails fast
+    evaluator = Evaluator.from_source(data, forget_split, load_tokenizer(model), template, eval_cfg, max_length)
+    evaluator.set_reference(reference)
+    result = evaluator.evaluate(load_model(model, dtype=dtype, device=default_device())).to_json()
+    atomic_write_json(out, result)
+    return result
+
+
+def reference_cli(model: Path, data: str, forget_split: str, out: Path, template: str, eval_cfg: EvalConfig,
+                  dtype: str, max_length: int = 128) -> dict:
+    """`uipe reference`: the retain model's truth ratios -> `out` (reused when model and data are unchanged)."""
+    from uipe.eval import Evaluator, load_or_compute_reference
+    from uipe.eval.reference import reference_summary
+    from uipe.models import load_tokenizer
+
+    evaluator = Evaluator.from_source(data, forget_split, load_tokenizer(model), template, eval_cfg, max_length)
+    return reference_summary(load_or_compute_reference(out, evaluator, model, dtype), out)
+
+
 @app.command()
 def evaluate(model: Annotated[Path, typer.Option("--model")],
              out: Annotated[Path, typer.Option("--out", help="metrics.json to write.")],
@@ -133,8 +162,6 @@ def evaluate(model: Annotated[Path, typer.Option("--model")],
              subset: Annotated[Optional[int], typer.Option(help="Items per split (lower fidelity).")] = None,
              config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
     """TOFU evaluation of one model: forget quality, model utility, related-knowledge forgetting."""
-    from uipe.eval.evaluate import evaluate_cli
-
     cfg, paths = _setup(config, run_dir, set_)
     eval_cfg = cfg.eval.model_copy(update={"subset": subset}) if subset else cfg.eval
     result = evaluate_cli(model, data or str(paths.data), forget_split or cfg.data.forget_split,
@@ -150,8 +177,6 @@ def reference(model: Annotated[Optional[Path], typer.Option("--model", help="Ret
               forget_split: Annotated[Optional[str], typer.Option("--forget-split")] = None,
               config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
     """Evaluate the retain model once and cache its truth ratios (the reference for forget quality)."""
-    from uipe.eval.evaluate import reference_cli
-
     cfg, paths = _setup(config, run_dir, set_)
     summary = reference_cli(model or paths.retain_model, data or str(paths.data),
                             forget_split or cfg.data.forget_split, out or paths.retain_reference,
@@ -163,9 +188,9 @@ def reference(model: Annotated[Optional[Path], typer.Option("--model", help="Ret
 def tofu_report(model_logs: Annotated[Path, typer.Option("--model-logs")],
                 retain_logs: Annotated[Path, typer.Option("--retain-logs")]) -> None:
     """Forget quality and model utility from two folders of TOFU eval logs, as one JSON object."""
-    from uipe.eval.evaluate import tofu_report_cli
+    from uipe.eval.tofu_logs import tofu_report as report
 
-    typer.echo(json.dumps(tofu_report_cli(model_logs, retain_logs), indent=1))
+    typer.echo(json.dumps(report(model_logs, retain_logs), indent=1))
 
 
 @app.command()
@@ -175,7 +200,7 @@ def search(method: MethodOpt, config: ConfigOpt = None, run_dir: RunDirOpt = Non
            resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search.")] = False,
            verbose: VerboseOpt = False) -> None:
     """Ray Tune + Optuna over alpha and checkpoint epoch; a cheap extrapolate-then-evaluate trial each."""
-    from uipe.search import run_search
+    from uipe.search.driver import run_search
 
     cfg, paths = _setup(config, run_dir, set_)
     cfg.method_params(method)

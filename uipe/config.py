@@ -11,17 +11,22 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from uipe.data.records import FORGET_SPLITS
 from uipe.errors import UipeError
+from uipe.methods import UNLEARN_METHODS, check_method
+from uipe.methods.ga import Params as GAParams
+from uipe.methods.graddiff import Params as GradDiffParams
+from uipe.methods.idkdpo import Params as IdkDPOParams
+from uipe.methods.kl import Params as KLParams
+from uipe.methods.npo import Params as NPOParams
+from uipe.methods.simnpo import Params as SimNPOParams
+from uipe.schema import Strict, one_line
 
-FORGET_SPLITS = ("forget01", "forget05", "forget10")
-METHODS = ("ga", "graddiff", "kl", "npo", "simnpo", "idkdpo")
 PRESETS = ("tiny",)
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+MethodName = Literal[UNLEARN_METHODS]  # type: ignore[valid-type]  # the registry's names, nowhere else
+ForgetSplit = Literal[FORGET_SPLITS]  # type: ignore[valid-type]
 
 
 class SynthConfig(Strict):
@@ -37,7 +42,7 @@ class DataConfig(Strict):
     # files or a Hugging Face dataset id such as locuslab/TOFU.
     source: str = "synth"
     synth: SynthConfig = SynthConfig()
-    forget_split: Literal["forget01", "forget05", "forget10"] = "forget05"
+    forget_split: ForgetSplit = "forget05"
 
 
 class TinyModelConfig(Strict):
@@ -97,36 +102,10 @@ class PrepareConfig(Strict):
     side_by_side: bool = False
 
 
-class GAParams(Strict):
-    pass
-
-
-class GradDiffParams(Strict):
-    retain_weight: float = Field(1.0, ge=0)
-
-
-class KLParams(Strict):
-    retain_weight: float = Field(1.0, ge=0)
-
-
-class NPOParams(Strict):
-    beta: float = Field(0.1, gt=0)
-    retain_weight: float = Field(1.0, ge=0)
-
-
-class SimNPOParams(Strict):
-    beta: float = Field(2.5, gt=0)
-    gamma: float = 0.0
-    retain_weight: float = Field(1.0, ge=0)
-
-
-class IdkDPOParams(Strict):
-    beta: float = Field(0.1, gt=0)
-    retain_weight: float = Field(1.0, ge=0)
-
-
 class UnlearnConfig(Strict):
-    methods: list[Literal["ga", "graddiff", "kl", "npo", "simnpo", "idkdpo"]] = ["ga", "graddiff", "kl", "npo"]
+    """The base methods to run and, per method, its parameters (each defined beside its loss in methods/<name>.py)."""
+
+    methods: list[MethodName] = ["ga", "graddiff", "kl", "npo"]
     epochs: int = Field(5, ge=1)
     lr: float = Field(3e-4, gt=0)
     ga: GAParams = GAParams()
@@ -185,9 +164,7 @@ class ExperimentConfig(Strict):
         return self
 
     def method_params(self, method: str) -> Strict:
-        if method not in METHODS:
-            raise UipeError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        return getattr(self.unlearn, method)
+        return getattr(self.unlearn, check_method(method))
 
 
 def preset_path(name: str = "tiny") -> Path:
@@ -215,16 +192,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _one_line(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {key}: {msg}{more}"
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML experiment config (default: the tiny preset) and apply overrides; UipeError on any problem."""
     path = Path(path) if path else preset_path("tiny")
@@ -240,7 +207,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
-        raise UipeError(_one_line(e, str(path))) from None
+        raise UipeError(one_line(e, str(path))) from None
 
 
 def to_yaml(cfg: BaseModel) -> str:

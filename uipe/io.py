@@ -7,6 +7,7 @@ file or folder that looks complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,6 +17,25 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from uipe.errors import UipeError
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """No space left, a quota, or a file-size limit: from Python's I/O or from a Rust writer (safetensors), which
+    reports the OS error only in its message."""
+    if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+        return True
+    text = str(e)
+    return any(f"os error {n})" in text or f"code: {n}," in text for n in _DISK_FULL_ERRNOS)
+
+
+def disk_full_error(target: Path, e: BaseException) -> UipeError:
+    return UipeError(f"{target}: the disk is full (or a size limit was hit) while writing it; nothing was kept and "
+                     f"earlier results are intact: free space and run the same command again ({type(e).__name__})")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -28,9 +48,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if is_disk_full(e):
+            raise disk_full_error(path, e) from e
         raise
     return path
 
@@ -52,9 +74,34 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise disk_full_error(final, e) from e
         raise
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (a `.lock` file, flock) for the block; refuse at once if another process
+    holds it. The kernel drops the lock when its process dies, so a crash never leaves a stale lock."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise UipeError(f"{folder}: {what} is already running there ({holder}); wait for it, or use another "
+                            "--run-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from uipe.errors import UipeError
-from uipe.io import atomic_dir
+from uipe.io import sha256_bytes
+from uipe.stages import reuse_or_build
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -27,7 +28,6 @@ TEMPLATES = {
     "llama2": "[INST] {question} [/INST]",  # TOFU's Llama-2 chat form
     "plain": "Question: {question}\nAnswer:",
 }
-META_FILE = "uipe_meta.json"
 
 
 def format_prompt(question: str, template: str = "llama2") -> str:
@@ -45,6 +45,11 @@ def _check_local_weights(path: Path) -> None:
 
 def _is_local(path: str | Path) -> bool:
     return Path(path).exists() or str(path).startswith((".", "/", "~"))
+
+
+def default_device() -> str:
+    """Where a single-process stage (evaluation, a search trial) puts its model: the GPU Ray gave it, else CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_dtype(dtype: str, device: str | torch.device = "cpu") -> torch.dtype:
@@ -150,7 +155,14 @@ def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerBa
 
 
 def build_tiny(out: str | Path, corpus: list[str], cfg: TinyModelConfig, seed: int = 0) -> Path:
-    """theta_0 of the embedded world: a locally trained tokenizer and a random-init LlamaForCausalLM."""
+    """theta_0 of the embedded world: a locally trained tokenizer and a random-init LlamaForCausalLM, built once per
+    (corpus, config, seed): the folder is reused while its record names the same."""
+    want = {"kind": "tiny-base", "seed": seed, **cfg.model_dump(),
+            "corpus": sha256_bytes(json.dumps(corpus).encode())}
+    return reuse_or_build(Path(out), want, lambda tmp: _write_tiny(tmp, corpus, cfg, seed))
+
+
+def _write_tiny(tmp: Path, corpus: list[str], cfg: TinyModelConfig, seed: int) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = train_tokenizer(corpus, cfg.vocab_size)
@@ -164,11 +176,8 @@ def build_tiny(out: str | Path, corpus: list[str], cfg: TinyModelConfig, seed: i
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    with atomic_dir(out, overwrite=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps({"kind": "tiny-base", "seed": seed, **cfg.model_dump()}, indent=1))
-    return Path(out)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
 
 
 def prepare_base_model(cfg: ExperimentConfig, paths: RunPaths, data_source: str) -> str:
@@ -176,10 +185,5 @@ def prepare_base_model(cfg: ExperimentConfig, paths: RunPaths, data_source: str)
     any other `model.base` (a local folder or a hub id) is used as it is."""
     if cfg.model.base != "tiny":
         return cfg.model.base
-    meta = paths.base_model / META_FILE
-    want = {"kind": "tiny-base", "seed": cfg.train.seed, **cfg.model.tiny.model_dump()}
-    if meta.is_file() and json.loads(meta.read_text()) == want:
-        return str(paths.base_model)
-    build_tiny(paths.base_model, corpus_from_data(data_source, cfg.model.prompt_template), cfg.model.tiny,
-               cfg.train.seed)
-    return str(paths.base_model)
+    corpus = corpus_from_data(data_source, cfg.model.prompt_template)
+    return str(build_tiny(paths.base_model, corpus, cfg.model.tiny, cfg.train.seed))

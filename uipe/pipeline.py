@@ -15,7 +15,7 @@ from rich.table import Table
 
 from uipe.config import ExperimentConfig
 from uipe.console import say, show_table, stage
-from uipe.io import atomic_write_json
+from uipe.io import atomic_write_json, exclusive
 from uipe.paths import RunPaths
 from uipe.report import fmt
 
@@ -50,12 +50,18 @@ def results_table(summaries: list[dict], cfg: ExperimentConfig) -> Table:
 
 
 def run_pipeline(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
+    """Every stage in order, one `uipe run` per run folder at a time."""
+    with exclusive(paths.root, "uipe run"):
+        return _run_stages(cfg, paths)
+
+
+def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
     from uipe.data import ensure_data
     from uipe.gate import summary_line
-    from uipe.search import run_search
-    from uipe.ray_jobs import ensure_ray
+    from uipe.ray_session import ensure_ray
+    from uipe.search.driver import run_search
     from uipe.tracking import tracking_uri
-    from uipe.train import prepare, unlearn
+    from uipe.train.recipe import prepare, unlearn
 
     start = time.time()
     stage(f"data ({cfg.data.source})")

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
+from uipe.search.result import TrialResult
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -26,6 +28,18 @@ if TYPE_CHECKING:
 
 TRIAL_TAG = "uipe.trial_id"
 CHAMPION = "champion"
+# MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses (often the GenAI one).
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+
+
+def unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What a client raises when the tracking server is down or refuses (after MLflow's own retries)."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    return (MlflowException, RequestException, OSError)
 
 
 def tracking_uri(cfg: ExperimentConfig, paths: RunPaths) -> str:
@@ -49,6 +63,8 @@ def ensure_experiment(cfg: ExperimentConfig, paths: RunPaths) -> tuple[str, str]
     name = experiment_name(cfg)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if KIND_TAG not in exp.tags:  # made by an older uipe: open it in the right view too
+            c.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
         return uri, exp.experiment_id
     location = cfg.tracking.artifact_location
     if location is None and not uri.startswith(("http://", "https://", "databricks")):
@@ -56,7 +72,7 @@ def ensure_experiment(cfg: ExperimentConfig, paths: RunPaths) -> tuple[str, str]
         location = paths.mlflow_artifacts.as_uri()
     elif location and "://" not in location:
         location = Path(location).resolve().as_uri()
-    return uri, c.create_experiment(name, artifact_location=location)
+    return uri, c.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
 
 
 def log_flat(c: MlflowClient, run_id: str, metrics: dict[str, Any], params: dict[str, Any] | None = None,
@@ -103,7 +119,7 @@ def log_datasets(c: MlflowClient, run_id: str, source: str, splits: Mapping[str,
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from uipe.checkpoint import records_hash
+    from uipe.data.records import records_hash
 
     local = "://" not in source and Path(source).exists()  # else a hub id such as locuslab/TOFU
     where = json.dumps({"uri": Path(source).resolve().as_uri() if local else source})
@@ -122,45 +138,64 @@ def child_runs(uri: str, experiment_id: str, parent_id: str) -> dict[str, Any]:
 
 
 class TrialLogger(tune.Callback):
-    """One nested MLflow child run per finished or failed trial, logged from the driver."""
+    """One nested MLflow child run per finished or failed trial, logged from the driver as the search goes.
+
+    When the tracking server cannot be reached the search goes on: the logger stops trying (one warning) and
+    uipe.search.outcome back-fills the missing runs from Tune's results when the search finishes or is resumed.
+    """
 
     def __init__(self, uri: str, experiment_id: str, parent_id: str, method: str) -> None:
         self.uri, self.experiment_id, self.parent_id, self.method = uri, experiment_id, parent_id, method
         self._last: dict[str, dict] = {}
+        self.offline = False
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._last[trial.trial_id] = result
 
-    def _new_child(self, trial: Any) -> str | None:
-        if trial.trial_id in child_runs(self.uri, self.experiment_id, self.parent_id):
-            return None
-        cfg = trial.config
-        run = client(self.uri).create_run(self.experiment_id, run_name=f"{self.method}-a{cfg['alpha']:.3f}-e{cfg['epoch']}",
-                                          tags={"mlflow.parentRunId": self.parent_id, TRIAL_TAG: trial.trial_id,
-                                                "uipe.method": self.method})
-        return run.info.run_id
-
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self._new_child(trial)
-        if run_id is None:
-            return
-        result = self._last.pop(trial.trial_id, trial.last_result or {})
-        c = client(self.uri)
-        log_flat(c, run_id, result, {"alpha": trial.config["alpha"], "epoch": trial.config["epoch"]})
-        c.set_terminated(run_id, "FINISHED")
+        reported = self._last.pop(trial.trial_id, trial.last_result or {})
+        self._log(TrialResult.from_report(trial.trial_id, trial.config, reported))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self._new_child(trial)
-        if run_id is None:
+        record = TrialResult.failed(trial.trial_id, trial.config["alpha"], trial.config["epoch"], _error_text(trial))
+        self._log(record, str(getattr(trial, "error_file", "") or ""))
+
+    def _log(self, record: TrialResult, error_file: str = "") -> None:
+        if self.offline:
             return
-        c = client(self.uri)
-        error = str(getattr(trial, "error_file", "") or "")
-        message = _error_text(trial)
-        log_flat(c, run_id, {}, {"alpha": trial.config["alpha"], "epoch": trial.config["epoch"]})
-        c.set_tag(run_id, "uipe.error", message[:5000])
-        if error:
-            c.set_tag(run_id, "uipe.error_file", error)
-        c.set_terminated(run_id, "FAILED")
+        try:
+            log_trial(self.uri, self.experiment_id, self.parent_id, self.method, record, error_file)
+        except unreachable_errors() as e:
+            from uipe.console import warn
+
+            self.offline = True
+            warn(f"tracking server {self.uri} unreachable ({type(e).__name__}); the search goes on, and its trials "
+                 "are logged to MLflow when it finishes (or on --resume)")
+
+    def __getstate__(self) -> dict:  # a restored search tries the server again
+        return {**self.__dict__, "offline": False}
+
+
+def log_trial(uri: str, experiment_id: str, parent_id: str, method: str, record: TrialResult,
+              error_file: str = "") -> str | None:
+    """The child run of one trial (none if that trial has one already): alpha and epoch as params, every number
+    as a metric, a failed trial's error as tags."""
+    if record.trial_id in child_runs(uri, experiment_id, parent_id):
+        return None
+    c = client(uri)
+    run = c.create_run(experiment_id, run_name=f"{method}-a{record.alpha:.3f}-e{record.epoch}",
+                       tags={"mlflow.parentRunId": parent_id, TRIAL_TAG: record.trial_id, "uipe.method": method})
+    run_id = run.info.run_id
+    params = {"alpha": record.alpha, "epoch": record.epoch}
+    if record.ok:
+        log_flat(c, run_id, record.to_report(), params)
+    else:
+        log_flat(c, run_id, {}, params)
+        c.set_tag(run_id, "uipe.error", record.error[:5000])
+        if error_file:
+            c.set_tag(run_id, "uipe.error_file", error_file)
+    c.set_terminated(run_id, "FINISHED" if record.ok else "FAILED")
+    return run_id
 
 
 def _error_text(trial: Any) -> str:

@@ -10,6 +10,7 @@ from uipe.data.loaders import (
     retain_training_records,
     target_training_records,
     training_parts,
+    unlearning_records,
 )
 from uipe.data.records import (
     EVAL_SPLITS,
@@ -19,29 +20,29 @@ from uipe.data.records import (
     TofuRecord,
     check_forget_split,
     eval_split_for,
+    records_hash,
 )
 
 __all__ = [
     "EVAL_SPLITS", "FORGET_SPLITS", "RETAIN_FOR", "UTILITY_EVAL_SPLITS", "TofuRecord", "check_forget_split",
     "eval_split_for", "forget_and_retain", "has_split", "load_idk", "load_split", "packaged_tofu_dir",
-    "related_records", "retain_training_records", "target_training_records", "training_parts",
+    "records_hash", "related_records", "retain_training_records", "target_training_records", "training_parts",
+    "unlearning_records",
 ]
 
 
 def ensure_data(cfg: "ExperimentConfig", paths: "RunPaths") -> str:  # noqa: F821 - types only
     """The data source of a run: the synthetic benchmark is written under the run folder once (same params ->
-    same bytes), anything else is used where it is."""
-    import json
-
+    same bytes; its benchmark.json is the record), anything else is used where it is."""
     from uipe.data.synth import write_benchmark
+    from uipe.stages import recorded, reusable
 
     if cfg.data.source != "synth":
         return cfg.data.source
-    meta = paths.data / "benchmark.json"
     want = cfg.data.synth
-    if meta.is_file():
-        have = json.loads(meta.read_text())
-        if (have["facts"], have["seed"], len(have["authors"])) == (want.facts, want.seed, want.authors):
-            return str(paths.data)
-    write_benchmark(paths.data, want.authors, want.facts, want.seed, overwrite=True)
+    have = recorded(paths.data / "benchmark.json")
+    if have is not None:  # benchmark.json lists the authors; the identity is their number
+        have = {**have, "authors": len(have["authors"])}
+    if not reusable(have, want.model_dump(), paths.data):
+        write_benchmark(paths.data, want.authors, want.facts, want.seed, overwrite=True)
     return str(paths.data)

@@ -139,6 +139,14 @@ def load_idk(source: str | Path | None = None) -> list[str]:
     return answers
 
 
+def unlearning_records(source: str | Path, forget_split: str, with_idk: bool,
+                       ) -> tuple[list[TofuRecord], list[TofuRecord], tuple[str, ...]]:
+    """What an unlearning run trains on: the forget split, its retain complement, and (IdkDPO) the "I don't know"
+    answers; `records_hash` of the three is the run's data identity, which the search checks."""
+    forget, retain = forget_and_retain(source, forget_split)
+    return forget, retain, tuple(load_idk(source)) if with_idk else ()
+
+
 def forget_and_retain(source: str | Path, forget_split: str) -> tuple[list[TofuRecord], list[TofuRecord]]:
     """The forget split and its complement (forget05 -> retain95), checked to share no question."""
     check_forget_split(forget_split)

@@ -6,9 +6,11 @@ and world-facts sets carry no paraphrase: there the answer itself plays the para
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from uipe.errors import UipeError
+from uipe.io import sha256_bytes
 
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
 RETAIN_FOR = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
@@ -95,3 +97,9 @@ def check_disjoint(forget: list[TofuRecord], retain: list[TofuRecord], where: st
             raise UipeError(
                 f"{where}: forget row {i} and retain row {retain_q[r.question]} share the question {r.question!r}"
             )
+
+
+def records_hash(*splits: list[TofuRecord] | tuple[TofuRecord, ...] | list[str] | tuple[str, ...]) -> str:
+    """sha256 of the training data as the loop sees it (format-independent: JSON of the records, in order)."""
+    rows = [[r.to_json() if isinstance(r, TofuRecord) else r for r in split] for split in splits]
+    return sha256_bytes(json.dumps(rows, sort_keys=True).encode())

@@ -1,7 +1,7 @@
 """TOFU evaluation: metric formulas (metrics), TOFU eval logs (tofu_logs), batched scoring (scoring), the
-Evaluator and CLI entry points (evaluate), and the retain reference for forget quality (reference)."""
+Evaluator (evaluate), and the retain reference for forget quality (reference)."""
 
-from uipe.eval.evaluate import EvalResult, Evaluator, evaluate_cli, reference_cli, tofu_report_cli
+from uipe.eval.evaluate import EvalResult, Evaluator
 from uipe.eval.reference import (
     RetainReference,
     compute_reference,
@@ -12,6 +12,6 @@ from uipe.eval.reference import (
 from uipe.eval.tofu_logs import tofu_report
 
 __all__ = [
-    "EvalResult", "Evaluator", "RetainReference", "compute_reference", "evaluate_cli", "load_or_compute_reference",
-    "load_reference", "reference_cli", "save_reference", "tofu_report", "tofu_report_cli",
+    "EvalResult", "Evaluator", "RetainReference", "compute_reference", "load_or_compute_reference", "load_reference",
+    "save_reference", "tofu_report",
 ]

@@ -224,36 +224,3 @@ class _eval_mode:  # noqa: N801 - used as a context manager
 
     def __exit__(self, *exc: object) -> None:
         self.model.train(self.was_training)
-
-
-# -- CLI entry points (wired in uipe/cli.py) -----------------------------------------------------------------------
-def evaluate_cli(model: Path, data: str, forget_split: str, retain_reference: Path, out: Path, template: str,
-                 eval_cfg: EvalConfig, dtype: str, max_length: int = 128) -> dict:
-    """`uipe evaluate`: every aggregate (forget_quality, model_utility, ...) and per-item values -> `out`."""
-    from uipe.eval.reference import default_device, load_reference
-    from uipe.io import atomic_write_json
-    from uipe.models import load_model, load_tokenizer
-
-    reference = load_reference(retain_reference)  # before loading a model: a missing file fails fast
-    evaluator = Evaluator.from_source(data, forget_split, load_tokenizer(model), template, eval_cfg, max_length)
-    evaluator.set_reference(reference)
-    result = evaluator.evaluate(load_model(model, dtype=dtype, device=default_device())).to_json()
-    atomic_write_json(out, result)
-    return result
-
-
-def reference_cli(model: Path, data: str, forget_split: str, out: Path, template: str, eval_cfg: EvalConfig,
-                  dtype: str, max_length: int = 128) -> dict:
-    """`uipe reference`: the retain model's truth ratios -> `out` (reused when model and data are unchanged)."""
-    from uipe.eval.reference import load_or_compute_reference, reference_summary
-    from uipe.models import load_tokenizer
-
-    evaluator = Evaluator.from_source(data, forget_split, load_tokenizer(model), template, eval_cfg, max_length)
-    return reference_summary(load_or_compute_reference(out, evaluator, model, dtype), out)
-
-
-def tofu_report_cli(model_logs: Path, retain_logs: Path) -> dict:
-    """`uipe tofu-report`: forget quality, model utility and the nine components from TOFU eval-log folders."""
-    from uipe.eval.tofu_logs import tofu_report
-
-    return tofu_report(model_logs, retain_logs)

@@ -128,24 +128,19 @@ def check_reference(reference: RetainReference, evaluator: Evaluator) -> RetainR
 def load_or_compute_reference(path: str | Path, evaluator: Evaluator, retain_model_dir: str | Path,
                               dtype: str = "auto", device: str | None = None) -> RetainReference:
     """The cached reference at `path` if it was made from this retain model and data, else compute and save it."""
+    from uipe.stages import reusable
+
     path, mhash = Path(path), model_hash(retain_model_dir)
-    if path.is_file():
-        cached = _from_json(path)
-        if (cached.model_hash, cached.data_hash, cached.forget_split) == (
-                mhash, evaluator.data_hash, evaluator.forget_split):  # data_hash covers all items
-            return cached
-    from uipe.models import load_model
+    cached = _from_json(path) if path.is_file() else None
+    want = {"model_hash": mhash, "data_hash": evaluator.data_hash, "forget_split": evaluator.forget_split}
+    if cached is not None and reusable(cached.to_json(), want, path):
+        return cached  # data_hash covers every evaluation item
+    from uipe.models import default_device, load_model
 
     model = load_model(retain_model_dir, dtype=dtype, device=device or default_device())
     reference = compute_reference(evaluator, model, mhash)
     save_reference(reference, path)
     return reference
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def reference_summary(reference: RetainReference, path: Path | None = None) -> dict:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from uipe.schema import Strict
+
 IGNORE = -100
 TensorDict = dict[str, Tensor]
 
@@ -45,6 +47,7 @@ class Objective:
 
     name: str
     compute: Compute
+    params: type[Strict] | None = None  # the method's parameters (a pydantic model, config key unlearn.<name>)
     needs_ref: bool = False  # a frozen copy of theta_ini (NPO, KL, IdkDPO)
     needs_retain: bool = True  # a retain micro-batch paired with each forget micro-batch
     needs_idk: bool = False  # "I don't know" answers for the forget questions (IdkDPO)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
 from uipe.methods.common import Batch, Metrics, Objective, monitor_nll, nll_of
+from uipe.schema import Strict
+
+
+class Params(Strict):
+    """GA has no parameters."""
 
 
 def ga_loss(nll_forget: Tensor) -> Tensor:
     return -nll_forget
 
 
-def compute(model: nn.Module, ref_model: nn.Module | None, batch: Batch, params: Any) -> tuple[Tensor, Metrics]:
+def compute(model: nn.Module, ref_model: nn.Module | None, batch: Batch, params: Params) -> tuple[Tensor, Metrics]:
     nll_f = nll_of(model, batch.forget)
     loss = ga_loss(nll_f)
     metrics: Metrics = {"loss": loss.detach(), "forget_loss": loss.detach(), "forget_nll": nll_f.detach()}
@@ -24,4 +27,4 @@ def compute(model: nn.Module, ref_model: nn.Module | None, batch: Batch, params:
 
 
 # needs_retain: the loop still pairs a retain batch so that utility is monitored the same way for every method.
-OBJECTIVE = Objective("ga", compute)
+OBJECTIVE = Objective("ga", compute, Params)

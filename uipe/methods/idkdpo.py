@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from uipe.config import IdkDPOParams
 from uipe.methods.common import Batch, Metrics, Objective, answer_logprobs, logits_of, require, sequence_logprobs
 from uipe.methods.common import with_retain_nll
+from uipe.schema import Strict
+
+
+class Params(Strict):
+    beta: float = Field(0.1, gt=0)
+    retain_weight: float = Field(1.0, ge=0)
 
 
 def dpo_loss(
@@ -25,7 +31,7 @@ def dpo_loss(
 
 
 def compute(
-    model: nn.Module, ref_model: nn.Module | None, batch: Batch, params: IdkDPOParams
+    model: nn.Module, ref_model: nn.Module | None, batch: Batch, params: Params
 ) -> tuple[Tensor, Metrics]:
     if ref_model is None:
         raise ValueError("idkdpo needs the reference model")
@@ -40,4 +46,4 @@ def compute(
     return with_retain_nll(forget_loss, forget_nll, model, batch, params.retain_weight, "idkdpo")
 
 
-OBJECTIVE = Objective("idkdpo", compute, needs_ref=True, needs_idk=True)
+OBJECTIVE = Objective("idkdpo", compute, Params, needs_ref=True, needs_idk=True)

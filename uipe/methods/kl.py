@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from uipe.config import KLParams
 from uipe.methods.common import IGNORE, Batch, Metrics, Objective, logits_of, mean_nll, nll_of, require
+from uipe.schema import Strict
+
+
+class Params(Strict):
+    retain_weight: float = Field(1.0, ge=0)
 
 
 def kl_divergence(logits_ref: Tensor, logits_theta: Tensor, labels: Tensor) -> Tensor:
@@ -32,7 +37,7 @@ def kl_loss(nll_forget: Tensor, kl_retain: Tensor, retain_weight: float) -> Tens
     return -nll_forget + retain_weight * kl_retain
 
 
-def compute(model: nn.Module, ref_model: nn.Module | None, batch: Batch, params: KLParams) -> tuple[Tensor, Metrics]:
+def compute(model: nn.Module, ref_model: nn.Module | None, batch: Batch, params: Params) -> tuple[Tensor, Metrics]:
     if ref_model is None:
         raise ValueError("kl needs the reference model")
     retain = require(batch.retain, "retain", "kl")
@@ -48,4 +53,4 @@ def compute(model: nn.Module, ref_model: nn.Module | None, batch: Batch, params:
     }
 
 
-OBJECTIVE = Objective("kl", compute, needs_ref=True)
+OBJECTIVE = Objective("kl", compute, Params, needs_ref=True)

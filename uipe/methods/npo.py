@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from uipe.config import NPOParams
 from uipe.methods.common import Batch, Metrics, Objective, answer_logprobs, logits_of, sequence_logprobs
 from uipe.methods.common import with_retain_nll
+from uipe.schema import Strict
+
+
+class Params(Strict):
+    beta: float = Field(0.1, gt=0)
+    retain_weight: float = Field(1.0, ge=0)
 
 
 def npo_loss(logp_theta_forget: Tensor, logp_ref_forget: Tensor, beta: float) -> Tensor:
@@ -21,7 +27,7 @@ def npo_loss(logp_theta_forget: Tensor, logp_ref_forget: Tensor, beta: float) ->
     return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
 
 
-def compute(model: nn.Module, ref_model: nn.Module | None, batch: Batch, params: NPOParams) -> tuple[Tensor, Metrics]:
+def compute(model: nn.Module, ref_model: nn.Module | None, batch: Batch, params: Params) -> tuple[Tensor, Metrics]:
     if ref_model is None:
         raise ValueError("npo needs the reference model")
     logp_theta, count = answer_logprobs(logits_of(model, batch.forget), batch.forget["labels"])
@@ -32,4 +38,4 @@ def compute(model: nn.Module, ref_model: nn.Module | None, batch: Batch, params:
                            params.retain_weight, "npo")
 
 
-OBJECTIVE = Objective("npo", compute, needs_ref=True)
+OBJECTIVE = Objective("npo", compute, Params, needs_ref=True)

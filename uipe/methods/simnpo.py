@@ -8,10 +8,17 @@ log sigmoid(beta * (NLL/|y| - delta)), i.e. its delta = gamma / beta; both agree
 from __future__ import annotations
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from uipe.config import SimNPOParams
 from uipe.methods.common import Batch, Metrics, Objective, answer_logprobs, logits_of, with_retain_nll
+from uipe.schema import Strict
+
+
+class Params(Strict):
+    beta: float = Field(2.5, gt=0)
+    gamma: float = 0.0
+    retain_weight: float = Field(1.0, ge=0)
 
 
 def simnpo_loss(logp_theta_forget: Tensor, n_tokens: Tensor, beta: float, gamma: float) -> Tensor:
@@ -20,7 +27,7 @@ def simnpo_loss(logp_theta_forget: Tensor, n_tokens: Tensor, beta: float, gamma:
 
 
 def compute(
-    model: nn.Module, ref_model: nn.Module | None, batch: Batch, params: SimNPOParams
+    model: nn.Module, ref_model: nn.Module | None, batch: Batch, params: Params
 ) -> tuple[Tensor, Metrics]:
     logp_theta, count = answer_logprobs(logits_of(model, batch.forget), batch.forget["labels"])
     forget_loss = simnpo_loss(logp_theta, count.clamp_min(1).to(logp_theta.dtype), params.beta, params.gamma)
@@ -28,4 +35,4 @@ def compute(
     return with_retain_nll(forget_loss, forget_nll, model, batch, params.retain_weight, "simnpo")
 
 
-OBJECTIVE = Objective("simnpo", compute)
+OBJECTIVE = Objective("simnpo", compute, Params)

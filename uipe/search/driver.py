@@ -25,11 +25,12 @@ from uipe.console import Task, say
 from uipe.errors import UipeError
 from uipe.io import atomic_write_json, code_version, exclusive
 from uipe.paths import RunPaths
-from uipe.ray_jobs import ensure_ray
+from uipe.ray_session import ensure_ray
 from uipe.search.outcome import RESULT_FILE, finish
 from uipe.search.result import TrialResult
 from uipe.search.space import SearchSpace, build_searcher, default_space_path, load_space
 from uipe.search.trial import KILL_SWITCH, TrialSetup, theta_ini_metrics, trial
+from uipe.stages import cached_value, recorded, reusable
 
 STATE_FILE = "search_state.json"
 
@@ -85,7 +86,18 @@ def _epoch_dirs(paths: RunPaths, method: str, cfg: ExperimentConfig, data: str) 
     dirs = {int(e["epoch"]): str(e["path"]) for e in m["epochs"]}
     if not dirs:
         raise UipeError(f"{manifest}: lists no epoch checkpoints")
+    _check_candidates(m["theta_ini"], dirs)
     return m["theta_ini"], dirs
+
+
+def _check_candidates(theta_ini: str, dirs: dict[int, str]) -> None:
+    """Every candidate readable and shaped as theta_ini (headers and file sizes only): a truncated or corrupt
+    file stops the search before it starts, naming the file, instead of failing its trials one by one."""
+    from uipe.safetensors_io import read_checkpoint, validate_pair
+
+    ini = read_checkpoint(theta_ini)
+    for epoch in sorted(dirs):
+        validate_pair(ini, read_checkpoint(dirs[epoch]))
 
 
 class Progress(tune.Callback):
@@ -134,15 +146,9 @@ def _start_metrics(setup: TrialSetup, cache: Path) -> dict[str, float]:
     """theta_ini's evaluation (the utility the floor refers to), cached beside the search folders."""
     from uipe.eval.reference import model_hash
 
-    key = {"model": model_hash(setup.theta_ini), "eval": setup.eval.model_dump(), "data": setup.data,
-           "forget_split": setup.forget_split, "reference": setup.reference}
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return cached["metrics"]
-    metrics = theta_ini_metrics(setup)
-    atomic_write_json(cache, {"key": key, "metrics": metrics})
-    return metrics
+    want = {"model": model_hash(setup.theta_ini), "eval": setup.eval.model_dump(), "data": setup.data,
+            "forget_split": setup.forget_split, "reference": setup.reference}
+    return cached_value(cache, want, lambda: theta_ini_metrics(setup))
 
 
 def _parent_run(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
@@ -190,9 +196,9 @@ def _previous(paths: RunPaths, method: str, identity: str, resume: bool) -> dict
         if (out / "tune").exists():
             raise UipeError(f"{out}: a search folder without {STATE_FILE}; remove it to start anew")
         return None
-    if json.loads(state_path.read_text())["identity"] != identity:
-        raise UipeError(f"{out}: holds a search with another space, checkpoints or data; remove it (or use "
-                        "another --run-dir) to start anew")
+    # the identity hashes the space, the checkpoints, the evaluation data and the utility threshold
+    reusable(recorded(state_path), {"identity": identity}, out, "holds a search with another space, checkpoints or "
+             "data", "refuse")
     if (out / RESULT_FILE).is_file():
         return json.loads((out / RESULT_FILE).read_text())
     if not resume:

@@ -7,6 +7,7 @@ deprecates samplers' constraints_func, and a lambda would not pickle when Tune c
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -66,9 +67,10 @@ class SearchSpace(Strict):
 
 
 def default_space_path(method: str, space_dir: str = "tune_spaces") -> Path:
-    """tune_spaces/<method>.yaml, relative to the working directory, else to the repository that holds uipe."""
-    for root in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        path = root / space_dir / f"{method}.yaml"
+    """<space_dir>/<method>.yaml relative to the working directory (a user's own spaces), else the default space
+    shipped inside the package (uipe/tune_spaces, the repository's tune_spaces/ in a wheel)."""
+    for path in (Path.cwd() / space_dir / f"{method}.yaml",
+                 Path(str(resources.files("uipe") / "tune_spaces" / f"{method}.yaml"))):
         if path.is_file():
             return path
     raise UipeError(f"{space_dir}/{method}.yaml: space file not found (pass --space FILE)")

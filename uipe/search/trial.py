@@ -91,12 +91,12 @@ def trial(config: dict, setup: TrialSetup, utility_threshold: float, fault: str 
     from ray import tune
 
     alpha, epoch = float(config["alpha"]), int(config["epoch"])
-    _maybe_die(fault, alpha)
+    _maybe_die(fault, alpha, epoch)
     result = evaluate_point(setup, alpha, epoch, utility_threshold)
     tune.report({**result.to_report(), "alpha": alpha, "epoch": epoch})
 
 
-def _maybe_die(fault: str, alpha: float) -> None:
+def _maybe_die(fault: str, alpha: float, epoch: int) -> None:
     """Tests only: a trial process killed mid-trial, once (a marker file remembers), at the given alpha."""
     if not fault:
         return
@@ -104,5 +104,5 @@ def _maybe_die(fault: str, alpha: float) -> None:
     marker = opts["marker"]
     if math.isclose(alpha, float(opts["alpha"])) and not os.path.exists(marker):
         with open(marker, "w") as f:
-            f.write(f"killed at alpha {alpha}\n")
+            f.write(f"{epoch}\n")  # the epoch of the trial killed
         os._exit(137)

@@ -1,11 +1,10 @@
-"""Driver-side plumbing for uipe.train: the Ray session, resource checks, run identities, one TorchTrainer per job,
+"""Driver-side plumbing for the training recipes: resource checks, run identities, one TorchTrainer per job,
 and reading results back (epoch rows, epoch folders restored from Ray checkpoints).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from collections.abc import Callable
@@ -19,25 +18,10 @@ from uipe.config import ExperimentConfig, TrainConfig
 from uipe.errors import UipeError
 from uipe.io import atomic_dir
 from uipe.paths import RunPaths
-from uipe.train_parts import Job, Runtime
+from uipe.stages import reusable
+from uipe.train.job import Job, Runtime
 
 FAULT_ENV = "UIPE_TEST_FAULT"  # tests only: see Job.fault
-
-
-def ensure_ray() -> None:
-    """Join the cluster RAY_ADDRESS names (a `ray job submit` entrypoint, a test's shared session), or start a local
-    Ray, unless one is up: the CLI, the search and the tests share one session.
-
-    The local Ray keeps its dashboard (on 127.0.0.1): it serves the State API, which Ray Train V2's
-    PlacementGroupCleaner polls during every fit; without it that actor logs "Failed to query Ray Train Controller
-    actor state" every few seconds (Ray 2.60).
-    """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # include_dashboard may not be passed when connecting to an existing cluster
-    else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def use_gpu(train: TrainConfig) -> bool:
@@ -64,10 +48,8 @@ def train_identity(train: TrainConfig) -> dict[str, Any]:
 
 
 def check_ray_run(storage: str, run_name: str, job_hash: str, folder: Path) -> None:
-    state = latest_run_state(storage, run_name)
-    if state is not None and state.get("job_hash") != job_hash:
-        raise UipeError(f"{storage}/{run_name}: Ray checkpoints of a different config/data; use a new run folder, "
-                        f"or delete it (and {folder}) to start over")
+    reusable(latest_run_state(storage, run_name), {"job_hash": job_hash}, f"{storage}/{run_name}",
+             f"Ray checkpoints of a different config/data (delete them and {folder} to start over)", "refuse")
 
 
 def fit(cfg: ExperimentConfig, paths: RunPaths, job: Job, run_name: str, keep_all: bool,
@@ -157,10 +139,6 @@ class FitWatcher:
 
 def runtime(cfg: ExperimentConfig, paths: RunPaths) -> Runtime:
     return Runtime(use_gpu=use_gpu(cfg.train), fault=os.environ.get(FAULT_ENV, ""))
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def epoch_row(history: list[dict[str, Any]], epoch: int) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Training on Ray Train (V2) with FSDP2: `prepare` (TOFU's target and retain models) and `unlearn` (a base method,
-a Hugging Face model folder per epoch). One loop, `train_loop`, read top to bottom: setup, train, save.
+"""The training recipes on the driver, top to bottom: `prepare` (TOFU's target and retain models) and `unlearn` (a
+base method, a Hugging Face model folder per epoch), each one Ray Train TorchTrainer running uipe/train/loop.py.
 
     prepare(cfg, run_dir) -> {"target": meta, "retain": meta}
     unlearn(cfg, run_dir, method) -> the manifest path (unlearn/<method>/manifest.json)
@@ -7,141 +7,28 @@ a Hugging Face model folder per epoch). One loop, `train_loop`, read top to bott
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from uipe.checkpoint import (
-    config_hash, link_tree, load_train_state, model_identity, read_meta, records_hash, require_weights,
-    save_train_state,
-)
+from uipe.checkpoint import config_hash, model_identity, read_meta, require_weights
+from uipe.data import records_hash
 from uipe.config import ExperimentConfig
 from uipe.errors import UipeError
 from uipe.gate import rouge_failure, utility_failure
 from uipe.io import atomic_write_json, code_version
-from uipe.methods import UNLEARN_METHODS, get_objective
+from uipe.methods import get_objective
 from uipe.paths import RunPaths
-from uipe.ray_jobs import (
-    check_ray_run, check_workers, ensure_ray, epoch_row, fit, read_json, restore_missing_epochs,
-    runtime, storage_path, train_identity,
+from uipe.stages import recorded, reusable
+from uipe.ray_session import ensure_ray
+from uipe.train.driver import (
+    check_ray_run, check_workers, epoch_row, fit, restore_missing_epochs, runtime, storage_path,
+    train_identity,
 )
-from uipe.progress import Reporter
-from uipe.train_parts import (
-    Job, Streams, accumulation_groups, export_epoch, finish_prepare, full_value, load_sharded, lr_factor, maybe_fail,
-    mean_over_ranks,
-)
-
-# ==== the loop (runs on every Ray Train worker) =====================================================================
-
-
-def train_loop(config: dict[str, Any]) -> dict[str, Any]:
-    import ray.train
-    from ray.train import Checkpoint
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from uipe.models import load_tokenizer
-
-    # ---- setup: process, device, data, sharded models, optimiser, and the state to resume from ----
-    job: Job = config["job"]
-    t_start = time.perf_counter()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # ~20x slower training here without it
-    torch.set_num_threads(job.train.threads_per_worker)
-    torch.manual_seed(job.train.seed)
-    device = ray.train.torch.get_device() if job.runtime.use_gpu else torch.device("cpu")
-    objective = get_objective(job.objective)
-    streams = Streams(job, load_tokenizer(job.model_path), rank, world, objective.needs_retain, objective.needs_idk)
-    mesh = init_device_mesh(device.type, (world,))
-    model = load_sharded(job, device, mesh, trainable=True)
-    ref = load_sharded(job, device, mesh, trainable=False) if objective.needs_ref else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=job.train.weight_decay)
-    accum = job.train.effective_batch_size // (job.train.micro_batch_size * world)
-    groups = accumulation_groups(streams.micro_batches_per_epoch(), accum)
-    warmup = round(job.train.warmup_epochs * len(groups))
-    total_steps = job.epochs * len(groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=warmup, total=total_steps,
-                                                                     schedule=job.schedule))
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "job_hash": job.job_hash}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restart after a failure, or a re-run of the same run name: continue exactly
-        with checkpoint.as_directory() as folder:
-            state = load_train_state(Path(folder), model, optimizer)
-        if state["job_hash"] != job.job_hash:
-            raise RuntimeError(f"Ray checkpoint {checkpoint.path} belongs to another job; use a new run folder")
-        scheduler.load_state_dict(state["scheduler"])
-    report = Reporter(job.runtime.board) if rank == 0 else None  # to the driver, which logs and shows it
-
-    setup_seconds = time.perf_counter() - t_start
-
-    # ---- train: one optimizer step per group of micro-batches, metrics averaged over ranks per epoch ----
-    for epoch in range(state["epoch"] + 1, job.epochs + 1):
-        t0, sums, n_micro, tokens = time.perf_counter(), {}, 0, 0
-        batches = streams.epoch(epoch, device)
-        for size in groups:
-            t_step, step_tokens = time.perf_counter(), 0
-            for k in range(size):
-                batch, n_tok = next(batches)
-                model.set_requires_gradient_sync(k == size - 1)  # reduce-scatter once per optimizer step
-                loss, metrics = objective.compute(model, ref, batch, job.params)
-                (loss / size).backward()
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                n_micro, step_tokens = n_micro + 1, step_tokens + n_tok
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            tokens += step_tokens
-            maybe_fail(job.runtime.fault, epoch, rank)
-            if report is not None:  # the last micro-batch's terms; tokens/s counts every rank's tokens
-                report.step(state["step"], {**{k: float(v) for k, v in metrics.items()},
-                                            "lr": scheduler.get_last_lr()[0], "grad_norm": float(full_value(grad_norm)),
-                                            "tokens_per_s": step_tokens * world / (time.perf_counter() - t_step)})
-        epoch_metrics = mean_over_ranks(sums, n_micro, device)
-        seconds = time.perf_counter() - t0
-        epoch_metrics |= {"epoch": epoch, "optimizer_steps": state["step"], "seconds": seconds,
-                          "tokens_per_s": tokens * world / seconds}
-        state["history"].append(epoch_metrics)
-        state["epoch"], state["scheduler"] = epoch, scheduler.state_dict()
-        if report is not None:
-            report.epoch(epoch, state["step"], {**epoch_metrics, "total_steps": total_steps})
-
-        # ---- save: an HF folder per epoch (unlearn), the sharded state as a Ray checkpoint (resume) ----
-        hf_folder = None
-        if job.export_every_epoch:
-            hf_folder = export_epoch(job, model, Path(job.export) / f"epoch_{epoch:02d}", device, rank,
-                                     {**job.meta, **epoch_metrics})
-        if job.export_every_epoch or epoch % job.checkpoint_every == 0 or epoch == job.epochs:
-            with tempfile.TemporaryDirectory(prefix="uipe-ckpt-") as tmp:
-                save_train_state(Path(tmp), model, optimizer, state, rank)
-                if hf_folder is not None:
-                    link_tree(hf_folder, Path(tmp) / "hf")
-                ray.train.report(epoch_metrics, checkpoint=Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"epoch_{epoch:02d}")
-
-    # ---- prepare: gate on greedy ROUGE-L, then publish the final folder ----
-    result: dict[str, Any] = {"history": state["history"], "optimizer_steps": state["step"],
-                              "setup_seconds": setup_seconds, "loop_seconds": time.perf_counter() - t_start}
-    if not job.export_every_epoch:
-        result |= finish_prepare(job, model, device, rank, state)
-        if report is not None:  # the gate's figures beside the training curves
-            gate = {f"gate_rouge_l_{k}": v for k, v in result["gate_rouge_l"].items()}
-            if result["model_utility"] is not None:
-                gate["gate_model_utility"] = result["model_utility"]
-            report.final(state["step"], gate)
-    return result
-
-
-# ==== the driver: one TorchTrainer per model ==========================================================================
+from uipe.train.job import Job
+from uipe.train.loop import train_loop
 
 
 def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -183,9 +70,7 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
             "prepare": cfg.prepare, "train": train_identity(train_cfg), "model": cfg.model.model_dump(
                 exclude={"target"}), "base": model_identity(base)})}
         meta = read_meta(folder)
-        if meta is not None:
-            if {k: meta.get(k) for k in ident} != ident:
-                raise UipeError(f"{folder}: trained on other data or settings; use a new run folder or delete it")
+        if reusable(meta, ident, folder, "trained on other data or settings", "refuse"):
             out[role] = {**meta, "path": str(folder), "trained": False}
             continue
         run_name = f"{cfg.name}-prepare-{role}"
@@ -243,18 +128,15 @@ def unlearn(cfg: ExperimentConfig, run_dir: str | Path, method: str, resume: boo
     Re-running resumes (same run name, same job hash); a run folder holding another config's results is an error.
     resume=False deletes this method's earlier results (folders and Ray checkpoints) first.
     """
-    from uipe.data import RETAIN_FOR, ensure_data, forget_and_retain, load_idk
+    from uipe.data import RETAIN_FOR, ensure_data, unlearning_records
 
-    if method not in UNLEARN_METHODS:
-        raise UipeError(f"unknown method {method!r}; choose one of {', '.join(UNLEARN_METHODS)}")
     objective, params = get_objective(method), cfg.method_params(method)
     paths = RunPaths.of(run_dir)
     theta_ini = require_weights(cfg.model.target or paths.target_model, "target model")
     ensure_ray()
     check_workers(cfg.train)
     source = ensure_data(cfg, paths)
-    forget, retain = forget_and_retain(source, cfg.data.forget_split)
-    idk = tuple(load_idk(source)) if objective.needs_idk else ()
+    forget, retain, idk = unlearning_records(source, cfg.data.forget_split, objective.needs_idk)
     data_hash = records_hash(forget, retain, idk)
     ident = {"method": method, "params": params, "unlearn": cfg.unlearn.model_dump(include={"epochs", "lr"}),
              "train": train_identity(cfg.train), "model": cfg.model.model_dump(exclude={"target", "base"}),
@@ -266,12 +148,12 @@ def unlearn(cfg: ExperimentConfig, run_dir: str | Path, method: str, resume: boo
         if "://" not in storage:
             shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
     job_file = folder / "job.json"
-    old = read_json(job_file)
-    if (old or {}).get("job_hash", job_hash) != job_hash or (old is None and folder.exists() and any(folder.iterdir())):
-        raise UipeError(f"{folder}: results of a different config/data; use a new run folder or delete it")
+    old = recorded(job_file)
+    if old is None and folder.exists() and any(folder.iterdir()):
+        raise UipeError(f"{folder}: results without a {job_file.name}; use a new run folder or delete it")
+    reusable(old, {"job_hash": job_hash}, folder, "results of a different config/data", "refuse")
     check_ray_run(storage, run_name, job_hash, folder)
-    manifest = read_json(paths.manifest(method))
-    if manifest is not None and manifest["job_hash"] == job_hash:
+    if reusable(recorded(paths.manifest(method)), {"job_hash": job_hash}, folder):
         return paths.manifest(method)  # finished before: nothing to do
     atomic_write_json(job_file, {"job_hash": job_hash, "method": method, "theta_ini": str(theta_ini)})
     meta = {"kind": "unlearn", "method": method, "theta_ini": str(theta_ini), "job_hash": job_hash,
