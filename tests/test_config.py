@@ -17,6 +17,9 @@ def test_tiny_preset_loads_and_overrides_apply() -> None:
     assert cfg.name == "tiny" and cfg.data.forget_split == "forget05"
     assert (cfg.unlearn.lr, cfg.unlearn.methods, cfg.unlearn.npo.beta) == (2e-5, ["npo"], 0.5)
     assert cfg.method_params("graddiff").retain_weight == 1.0
+    # YAML reads yes/no as booleans; train.use_gpu takes them as its words
+    assert [load_config(None, [f"train.use_gpu={v}"]).train.use_gpu for v in ("yes", "no", "auto")] == [
+        "yes", "no", "auto"]
 
 
 @pytest.mark.parametrize(

@@ -319,6 +319,12 @@ def test_worker_failure_resumes_exactly(prepared: tuple[Path, dict], ga_manifest
     for mine, ref in zip(manifest["epochs"], ga_manifest["epochs"]):
         a, b = load_file(Path(mine["path"]) / "model.safetensors"), load_file(Path(ref["path"]) / "model.safetensors")
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b), mine["epoch"]
+    # train.keep_train_states=1: only the newest epoch keeps its sharded training state (the resume above used
+    # epoch 1's before epoch 2's existed); every epoch keeps its HF export, the search's candidates.
+    ckpts = RunPaths.of(other).ray_storage / f"{cfg.name}-ga"
+    assert [(e.name, (e / "dcp").is_dir(), (e / "hf" / "model.safetensors").is_file())
+            for e in sorted(ckpts.glob("epoch_*"))] == [("epoch_01", False, True), ("epoch_02", False, True),
+                                                        ("epoch_03", True, True)]
     # Re-running a finished run returns its manifest; the same folder with another config is refused.
     assert json.loads(unlearn(cfg, other, "ga").read_text()) == manifest
     with pytest.raises(UipeError, match="results of a different config"):

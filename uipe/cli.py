@@ -52,6 +52,13 @@ def _quiet(paths, command: str, verbose: bool):
     return quiet(log, verbose_requested(verbose), until_exit=True)
 
 
+def _data_source(cfg, paths) -> str:
+    """The configured data (data.source; the synthetic benchmark is made under the run folder if missing)."""
+    from uipe.data import ensure_data
+
+    return ensure_data(cfg, paths)
+
+
 def _setup(config: Path | None, run_dir: Path | None, overrides: list[str] | None):
     from uipe.config import load_config
     from uipe.paths import RunPaths
@@ -164,7 +171,7 @@ def evaluate(model: Annotated[Path, typer.Option("--model")],
     """TOFU evaluation of one model: forget quality, model utility, related-knowledge forgetting."""
     cfg, paths = _setup(config, run_dir, set_)
     eval_cfg = cfg.eval.model_copy(update={"subset": subset}) if subset else cfg.eval
-    result = evaluate_cli(model, data or str(paths.data), forget_split or cfg.data.forget_split,
+    result = evaluate_cli(model, data or _data_source(cfg, paths), forget_split or cfg.data.forget_split,
                           retain_reference or paths.retain_reference, out, cfg.model.prompt_template, eval_cfg,
                           cfg.model.dtype, cfg.model.max_length)
     typer.echo(json.dumps({k: result[k] for k in ("forget_quality", "model_utility")}))
@@ -178,7 +185,7 @@ def reference(model: Annotated[Optional[Path], typer.Option("--model", help="Ret
               config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
     """Evaluate the retain model once and cache its truth ratios (the reference for forget quality)."""
     cfg, paths = _setup(config, run_dir, set_)
-    summary = reference_cli(model or paths.retain_model, data or str(paths.data),
+    summary = reference_cli(model or paths.retain_model, data or _data_source(cfg, paths),
                             forget_split or cfg.data.forget_split, out or paths.retain_reference,
                             cfg.model.prompt_template, cfg.eval, cfg.model.dtype, cfg.model.max_length)
     typer.echo(json.dumps(summary, indent=1))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from uipe.data.records import FORGET_SPLITS
 from uipe.errors import UipeError
@@ -81,10 +81,19 @@ class TrainConfig(Strict):
     threads_per_worker: int = Field(1, ge=1)
     storage_path: str | None = None  # Ray storage (local, NFS, s3://); default <run_dir>/ray
     max_failures: int = Field(1, ge=0)
+    # Epochs whose sharded training state (model + optimizer, DCP: ~14 bytes/param) stays in Ray's checkpoints; older
+    # ones keep only their HF export (the search candidates) and state.json. Resume needs only the latest.
+    keep_train_states: int = Field(1, ge=1)
     seed: int = 0
     # FSDP2: free the gathered weights after forward (ZeRO-3, least memory) or keep them for backward (one all-gather
     # per micro-batch instead of two: faster when the model fits unsharded, e.g. on CPU; see docs/BENCHMARKS.md).
     reshard_after_forward: bool = True
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _yes_no(cls, value: object) -> object:
+        # YAML (and so --set train.use_gpu=yes) reads yes/no as booleans
+        return {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
 
 
 class PrepareConfig(Strict):

@@ -52,6 +52,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def peak_memory_bytes(device: str | torch.device, reset: bool = False) -> float:
+    """Peak memory of this process so far: on CUDA the device's allocated peak (`reset` starts a new window), else
+    the peak resident set (ru_maxrss, never reset: the whole process's high-water mark)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        peak = float(torch.cuda.max_memory_allocated(device))
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
+
+
 def resolve_dtype(dtype: str, device: str | torch.device = "cpu") -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32

@@ -40,6 +40,7 @@ class TrialResult:
     related_forget_quality: float = NAN
     utility_constraint: float = NAN
     trial_seconds: float = NAN
+    peak_memory_bytes: float = NAN  # the trial process's: CUDA allocated peak of this trial, else peak RSS
     error: str = ""
     metrics: Mapping[str, float] = field(default_factory=dict)  # the evaluator's other aggregates (retain_prob, ...)
 
@@ -49,12 +50,13 @@ class TrialResult:
 
     @classmethod
     def scored(cls, alpha: float, epoch: int, aggregates: Mapping[str, float], threshold: float,
-               seconds: float, trial_id: str = "") -> TrialResult:
+               seconds: float, trial_id: str = "", peak_memory_bytes: float = NAN) -> TrialResult:
         """A completed trial from the evaluator's aggregates and the utility threshold (floor x MU(theta_ini))."""
         constraint = threshold - aggregates["model_utility"]
         named = {k: float(aggregates[k]) for k in HEADLINE if k in aggregates}
         return cls(trial_id, "ok", float(alpha), int(epoch), feasible=constraint <= 0, utility_constraint=constraint,
-                   trial_seconds=seconds, metrics={k: float(v) for k, v in aggregates.items() if k not in named},
+                   trial_seconds=seconds, peak_memory_bytes=peak_memory_bytes,
+                   metrics={k: float(v) for k, v in aggregates.items() if k not in named},
                    **named)
 
     @classmethod
@@ -81,7 +83,7 @@ class TrialResult:
         """Rebuild the record from what Tune kept of a trial's report."""
         numeric = {k: float(v) for k, v in reported.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         own = {f.name for f in fields(cls)}
-        named = {k: numeric[k] for k in HEADLINE + (CONSTRAINT, "trial_seconds") if k in numeric}
+        named = {k: numeric[k] for k in HEADLINE + (CONSTRAINT, "trial_seconds", "peak_memory_bytes") if k in numeric}
         return cls(trial_id, "ok", float(config["alpha"]), int(config["epoch"]),
                    feasible=numeric.get("feasible", 0.0) > 0,
                    metrics={k: v for k, v in numeric.items() if k not in own and k not in TUNE_KEYS},

@@ -70,14 +70,18 @@ def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshol
     """Extrapolate in memory and evaluate; raise when the extrapolated model's metrics are not finite."""
     from uipe.update_vector import cached_update_vector
 
+    from uipe.models import peak_memory_bytes
+
     start = time.perf_counter()
     model, evaluator, device = context(setup)
+    peak_memory_bytes(device, reset=True)
     cached_update_vector(setup.theta_ini, setup.epoch_dirs[epoch], device=device).apply(model, alpha)
     metrics = evaluator.evaluate(model).aggregates
     bad = [k for k in ("forget_quality", "model_utility") if not math.isfinite(metrics.get(k, math.nan))]
     if bad:
         raise ValueError(f"alpha={alpha} epoch={epoch}: {bad[0]} is not finite (the extrapolated model broke)")
-    return TrialResult.scored(alpha, epoch, metrics, utility_threshold, time.perf_counter() - start)
+    return TrialResult.scored(alpha, epoch, metrics, utility_threshold, time.perf_counter() - start,
+                              peak_memory_bytes=peak_memory_bytes(device))
 
 
 def theta_ini_metrics(setup: TrialSetup) -> dict[str, float]:

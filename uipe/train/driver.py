@@ -43,8 +43,8 @@ def storage_path(cfg: ExperimentConfig, paths: RunPaths) -> str:
 
 
 def train_identity(train: TrainConfig) -> dict[str, Any]:
-    """The training settings that change the weights (not storage, retry counts, nor FSDP2 memory policy)."""
-    return train.model_dump(exclude={"storage_path", "max_failures", "reshard_after_forward"})
+    """The training settings that change the weights (not storage, retention, retries, nor FSDP2 memory policy)."""
+    return train.model_dump(exclude={"storage_path", "max_failures", "reshard_after_forward", "keep_train_states"})
 
 
 def check_ray_run(storage: str, run_name: str, job_hash: str, folder: Path) -> None:
@@ -65,14 +65,16 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, job: Job, run_name: str, keep_al
     env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cfg.train.threads_per_worker),
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     board = Board.remote()
-    job = dataclasses.replace(job, runtime=dataclasses.replace(job.runtime, board=board))
+    storage = storage_path(cfg, paths)
+    job = dataclasses.replace(job, runtime=dataclasses.replace(job.runtime, board=board,
+                                                               run_storage=f"{storage.rstrip('/')}/{run_name}"))
     trainer = TorchTrainer(
         loop,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=job.runtime.use_gpu),
         torch_config=TorchConfig(backend="nccl" if job.runtime.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=run_name, storage_path=storage_path(cfg, paths),
+            name=run_name, storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None if keep_all else 1),
             worker_runtime_env={"env_vars": env},
@@ -142,7 +144,8 @@ def runtime(cfg: ExperimentConfig, paths: RunPaths) -> Runtime:
 
 
 def epoch_row(history: list[dict[str, Any]], epoch: int) -> dict[str, Any]:
-    keys = ("loss", "forget_loss", "retain_loss", "forget_nll", "retain_nll", "optimizer_steps", "seconds")
+    keys = ("loss", "forget_loss", "retain_loss", "forget_nll", "retain_nll", "optimizer_steps", "seconds",
+            "tokens_per_s", "peak_memory_bytes")
     row = next(h for h in history if h["epoch"] == epoch)
     return {k: row[k] for k in keys if k in row}
 

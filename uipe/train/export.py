@@ -12,10 +12,19 @@ from uipe.io import atomic_dir
 from uipe.train.job import Job
 
 
-def save_dtype(job: Job, device: torch.device) -> torch.dtype:
-    from uipe.models import resolve_dtype
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
-    return resolve_dtype(job.model.dtype, device)
+
+def save_dtype(job: Job, device: torch.device) -> torch.dtype:
+    """model.dtype when set; with "auto", the start checkpoint's own float dtype, so every exported epoch pairs with
+    theta_ini tensor for tensor (UIPE's operator needs the same dtypes), whatever precision training ran in."""
+    from uipe.models import resolve_dtype
+    from uipe.safetensors_io import read_checkpoint
+
+    if job.model.dtype != "auto":
+        return resolve_dtype(job.model.dtype, device)
+    floats = [d for d, _ in read_checkpoint(job.model_path).specs.values() if d in _SAFETENSORS_FLOATS]
+    return _SAFETENSORS_FLOATS[max(set(floats), key=floats.count)] if floats else resolve_dtype("auto", device)
 
 
 def export_epoch(job: Job, model: torch.nn.Module, out: Path, device: torch.device, rank: int,

@@ -18,6 +18,7 @@ class Runtime:
     use_gpu: bool
     board: Any = None  # uipe.progress.Board: rank 0 posts metrics and progress there; the driver logs them
     fault: str = ""  # tests only: "epoch=E,rank=R,marker=PATH" raises once in epoch E on rank R
+    run_storage: str = ""  # <storage>/<run name>: where Ray keeps this fit's checkpoints (a path or a URI)
 
 
 @dataclass(frozen=True)

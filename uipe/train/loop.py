@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from uipe.checkpoint import link_tree, load_train_state, save_train_state
+from uipe.checkpoint import link_tree, load_train_state, prune_train_states, save_train_state
 from uipe.methods import get_objective
+from uipe.models import peak_memory_bytes
 from uipe.progress import Reporter
 from uipe.train.export import export_epoch, finish_prepare
 from uipe.train.job import Job
@@ -92,7 +93,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         epoch_metrics = mean_over_ranks(sums, n_micro, device)
         seconds = time.perf_counter() - t0
         epoch_metrics |= {"epoch": epoch, "optimizer_steps": state["step"], "seconds": seconds,
-                          "tokens_per_s": tokens * world / seconds}
+                          "tokens_per_s": tokens * world / seconds,
+                          "peak_memory_bytes": peak_memory_bytes(device)}  # rank 0's; CUDA: allocated
         state["history"].append(epoch_metrics)
         state["epoch"], state["scheduler"] = epoch, scheduler.state_dict()
         if report is not None:
@@ -110,6 +112,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                     link_tree(hf_folder, Path(tmp) / "hf")
                 ray.train.report(epoch_metrics, checkpoint=Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"epoch_{epoch:02d}")
+            if rank == 0:  # epoch's state is persisted: older training states beyond the kept ones can go
+                prune_train_states(job.runtime.run_storage, epoch, job.train.keep_train_states)
 
     # ---- prepare: gate on greedy ROUGE-L, then publish the final folder ----
     result: dict[str, Any] = {"history": state["history"], "optimizer_steps": state["step"],
