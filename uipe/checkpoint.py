@@ -19,6 +19,7 @@ from torch import nn
 
 from uipe.errors import UipeError
 from uipe.io import sha256_bytes
+from uipe.safetensors_io import carried_files
 from uipe.stages import META_FILE
 
 STATE_FILE = "state.json"  # epoch, optimizer step, scheduler, history, job hash: beside the DCP shards
@@ -119,10 +120,8 @@ def write_hf_folder(out: Path, state: dict[str, torch.Tensor], source: str | Pat
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    for p in src.iterdir():  # tokenizer and generation files; never weights or uipe's own metadata
-        if p.is_file() and p.name not in ("config.json", META_FILE, "model.safetensors.index.json") \
-                and not p.name.endswith((".safetensors", ".bin", ".pt", ".pth")):
-            shutil.copy2(p, out / p.name)
+    for p in carried_files(src, exclude=("config.json",)):  # tokenizer, generation settings
+        shutil.copy2(p, out / p.name)
     (out / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
     return out
 

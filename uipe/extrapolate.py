@@ -24,18 +24,10 @@ from safetensors.torch import save_file
 
 from uipe.errors import UipeError
 from uipe.io import atomic_dir, atomic_write_json
-from uipe.safetensors_io import (
-    INDEX_FILE,
-    WEIGHT_SUFFIXES,
-    Checkpoint,
-    ShardReader,
-    Spec,
-    read_checkpoint,
-    validate_pair,
-)
+from uipe.safetensors_io import INDEX_FILE, Checkpoint, ShardReader, Spec, carried_files, read_checkpoint, validate_pair
+from uipe.stages import META_FILE
 
 OPERATOR = "theta_un + alpha*(theta_un - theta_ini)"
-META_FILE = "uipe_meta.json"
 # Elements per arithmetic step: small fp32 scratch buffers, reused, instead of whole-tensor fp32 temporaries.
 CHUNK = 1 << 18
 
@@ -171,16 +163,10 @@ class _OutputPool:
         self.free.setdefault(spec, []).append(t)
 
 
-def _copy_other_files(src: Path, dst: Path, shards: tuple[str, ...]) -> None:
-    """Copy config, tokenizer, index, ... (not weights of any format, not uipe's own metadata, not sub-folders)."""
-    for p in sorted(src.iterdir()):
-        name = p.name
-        skip = (
-            not p.is_file() or name.startswith(".") or name in shards or name == META_FILE
-            or name.endswith(WEIGHT_SUFFIXES) or (name.endswith(".index.json") and name != INDEX_FILE)
-        )
-        if not skip:
-            shutil.copy2(p, dst / name)
+def _copy_other_files(src: Path, dst: Path) -> None:
+    """Config, tokenizer, ... and theta_un's index (the output keeps theta_un's shard names)."""
+    for p in carried_files(src) + [p for p in [src / INDEX_FILE] if p.is_file()]:
+        shutil.copy2(p, dst / p.name)
 
 
 def _progress_line(i: int, n: int, shard: str, nbytes: int, seconds: float) -> None:
@@ -244,7 +230,7 @@ def extrapolate_folder(
             moved = _write_shard(ini, un, shard, alpha, tmp, pool, scratch)
             if progress:
                 _progress_line(i, len(un.shards), shard, moved, time.perf_counter() - t0)
-        _copy_other_files(un.folder, tmp, un.shards)
+        _copy_other_files(un.folder, tmp)
         atomic_write_json(tmp / META_FILE, {
             "init": str(init.resolve()), "unlearned": str(unlearned.resolve()), "alpha": alpha, "operator": OPERATOR,
         })

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from uipe.errors import UipeError
+from uipe.stages import META_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -24,6 +25,14 @@ SINGLE_FILE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".pkl")
 
 Spec = tuple[str, tuple[int, ...]]  # (safetensors dtype name such as "BF16", shape)
+
+
+def carried_files(src: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
+    """The files a new model folder takes from the one it was made from: config, tokenizer, generation settings.
+    Never weights of any format, weight indexes, uipe's record of how a folder was made, hidden files or folders."""
+    return [p for p in sorted(Path(src).iterdir())
+            if p.is_file() and not p.name.startswith(".") and p.name not in (META_FILE, *exclude)
+            and not p.name.endswith((*WEIGHT_SUFFIXES, ".index.json"))]
 
 
 def unreadable(path: Path, reason: object) -> UipeError:

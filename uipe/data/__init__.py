@@ -1,5 +1,9 @@
 """TOFU-format data: the record type, loaders (local folder or HF dataset id) and the synthetic benchmark."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from uipe.data.loaders import (
     forget_and_retain,
     has_split,
@@ -23,6 +27,10 @@ from uipe.data.records import (
     records_hash,
 )
 
+if TYPE_CHECKING:
+    from uipe.config import ExperimentConfig
+    from uipe.paths import RunPaths
+
 __all__ = [
     "EVAL_SPLITS", "FORGET_SPLITS", "RETAIN_FOR", "UTILITY_EVAL_SPLITS", "TofuRecord", "check_forget_split",
     "eval_split_for", "forget_and_retain", "has_split", "load_idk", "load_split", "packaged_tofu_dir",
@@ -31,7 +39,7 @@ __all__ = [
 ]
 
 
-def ensure_data(cfg: "ExperimentConfig", paths: "RunPaths") -> str:  # noqa: F821 - types only
+def ensure_data(cfg: ExperimentConfig, paths: RunPaths) -> str:
     """The data source of a run: the synthetic benchmark is written under the run folder once (same params ->
     same bytes; its benchmark.json is the record), anything else is used where it is."""
     from uipe.data.synth import write_benchmark
