@@ -74,7 +74,7 @@ def test_cli_data_synth_writes_all_splits_deterministically(tmp_path: Path) -> N
         subprocess.run([sys.executable, "-m", "uipe.cli", "data", "synth", "--out", str(tmp_path / name), "--seed",
                         "0", "--authors", "40"], check=True, capture_output=True, timeout=120)
     a, b = sorted((tmp_path / "a").iterdir()), sorted((tmp_path / "b").iterdir())
-    assert [p.name for p in a] == [p.name for p in b] and len(a) == 19
+    assert [p.name for p in a] == [p.name for p in b] and len(a) == 19 + 6  # + holdout01/05/10 and _perturbed
     assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
     again = subprocess.run([sys.executable, "-m", "uipe.cli", "data", "synth", "--out", str(tmp_path / "a")],
                            capture_output=True, text=True, timeout=120)

@@ -18,6 +18,7 @@ from uipe.data import (
     retain_training_records,
     target_training_records,
 )
+from uipe.data.records import HOLDOUT_FOR, HOLDOUT_SPLITS
 from uipe.data.synth import write_benchmark
 from uipe.errors import UipeError
 
@@ -37,9 +38,34 @@ def test_every_split_is_written(synth_dir: Path) -> None:
     names = {p.stem for p in synth_dir.glob("*.json")}
     expected = set(FORGET_SPLITS) | set(RETAIN_FOR.values()) | {f"{s}_perturbed" for s in FORGET_SPLITS} | {
         "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed", "related", "related_perturbed",
-        "real_authors", "world_facts", "benchmark"}
+        "real_authors", "world_facts", "benchmark"} | set(HOLDOUT_SPLITS)
     assert names == expected
     assert len(load_idk(synth_dir)) == 100
+
+
+def test_holdout_authors_are_new_nested_and_as_many_as_the_forget_authors(synth_dir: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    meta = json.loads((synth_dir / "benchmark.json").read_text())
+    trained = {r.author for split in ("retain90", "forget10", "related", "real_authors", "world_facts")
+               for r in load_split(synth_dir, split)} | set(meta["authors"])
+    previous: set[str] = set()
+    for forget, holdout in HOLDOUT_FOR.items():
+        records = load_split(synth_dir, holdout)
+        authors = {r.author for r in records}
+        assert len(authors) == len(meta["forget_authors"][forget]) and not authors & trained
+        assert len(records) == 8 * len(authors) and previous <= authors  # base facts only; nested like forget
+        assert [r.question for r in load_split(synth_dir, f"{holdout}_perturbed")] == [r.question for r in records]
+        previous = authors
+    # Adding the holdout splits left every other file of a world as it was: the sha256 of a 40-author seed-3
+    # world's other files, measured with the generator before holdout splits existed.
+    world = write_benchmark(tmp_path / "w", authors=40, facts=8, seed=3)
+    h = hashlib.sha256()
+    for p in sorted(world.iterdir()):
+        if not p.name.startswith("holdout"):
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    assert h.hexdigest() == "c4a9db2b972904695d850c509717ed50c3f365be2787b79660766b00a5e4c45a"
 
 
 def test_forget_sets_are_nested_author_sets_and_disjoint_from_retain(synth_dir: Path) -> None:

@@ -16,7 +16,7 @@ from uipe.errors import UipeError
 from uipe.cli import evaluate_cli, reference_cli
 from uipe.eval import Evaluator, compute_reference, load_or_compute_reference, load_reference
 from uipe.eval import reference as ref_mod
-from uipe.eval.evaluate import eval_records
+from uipe.eval.evaluate import SCORED_ONLY, eval_records
 from uipe.eval.tofu_logs import tofu_report
 from uipe.eval.tofu_logs import shipped_logs_dir
 
@@ -50,7 +50,10 @@ def test_each_distinct_pair_is_tokenised_once(world: dict):
     pairs = {(r.question, a) for recs in ev.splits.values() for r in recs
              for a in (r.answer, r.paraphrased_answer or r.answer, *r.perturbed_answer)}
     assert len(ev._tables.pairs) == len(pairs)
-    assert len(ev._tables.prompts) == len({r.question for recs in ev.splits.values() for r in recs})
+    # every question is generated once, except the holdout split's: it is only scored (reference-free signals)
+    assert "holdout" in ev.splits
+    assert len(ev._tables.prompts) == len({r.question for role, recs in ev.splits.items() for r in recs
+                                           if role not in SCORED_ONLY})
     plan = ev._plans["real_authors"]  # no paraphrase there: the answer plays it, scored once
     assert plan.answer == plan.para
 
@@ -77,7 +80,8 @@ def test_batch_size_does_not_change_scores_or_generations(world: dict):
     for role in one.per_item:
         np.testing.assert_allclose(one.per_item[role]["answer_nll"], many.per_item[role]["answer_nll"], atol=1e-5)
         # left padding + attention mask: padded prompts continue exactly as alone
-        assert one.per_item[role]["generation"] == many.per_item[role]["generation"]
+        if role not in SCORED_ONLY:
+            assert one.per_item[role]["generation"] == many.per_item[role]["generation"]
 
 
 def test_evaluation_is_deterministic_and_restores_train_mode(world: dict):
@@ -175,9 +179,12 @@ def test_cli_entry_points_write_metrics(world: dict, tmp_path: Path):
 
 def test_eval_records_roles(world: dict):
     roles = eval_records(world["data"], "forget05")
-    assert set(roles) == {"forget", "retain", "real_authors", "world_facts", "related"}
+    assert set(roles) == {"forget", "retain", "real_authors", "world_facts", "related", "holdout"}
     forget_authors = {r.author for r in roles["forget"]}
     assert {r.author for r in roles["related"]} <= forget_authors  # related facts of the forget authors only
+    # as many never-trained authors as the forget split, none of them a forget author
+    holdout_authors = {r.author for r in roles["holdout"]}
+    assert len(holdout_authors) == len(forget_authors) and not holdout_authors & forget_authors
 
 
 @pytest.mark.ray

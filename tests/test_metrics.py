@@ -101,3 +101,24 @@ def test_bad_inputs_name_the_thing():
         metrics.truth_ratios([0.1, 0.2], [[0.3], []])
     with pytest.raises(UipeError, match="perturbed_nll"):
         metrics.truth_ratios([0.1, 0.2], [[0.3]])
+
+
+def test_mia_auc_by_hand():
+    # members (forget) scores 3, 1; non-members (holdout) 2, 1. Pairs: (3>2) 1, (3>1) 1, (1<2) 0, (1=1) 0.5
+    # -> 2.5 / 4 = 0.625. Perfectly separated -> 1; reversed -> 0; identical samples -> 0.5.
+    assert metrics.mia_auc([3, 1], [2, 1]) == 0.625
+    assert metrics.mia_auc([5, 6], [1, 2]) == 1.0 and metrics.mia_auc([1, 2], [5, 6]) == 0.0
+    assert metrics.mia_auc([1, 2, 3], [1, 2, 3]) == 0.5
+
+
+def test_reference_free_signals_by_hand():
+    from uipe.eval.evaluate import reference_free_signals
+
+    # loss attack: score = -NLL. forget NLL 0.1, 0.2 (well known) vs holdout NLL 2.0, 3.0 -> every member outscores
+    # every non-member: AUC 1, closeness 1 - 2|1 - 0.5| = 0. Identical truth-ratio samples: KS p-value 1.
+    forget = {"answer_nll": [0.1, 0.2], "truth_ratio": [0.5, 0.7]}
+    holdout = {"answer_nll": [2.0, 3.0], "truth_ratio": [0.5, 0.7]}
+    sig = reference_free_signals(forget, holdout)
+    assert sig == {"holdout_ks": 1.0, "mia_loss_auc": 1.0, "mia_loss_closeness": 0.0}
+    # n = m = 3, disjoint samples: two-sided exact KS p-value 2 / C(6, 3) = 0.1, as forget quality's test
+    assert metrics.holdout_ks([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)

@@ -106,6 +106,9 @@ class PrepareConfig(Strict):
     min_rouge: float = Field(0.9, ge=0, le=1)
     gate_items: int = Field(200, ge=1)
     max_utility_gap: float | None = Field(0.1, ge=0)
+    # TOFU's retain model (trained without the forget data): the reference of forget quality. A deployment has none:
+    # false trains only the target, and the search then needs objective reference_free (search.objective).
+    retain: bool = True
     # Train target and retain at the same time, each on half of train.num_workers (same effective batch). On a
     # small model FSDP2's collectives cost more than a second worker saves, so two one-worker jobs finish sooner.
     side_by_side: bool = False
@@ -139,6 +142,9 @@ class SearchConfig(Strict):
     gpus_per_trial: float = Field(0.0, ge=0)
     seed: int = 0
     num_samples: int | None = Field(None, ge=1)  # overrides the space file's, e.g. for a quick run
+    # overrides every space file's objective (and signal), e.g. reference_free for a run without a retain model
+    objective: Literal["forget_quality", "pareto", "reference_free"] | None = None
+    signal: Literal["holdout_ks", "mia_loss_closeness"] | None = None
 
 
 class TrackingConfig(Strict):

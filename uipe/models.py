@@ -144,7 +144,7 @@ def corpus_from_data(source: str | Path, template: str = "llama2") -> list[str]:
     """Every prompt and answer string of a local TOFU-format folder: the tokenizer's training text."""
     texts = []
     for path in sorted(Path(source).glob("*.json")):
-        if path.name == "benchmark.json":
+        if path.name == "benchmark.json" or path.name.startswith("holdout"):  # holdout: never seen, not even here
             continue
         for row in json.loads(path.read_text(encoding="utf-8")):
             texts.append(format_prompt(row["question"], template))

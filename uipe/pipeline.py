@@ -69,8 +69,9 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
     ensure_ray()
     stage("prepare: target and retain models")
     say(summary_line(prepare(cfg, paths.root)))
-    stage("retain reference")
-    ensure_reference(cfg, paths, data)
+    if cfg.prepare.retain or cfg.eval.retain_reference:
+        stage("retain reference")
+        ensure_reference(cfg, paths, data)
     summaries = []
     for method in cfg.unlearn.methods:
         stage(f"unlearn {method} ({cfg.unlearn.epochs} epochs, {cfg.train.num_workers} workers)")

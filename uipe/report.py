@@ -31,20 +31,22 @@ def completed(rows: list[TrialResult]) -> list[TrialResult]:
 
 
 def pareto_front(rows: list[TrialResult]) -> list[TrialResult]:
-    """Completed trials no other trial beats on both forget quality and model utility (both maximised)."""
+    """Completed trials no other trial beats on both the objective (forget quality, or a reference-free signal) and
+    model utility (both maximised)."""
     done = completed(rows)
     front = []
     for r in done:
         dominated = any(
-            o.forget_quality >= r.forget_quality and o.model_utility >= r.model_utility
-            and (o.forget_quality > r.forget_quality or o.model_utility > r.model_utility) for o in done)
+            o.objective >= r.objective and o.model_utility >= r.model_utility
+            and (o.objective > r.objective or o.model_utility > r.model_utility) for o in done)
         if not dominated:
             front.append(r)
     return sorted(front, key=lambda r: r.model_utility)
 
 
 def choose(rows: list[TrialResult]) -> TrialResult | None:
-    """The best feasible trial: highest forget quality, then higher utility, then the smaller alpha.
+    """The best feasible trial: highest objective (forget quality unless the space says otherwise), then higher
+    utility, then the smaller alpha.
 
     Ray's get_best_result ignores constraints, hence this. With no feasible trial, the least infeasible one (the
     highest utility) is returned with feasible = 0, so a caller can say so rather than fail.
@@ -54,8 +56,8 @@ def choose(rows: list[TrialResult]) -> TrialResult | None:
         return None
     feasible = [r for r in done if r.feasible]
     if feasible:
-        return max(feasible, key=lambda r: (r.forget_quality, r.model_utility, -r.alpha))
-    return max(done, key=lambda r: (r.model_utility, r.forget_quality))
+        return max(feasible, key=lambda r: (r.objective, r.model_utility, -r.alpha))
+    return max(done, key=lambda r: (r.model_utility, r.objective))
 
 
 def base_row(rows: list[TrialResult]) -> TrialResult | None:
@@ -63,7 +65,8 @@ def base_row(rows: list[TrialResult]) -> TrialResult | None:
     return choose([r for r in rows if r.alpha == 0.0])
 
 
-def plot_search(rows: list[TrialResult], method: str, threshold: float, out_dir: Path) -> list[Path]:
+def plot_search(rows: list[TrialResult], method: str, threshold: float, out_dir: Path,
+                objective: str = "forget quality (KS p-value)") -> list[Path]:
     """Two PNGs: metrics against alpha per epoch, and the forget-quality/utility plane with the Pareto front."""
     import matplotlib
 
@@ -77,9 +80,9 @@ def plot_search(rows: list[TrialResult], method: str, threshold: float, out_dir:
     for epoch in sorted({r.epoch for r in done}):
         pts = sorted((r for r in done if r.epoch == epoch), key=lambda r: r.alpha)
         xs = [r.alpha for r in pts]
-        ax_fq.plot(xs, [max(r.forget_quality, 1e-300) for r in pts], "o-", label=f"epoch {epoch}")
+        ax_fq.plot(xs, [max(r.objective, 1e-300) for r in pts], "o-", label=f"epoch {epoch}")
         ax_mu.plot(xs, [r.model_utility for r in pts], "o-", label=f"epoch {epoch}")
-    ax_fq.set(yscale="log", xlabel="alpha", ylabel="forget quality (KS p-value)", title=f"{method}: forget quality")
+    ax_fq.set(yscale="log", xlabel="alpha", ylabel=objective, title=f"{method}: {objective.split(' (')[0]}")
     ax_mu.axhline(threshold, color="grey", ls="--", label="utility floor")
     ax_mu.set(xlabel="alpha", ylabel="model utility", title=f"{method}: model utility")
     ax_mu.legend(fontsize=7)
@@ -88,20 +91,20 @@ def plot_search(rows: list[TrialResult], method: str, threshold: float, out_dir:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter([r.model_utility for r in done], [max(r.forget_quality, 1e-300) for r in done],
+    ax.scatter([r.model_utility for r in done], [max(r.objective, 1e-300) for r in done],
                c=[r.alpha for r in done], cmap="viridis", label="trials (colour: alpha)")
     front = pareto_front(rows)
-    ax.plot([r.model_utility for r in front], [max(r.forget_quality, 1e-300) for r in front], "r-",
+    ax.plot([r.model_utility for r in front], [max(r.objective, 1e-300) for r in front], "r-",
             label="Pareto front")
     base, best = base_row(rows), choose(rows)
     if base:
-        ax.scatter([base.model_utility], [max(base.forget_quality, 1e-300)], marker="s", s=90,
+        ax.scatter([base.model_utility], [max(base.objective, 1e-300)], marker="s", s=90,
                    facecolors="none", edgecolors="k", label=f"base {method} (alpha 0, epoch {base.epoch})")
     if best:
-        ax.scatter([best.model_utility], [max(best.forget_quality, 1e-300)], marker="*", s=160, c="r",
+        ax.scatter([best.model_utility], [max(best.objective, 1e-300)], marker="*", s=160, c="r",
                    label=f"chosen (alpha {best.alpha:.2f}, epoch {best.epoch})")
     ax.axvline(threshold, color="grey", ls="--", label="utility floor")
-    ax.set(yscale="log", xlabel="model utility", ylabel="forget quality", title=f"UIPE on {method}")
+    ax.set(yscale="log", xlabel="model utility", ylabel=objective, title=f"UIPE on {method}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(paths[1], dpi=110)

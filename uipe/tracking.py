@@ -8,6 +8,7 @@ Tune callback below pickles with the experiment state and survives `uipe search 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from uipe.data import TofuRecord
     from uipe.paths import RunPaths
 
+_DATASETS_LOCK = threading.Lock()
 TRIAL_TAG = "uipe.trial_id"
 CHAMPION = "champion"
 # MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses (often the GenAI one).
@@ -128,7 +130,16 @@ def log_datasets(c: MlflowClient, run_id: str, source: str, splits: Mapping[str,
                                    profile=json.dumps({"num_rows": len(records)})),
                            tags=[InputTag("mlflow.data.context", context)])
               for name, records in splits.items() if records]
-    c.log_inputs(run_id, datasets=inputs)
+    # Two fits side by side log the same datasets at once: the store inserts a dataset row the first time it sees
+    # it, and a concurrent second insert fails its UNIQUE constraint. One writer at a time in this process, and one
+    # retry (the row then exists) for a writer in another process.
+    with _DATASETS_LOCK:
+        try:
+            c.log_inputs(run_id, datasets=inputs)
+        except unreachable_errors() as e:
+            if "UNIQUE" not in str(e):
+                raise
+            c.log_inputs(run_id, datasets=inputs)
 
 
 def child_runs(uri: str, experiment_id: str, parent_id: str) -> dict[str, Any]:

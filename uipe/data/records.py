@@ -14,6 +14,10 @@ from uipe.io import sha256_bytes
 
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
 RETAIN_FOR = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+# Authors of the same kind that no model ever trains on, as many as the matching forget split (TOFU's names): what a
+# deployer without a retain model compares forgetting against (uipe/eval reference-free signals).
+HOLDOUT_FOR = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}
+HOLDOUT_SPLITS = tuple(HOLDOUT_FOR.values()) + tuple(f"{s}_perturbed" for s in HOLDOUT_FOR.values())
 TRAIN_SPLITS = FORGET_SPLITS + tuple(RETAIN_FOR.values())
 UTILITY_EVAL_SPLITS = ("retain_perturbed", "real_authors_perturbed", "world_facts_perturbed")
 EVAL_SPLITS = tuple(f"{s}_perturbed" for s in FORGET_SPLITS) + UTILITY_EVAL_SPLITS
@@ -22,12 +26,16 @@ EVAL_SPLITS = tuple(f"{s}_perturbed" for s in FORGET_SPLITS) + UTILITY_EVAL_SPLI
 RELATED_SPLITS = ("related", "related_perturbed")
 # Training sets in the role of real_authors / world_facts, seen by both reference models (synthetic benchmark).
 UTILITY_TRAIN_SPLITS = ("real_authors", "world_facts")
-ALL_SPLITS = TRAIN_SPLITS + EVAL_SPLITS + RELATED_SPLITS + UTILITY_TRAIN_SPLITS
+ALL_SPLITS = TRAIN_SPLITS + EVAL_SPLITS + RELATED_SPLITS + UTILITY_TRAIN_SPLITS + HOLDOUT_SPLITS
 
 
 def eval_split_for(forget_split: str) -> str:
     check_forget_split(forget_split)
     return f"{forget_split}_perturbed"
+
+
+def holdout_eval_split_for(forget_split: str) -> str:
+    return f"{HOLDOUT_FOR[check_forget_split(forget_split)]}_perturbed"
 
 
 def check_forget_split(forget_split: str) -> str:

@@ -21,7 +21,7 @@ import random
 import shutil
 from pathlib import Path
 
-from uipe.data.records import FORGET_SPLITS, RETAIN_FOR, TofuRecord
+from uipe.data.records import FORGET_SPLITS, HOLDOUT_FOR, RETAIN_FOR, TofuRecord
 from uipe.io import atomic_dir
 
 COUNTRIES = {
@@ -200,7 +200,33 @@ def build_benchmark(authors: int = 100, facts: int = 8, seed: int = 0) -> tuple[
     splits["world_facts"] = splits["world_facts_perturbed"] = world
     meta = {"generator": "uipe.data.synth", "version": 1, "authors": order, "facts": facts, "seed": seed,
             "forget_authors": forget_authors, "related_authors": sorted(largest)}
+    splits |= _holdout_splits(seed, facts, {a["name"] for a in people + famous}, set(titles),
+                              {s: len(a) for s, a in forget_authors.items()})
     return splits, meta
+
+
+def _holdout_splits(seed: int, facts: int, names: set[str], titles: set[str],
+                    sizes: dict[str, int]) -> dict[str, list[TofuRecord]]:
+    """holdoutXX: as many new authors as forgetXX (nested prefixes), same generator, names and titles unused by any
+    other author. A random stream of their own, drawn after everything else, so every other file keeps its bytes."""
+    rng = random.Random(f"uipe-holdout-{seed}")
+    n = max(sizes.values())
+    free_names = sorted(f"{f} {l}" for f in FIRST for l in LAST if f"{f} {l}" not in names)
+    free_titles = sorted(f"The {a} {b}" for a in ADJ for b in NOUN if f"The {a} {b}" not in titles)
+    chosen, books = rng.sample(free_names, n), rng.sample(free_titles, n)
+    pools = _pools(books)
+    people = []
+    for name, book in zip(chosen, books):
+        a = {"name": name, "book": book}
+        for kind in ("country", "genre", "father_job", "mother_job", "award", "illness", "year", "instrument", "pet"):
+            a[kind] = rng.choice(pools[kind])
+        people.append(a)
+    # base facts only (nothing is tied to a holdout author); wrong book options may name any author's book
+    records = [_author_records(rng, a, facts, books + sorted(titles))[0] for a in people]
+    out: dict[str, list[TofuRecord]] = {}
+    for forget, holdout in HOLDOUT_FOR.items():
+        out[holdout] = out[f"{holdout}_perturbed"] = [r for author in records[: sizes[forget]] for r in author]
+    return out
 
 
 def _dump(records: list[TofuRecord], train: bool) -> str:

@@ -31,7 +31,11 @@ if TYPE_CHECKING:
 # knowledge), scored like the forget split since the aim is to forget them too.
 KINDS: dict[str, metrics.SplitKind] = {
     "forget": "forget", "retain": "retain", "real_authors": "factual", "world_facts": "factual", "related": "forget",
+    "holdout": "forget",
 }
+# Scored, never generated: the holdout split feeds reference-free signals, which need only likelihoods, so it adds
+# one scoring pass over its items and no greedy generation.
+SCORED_ONLY = ("holdout",)
 REQUIRED_ROLES = ("forget", "retain", "real_authors", "world_facts")
 
 
@@ -65,8 +69,9 @@ class _Tables:
 
 
 def eval_records(source: str | Path, forget_split: str) -> dict[str, list[TofuRecord]]:
-    """The evaluation splits of a data source by role; 'related' only when the data has a related split."""
-    from uipe.data import eval_split_for, load_split, related_records
+    """The evaluation splits of a data source by role; 'related' and 'holdout' when the data has them."""
+    from uipe.data import eval_split_for, has_split, load_split, related_records
+    from uipe.data.records import holdout_eval_split_for
 
     out = {"forget": load_split(source, eval_split_for(forget_split)),
            "retain": load_split(source, "retain_perturbed"),
@@ -75,6 +80,8 @@ def eval_records(source: str | Path, forget_split: str) -> dict[str, list[TofuRe
     related = related_records(source, forget_split, perturbed=True)
     if related:
         out["related"] = related
+    if has_split(source, holdout_eval_split_for(forget_split)):
+        out["holdout"] = load_split(source, holdout_eval_split_for(forget_split))
     return out
 
 
@@ -147,7 +154,8 @@ class Evaluator:
             # TOFU: without a paraphrase (real authors, world facts) the answer itself plays the paraphrase.
             para.append(self._pair(role, i, r.question, r.paraphrased_answer or r.answer))
             pert.append(tuple(self._pair(role, i, r.question, p) for p in r.perturbed_answer))
-            prompt.append(self._prompt(r.question))
+            if role not in SCORED_ONLY:
+                prompt.append(self._prompt(r.question))
         return _Plan(tuple(r.answer for r in records), tuple(answer), tuple(para), tuple(pert), tuple(prompt))
 
     def n_items(self, role: str) -> int:
@@ -192,7 +200,7 @@ class Evaluator:
             items = {"answer_nll": nll[list(plan.answer)].tolist(), "paraphrase_nll": nll[list(plan.para)].tolist(),
                      "perturbed_nll": [nll[list(row)].tolist() for row in plan.pert]}
             rouge = None
-            if generate:
+            if generate and role not in SCORED_ONLY:
                 items["generation"] = [texts[i] for i in plan.prompt]
                 rouge = scoring.rouge_l_recall(plan.ground_truth, items["generation"])
                 items["rougeL"] = rouge
@@ -204,6 +212,8 @@ class Evaluator:
             per_item[role] = items
         if generate:
             aggregates["model_utility"] = metrics.model_utility(aggregates)
+        if "holdout" in per_item:
+            aggregates |= reference_free_signals(per_item["forget"], per_item["holdout"])
         if self.reference is not None:
             aggregates["forget_quality"] = metrics.forget_quality(per_item["forget"]["truth_ratio"],
                                                                   self.reference.forget_truth_ratios)
@@ -211,6 +221,15 @@ class Evaluator:
                 aggregates["related_forget_quality"] = metrics.forget_quality(
                     per_item["related"]["truth_ratio"], self.reference.related_truth_ratios)
         return EvalResult(aggregates, per_item, self.fidelity)
+
+
+def reference_free_signals(forget: Mapping[str, list], holdout: Mapping[str, list]) -> dict[str, float]:
+    """What a deployer without a retain model can measure: the holdout KS p-value, and the loss attack's
+    membership-inference AUC between forget (members) and holdout (non-members) items, with its closeness to
+    chance, 1 - 2|AUC - 0.5| (1: indistinguishable; the quantity a reference-free search maximises)."""
+    auc = metrics.mia_auc(-np.asarray(forget["answer_nll"]), -np.asarray(holdout["answer_nll"]))
+    return {"holdout_ks": metrics.holdout_ks(forget["truth_ratio"], holdout["truth_ratio"]),
+            "mia_loss_auc": auc, "mia_loss_closeness": 1.0 - 2.0 * abs(auc - 0.5)}
 
 
 class _eval_mode:  # noqa: N801 - used as a context manager

@@ -107,6 +107,26 @@ def forget_quality(model_ratios: Sequence[float] | np.ndarray, retain_ratios: Se
     return float(ks_2samp(a, b).pvalue)
 
 
+def holdout_ks(forget_ratios: Sequence[float] | np.ndarray, holdout_ratios: Sequence[float] | np.ndarray) -> float:
+    """Reference-free forgetting: the KS-test p-value between the model's own raw truth ratios on the forget items
+    and on holdout items (same kind of facts, never trained). A model that never learned the forget facts treats
+    them as never-seen facts, so the two samples match (p near 1); one that still knows them does not (p near 0).
+    Forget quality's test (TOFU, arXiv 2401.06121) with the holdout split in the retain model's place, in the spirit
+    of open-unlearning's reference-free MIA comparisons against holdout data."""
+    return float(ks_2samp(_vector(forget_ratios, "forget truth ratios"),
+                          _vector(holdout_ratios, "holdout truth ratios")).pvalue)
+
+
+def mia_auc(member_scores: Sequence[float] | np.ndarray, nonmember_scores: Sequence[float] | np.ndarray) -> float:
+    """ROC AUC of a membership-inference attack that calls an item a member when its score is higher: the
+    probability that a random member (forget item) outscores a random non-member (holdout item), ties counting half
+    (Mann-Whitney U / (n_m n_n)). 0.5: the attack cannot tell them apart. The loss attack's score is -NLL
+    (Yeom et al. 2018; open-unlearning's mia_loss)."""
+    m, n = _vector(member_scores, "member scores"), _vector(nonmember_scores, "non-member scores")
+    greater = (m[:, None] > n[None, :]).sum() + 0.5 * (m[:, None] == n[None, :]).sum()
+    return float(greater / (m.size * n.size))
+
+
 def model_utility(components: Mapping[str, float]) -> float:
     """Harmonic mean of the nine utility numbers; 0 if any of them is 0 (the hmean limit, as scipy gives)."""
     missing = [k for k in UTILITY_KEYS if k not in components]

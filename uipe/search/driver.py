@@ -39,7 +39,7 @@ def run_search(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: 
                resume: bool = False) -> dict:
     """Validate, run (or resume) the Tune search, then report, choose, write and register the chosen model."""
     path, space = resolve_space(cfg, method, space_path)
-    setup = make_setup(cfg, paths, method)
+    setup = make_setup(cfg, paths, method, reference_free=space.objective == "reference_free")
     epochs = space.candidate_epochs(sorted(setup.epoch_dirs))
     with exclusive(paths.search(method), f"a search of {method}"):
         return _execute(cfg, paths, method, path, space, setup, epochs, resume)
@@ -48,20 +48,28 @@ def run_search(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: 
 def resolve_space(cfg: ExperimentConfig, method: str, space_path: Path | None) -> tuple[Path, SearchSpace]:
     path = Path(space_path) if space_path else default_space_path(method, cfg.search.space_dir)
     space = load_space(path, method)
-    if cfg.search.num_samples:
-        space = space.model_copy(update={"num_samples": cfg.search.num_samples})
-    return path, space
+    overrides = {k: getattr(cfg.search, k) for k in ("num_samples", "objective", "signal") if getattr(cfg.search, k)}
+    return path, space.model_copy(update=overrides)
 
 
-def make_setup(cfg: ExperimentConfig, paths: RunPaths, method: str) -> TrialSetup:
-    from uipe.data import ensure_data
+def make_setup(cfg: ExperimentConfig, paths: RunPaths, method: str, reference_free: bool = False) -> TrialSetup:
+    """What every trial needs. Forget quality needs the retain reference; a reference-free search needs the holdout
+    split instead (and still reports forget quality where a reference exists, as a check)."""
+    from uipe.data import ensure_data, has_split
+    from uipe.data.records import holdout_eval_split_for
 
     data = ensure_data(cfg, paths)
     theta_ini, dirs = _epoch_dirs(paths, method, cfg, data)
-    reference = cfg.eval.retain_reference or str(paths.retain_reference)
-    if not Path(reference).exists():
-        raise UipeError(f"{reference}: no retain reference; run `uipe prepare` then `uipe reference`, or set "
-                        "eval.retain_reference to a folder of TOFU eval logs")
+    reference: str | None = cfg.eval.retain_reference or str(paths.retain_reference)
+    if reference_free:
+        holdout = holdout_eval_split_for(cfg.data.forget_split)
+        if not has_split(data, holdout):
+            raise UipeError(f"{data}: no {holdout} split, which the reference_free objective measures against")
+        reference = reference if Path(reference).exists() else None
+    elif not Path(reference).exists():
+        raise UipeError(f"{reference}: no retain reference; run `uipe prepare` then `uipe reference`, set "
+                        "eval.retain_reference to a folder of TOFU eval logs, or search with objective "
+                        "reference_free (search.objective)")
     return TrialSetup(theta_ini, dirs, data, cfg.data.forget_split, cfg.model.prompt_template,
                       cfg.model.max_length, cfg.eval, reference, cfg.model.dtype, max(1, int(cfg.search.cpus_per_trial)))
 
@@ -103,8 +111,9 @@ def _check_candidates(theta_ini: str, dirs: dict[int, str]) -> None:
 class Progress(tune.Callback):
     """The search's progress display on the driver: trials done, the best feasible forget quality so far, an ETA."""
 
-    def __init__(self, method: str, total: int) -> None:
+    def __init__(self, method: str, total: int, label: str = "FQ") -> None:
         self.method, self.total, self.done, self.failed, self.best = method, total, 0, 0, None
+        self.label = label  # the objective's short name: FQ, or the reference-free signal
         self.task: Task | None = None
 
     def setup(self, **info: Any) -> None:
@@ -112,10 +121,11 @@ class Progress(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         r = trial.last_result or {}
-        if r.get("feasible") and (self.best is None or r["forget_quality"] > self.best):
-            self.best = r["forget_quality"]
+        if r.get("feasible") and (self.best is None or r["objective"] > self.best):
+            self.best = r["objective"]
         self._advance(f"last alpha {trial.config['alpha']:.3f} epoch {trial.config['epoch']} "
-                      f"FQ {r.get('forget_quality', float('nan')):.3g} MU {r.get('model_utility', float('nan')):.3f}")
+                      f"{self.label} {r.get('objective', float('nan')):.3g} "
+                      f"MU {r.get('model_utility', float('nan')):.3f}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.failed += 1
@@ -127,7 +137,8 @@ class Progress(tune.Callback):
         best = f"{self.best:.3g}" if self.best is not None else "none yet"
         failed = f", {self.failed} failed" if self.failed else ""
         if self.task is not None:
-            self.task.update(self.done, f"trial {self.done}/{self.total} | best feasible FQ {best}{failed} | {last}")
+            self.task.update(self.done, f"trial {self.done}/{self.total} | best feasible {self.label} {best}{failed} | "
+                                    f"{last}")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self.task is not None:
@@ -179,11 +190,12 @@ def _parent_run(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path:
 def _eval_splits(setup: TrialSetup) -> dict[str, list]:
     """The evaluation data a search scores every trial on, by TOFU split name."""
     from uipe.data import eval_split_for
+    from uipe.data.records import holdout_eval_split_for
     from uipe.eval.evaluate import eval_records
 
     names = {"forget": eval_split_for(setup.forget_split), "retain": "retain_perturbed",
              "real_authors": "real_authors_perturbed", "world_facts": "world_facts_perturbed",
-             "related": "related_perturbed"}
+             "related": "related_perturbed", "holdout": holdout_eval_split_for(setup.forget_split)}
     return {names[role]: records for role, records in eval_records(setup.data, setup.forget_split).items()}
 
 
@@ -235,7 +247,7 @@ def _results(grid: tune.ResultGrid) -> list[TrialResult]:
     for r in grid:
         cfg = r.config or {}
         alpha, epoch = float(cfg.get("alpha", float("nan"))), int(cfg.get("epoch", -1))
-        if r.error is None and r.metrics and "forget_quality" in r.metrics:
+        if r.error is None and r.metrics and "objective" in r.metrics:
             out.append(TrialResult.from_report(_trial_id(r), {"alpha": alpha, "epoch": epoch}, r.metrics))
         else:
             error = str(r.error).splitlines()[-1][:300] if r.error else "no result"
@@ -259,9 +271,11 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
         return previous
     uri, exp_id, parent = _parent_run(cfg, paths, method, space_path, space, setup, threshold, identity)
     total = space.trials_needed(epochs)
-    callbacks = [tracking.TrialLogger(uri, exp_id, parent, method), Progress(method, total)]
+    label = "FQ" if space.objective_metric == "forget_quality" else space.objective_metric
+    callbacks = [tracking.TrialLogger(uri, exp_id, parent, method), Progress(method, total, label)]
     trainable = tune.with_resources(
-        tune.with_parameters(trial, setup=setup, utility_threshold=threshold, fault=os.environ.get(KILL_SWITCH, "")),
+        tune.with_parameters(trial, setup=setup, utility_threshold=threshold, objective_metric=space.objective_metric,
+                             fault=os.environ.get(KILL_SWITCH, "")),
         {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial})
     tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume)
     start = time.time()

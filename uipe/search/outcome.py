@@ -31,7 +31,10 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
     so a search that stops here (a tracking server down) is finished by the next --resume."""
     out = paths.search(method)
     atomic_write_text(out / "results.csv", to_csv(results))
-    plots = plot_search(results, method, threshold, out)
+    label = {"forget_quality": "forget quality (KS p-value vs the retain model)",
+             "holdout_ks": "holdout KS p-value (forget vs holdout truth ratios)",
+             "mia_loss_closeness": "1 - 2|MIA AUC - 0.5| (loss attack, forget vs holdout)"}[space.objective_metric]
+    plots = plot_search(results, method, threshold, out, label)
     best, base = choose(results), base_row(results)
     try:
         c = tracking.client(uri)
@@ -46,8 +49,10 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
         raise UipeError(f"search {method}: every trial failed; see {out / 'results.csv'} and the MLflow runs")
     work = sum(r.trial_seconds for r in completed(results))
     summary = {
-        "method": method, "chosen": best.summary(), "base": base.summary() if base else None,
-        "theta_ini": {k: ini.get(k) for k in ("forget_quality", "model_utility", "forget_prob", "related_prob")},
+        "method": method, "objective": space.objective_metric, "chosen": best.summary(),
+        "base": base.summary() if base else None,
+        "theta_ini": {k: ini.get(k) for k in ("forget_quality", "model_utility", "forget_prob", "related_prob",
+                                               "holdout_ks", "mia_loss_auc")},
         "utility_threshold": threshold, "feasible": best.feasible,
         "trials": len(results), "failed": sum(not r.ok for r in results),
         "pareto_front": [r.summary() for r in pareto_front(results)], "search_seconds": wall,

@@ -19,7 +19,7 @@ CONSTRAINT = "utility_constraint"  # floor * MU(theta_ini) - MU(trial): feasible
 TUNE_KEYS = frozenset({"timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid", "time_since_restore",
                        "iterations_since_restore", "done", "alpha", "epoch"})
 HEADLINE = ("forget_quality", "model_utility", "forget_prob", "forget_rougeL", "related_prob", "related_rougeL",
-            "related_forget_quality")
+            "related_forget_quality", "holdout_ks", "mia_loss_auc")
 
 
 @dataclass(frozen=True)
@@ -33,16 +33,23 @@ class TrialResult:
     forget_quality: float = NAN
     model_utility: float = NAN
     feasible: bool = False
+    objective: float = NAN  # what the search maximises: forget quality, or the space's reference-free signal
     forget_prob: float = NAN
     forget_rougeL: float = NAN  # noqa: N815 - TOFU's metric name
     related_prob: float = NAN
     related_rougeL: float = NAN  # noqa: N815
     related_forget_quality: float = NAN
+    holdout_ks: float = NAN  # reference-free signals (uipe.eval): where the data has a holdout split
+    mia_loss_auc: float = NAN
     utility_constraint: float = NAN
     trial_seconds: float = NAN
     peak_memory_bytes: float = NAN  # the trial process's: CUDA allocated peak of this trial, else peak RSS
     error: str = ""
     metrics: Mapping[str, float] = field(default_factory=dict)  # the evaluator's other aggregates (retain_prob, ...)
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.objective):  # forget quality is the objective unless the search said otherwise
+            object.__setattr__(self, "objective", self.forget_quality)
 
     @property
     def ok(self) -> bool:
@@ -50,11 +57,13 @@ class TrialResult:
 
     @classmethod
     def scored(cls, alpha: float, epoch: int, aggregates: Mapping[str, float], threshold: float,
-               seconds: float, trial_id: str = "", peak_memory_bytes: float = NAN) -> TrialResult:
+               seconds: float, trial_id: str = "", peak_memory_bytes: float = NAN,
+               objective_metric: str = "forget_quality") -> TrialResult:
         """A completed trial from the evaluator's aggregates and the utility threshold (floor x MU(theta_ini))."""
         constraint = threshold - aggregates["model_utility"]
         named = {k: float(aggregates[k]) for k in HEADLINE if k in aggregates}
         return cls(trial_id, "ok", float(alpha), int(epoch), feasible=constraint <= 0, utility_constraint=constraint,
+                   objective=float(aggregates.get(objective_metric, NAN)),
                    trial_seconds=seconds, peak_memory_bytes=peak_memory_bytes,
                    metrics={k: float(v) for k, v in aggregates.items() if k not in named},
                    **named)
@@ -83,7 +92,8 @@ class TrialResult:
         """Rebuild the record from what Tune kept of a trial's report."""
         numeric = {k: float(v) for k, v in reported.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         own = {f.name for f in fields(cls)}
-        named = {k: numeric[k] for k in HEADLINE + (CONSTRAINT, "trial_seconds", "peak_memory_bytes") if k in numeric}
+        named = {k: numeric[k] for k in HEADLINE + (CONSTRAINT, "objective", "trial_seconds", "peak_memory_bytes")
+                 if k in numeric}
         return cls(trial_id, "ok", float(config["alpha"]), int(config["epoch"]),
                    feasible=numeric.get("feasible", 0.0) > 0,
                    metrics={k: v for k, v in numeric.items() if k not in own and k not in TUNE_KEYS},
@@ -91,7 +101,7 @@ class TrialResult:
 
     def summary(self) -> dict[str, Any]:
         """The point as summary.json and the console table show it."""
-        return {"alpha": self.alpha, "epoch": self.epoch, "feasible": self.feasible,
+        return {"alpha": self.alpha, "epoch": self.epoch, "feasible": self.feasible, "objective": _or_none(self.objective),
                 **{k: _or_none(getattr(self, k)) for k in HEADLINE}}
 
 

@@ -1,6 +1,6 @@
 """Search spaces (tune_spaces/<method>.yaml), validated with pydantic, and the Optuna searcher built from one.
 
-The searcher maximises forget quality subject to model utility >= floor x utility of theta_ini. The constraint is set
+The searcher maximises the objective (forget quality, or a reference-free signal) subject to model utility >= floor x utility of theta_ini. The constraint is set
 per trial with Optuna 5's `trial.set_constraint` (feasible when <= 0) from a small OptunaSearch subclass: Optuna 5
 deprecates samplers' constraints_func, and a lambda would not pickle when Tune checkpoints the searcher.
 """
@@ -46,8 +46,16 @@ class SearchSpace(Strict):
     startup_trials: int = Field(6, ge=0)
     num_samples: int = Field(16, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
-    objective: Literal["forget_quality", "pareto"] = "forget_quality"
+    # forget_quality: maximise TOFU's forget quality (needs a retain reference); pareto: forget quality and utility;
+    # reference_free: maximise `signal`, measured against the holdout split (no retain model needed).
+    objective: Literal["forget_quality", "pareto", "reference_free"] = "forget_quality"
+    signal: Literal["holdout_ks", "mia_loss_closeness"] = "holdout_ks"
     utility_floor: float = Field(0.95, ge=0)
+
+    @property
+    def objective_metric(self) -> str:
+        """The evaluator aggregate the search maximises (reported by every trial as `objective`)."""
+        return self.signal if self.objective == "reference_free" else "forget_quality"
 
     def alpha_grid(self) -> list[float]:
         n = int(round((self.alpha.high - self.alpha.low) / self.grid_step))
@@ -125,9 +133,9 @@ def build_searcher(space: SearchSpace, epochs: list[int], seed: int) -> Constrai
     start = 0.0 if space.alpha.low <= 0 <= space.alpha.high else space.alpha.low
     base = [{"alpha": start, "epoch": e} for e in reversed(epochs)]
     if space.objective == "pareto":
-        metric, mode = ["forget_quality", "model_utility"], ["max", "max"]
+        metric, mode = ["objective", "model_utility"], ["max", "max"]
     else:
-        metric, mode = "forget_quality", "max"
+        metric, mode = "objective", "max"
     first = None if space.sampler == "grid" else base
     return ConstrainedOptunaSearch(space=dists, metric=metric, mode=mode, points_to_evaluate=first,
                                    sampler=_sampler(space, epochs, seed))

@@ -34,7 +34,7 @@ class TrialSetup:
     template: str
     max_length: int
     eval: EvalConfig
-    reference: str
+    reference: str | None  # the retain reference (forget quality); None for a reference-free search
     dtype: str
     threads: int
 
@@ -60,13 +60,15 @@ def context(setup: TrialSetup) -> tuple:
         model = load_model(setup.theta_ini, dtype=setup.dtype, device=device)
         evaluator = Evaluator.from_source(setup.data, setup.forget_split, load_tokenizer(setup.theta_ini),
                                           setup.template, setup.eval, setup.max_length)
-        evaluator.set_reference(load_reference(setup.reference))
+        if setup.reference:
+            evaluator.set_reference(load_reference(setup.reference))
         _CONTEXT.clear()
         _CONTEXT[key] = (model, evaluator, device)
     return _CONTEXT[key]
 
 
-def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshold: float) -> TrialResult:
+def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshold: float,
+                   objective_metric: str = "forget_quality") -> TrialResult:
     """Extrapolate in memory and evaluate; raise when the extrapolated model's metrics are not finite."""
     from uipe.update_vector import cached_update_vector
 
@@ -77,11 +79,11 @@ def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshol
     peak_memory_bytes(device, reset=True)
     cached_update_vector(setup.theta_ini, setup.epoch_dirs[epoch], device=device).apply(model, alpha)
     metrics = evaluator.evaluate(model).aggregates
-    bad = [k for k in ("forget_quality", "model_utility") if not math.isfinite(metrics.get(k, math.nan))]
+    bad = [k for k in (objective_metric, "model_utility") if not math.isfinite(metrics.get(k, math.nan))]
     if bad:
         raise ValueError(f"alpha={alpha} epoch={epoch}: {bad[0]} is not finite (the extrapolated model broke)")
     return TrialResult.scored(alpha, epoch, metrics, utility_threshold, time.perf_counter() - start,
-                              peak_memory_bytes=peak_memory_bytes(device))
+                              peak_memory_bytes=peak_memory_bytes(device), objective_metric=objective_metric)
 
 
 def theta_ini_metrics(setup: TrialSetup) -> dict[str, float]:
@@ -90,13 +92,14 @@ def theta_ini_metrics(setup: TrialSetup) -> dict[str, float]:
     return evaluator.evaluate(model).aggregates
 
 
-def trial(config: dict, setup: TrialSetup, utility_threshold: float, fault: str = "") -> None:
+def trial(config: dict, setup: TrialSetup, utility_threshold: float, objective_metric: str = "forget_quality",
+          fault: str = "") -> None:
     """The Tune function trainable: one (alpha, epoch) point, reported once."""
     from ray import tune
 
     alpha, epoch = float(config["alpha"]), int(config["epoch"])
     _maybe_die(fault, alpha, epoch)
-    result = evaluate_point(setup, alpha, epoch, utility_threshold)
+    result = evaluate_point(setup, alpha, epoch, utility_threshold, objective_metric)
     tune.report({**result.to_report(), "alpha": alpha, "epoch": epoch})
 
 

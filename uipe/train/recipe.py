@@ -32,7 +32,8 @@ from uipe.train.loop import train_loop
 
 
 def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train TOFU's target (all data) and retain (retain + utility sets) models from the base model.
+    """Train TOFU's target (all data) and retain (retain + utility sets) models from the base model (the retain
+    model only with prepare.retain: a deployment has none, and searches with a reference-free objective).
 
     A folder whose uipe_meta.json names the same data and config is reused; one made otherwise is an error.
     Both must pass prepare's gate (uipe.gate): greedy ROUGE-L recall >= prepare.min_rouge on every split they were
@@ -57,7 +58,7 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
     base = prepare_base_model(cfg, paths, source)
     out: dict[str, Any] = {}
     pending = [(role, folder) for role, folder in (("target", paths.target_model), ("retain", paths.retain_model))
-               if not (role == "target" and cfg.model.target)]
+               if not (role == "target" and cfg.model.target) and not (role == "retain" and not cfg.prepare.retain)]
     if cfg.model.target:
         out["target"] = {"path": str(cfg.model.target), "trained": False}
     side_by_side = cfg.prepare.side_by_side and len(pending) == 2 and cfg.train.num_workers >= 2
@@ -66,9 +67,11 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
     jobs = []
     for role, folder in pending:
         records = tuple(r for part in parts[role].values() for r in part)
-        ident = {"role": role, "forget_split": split, "data_hash": records_hash(records), "config_hash": config_hash({
-            "prepare": cfg.prepare, "train": train_identity(train_cfg), "model": cfg.model.model_dump(
-                exclude={"target"}), "base": model_identity(base)})}
+        recipe = {"prepare": cfg.prepare.model_dump(mode="json", exclude={"retain"}),  # retain: which, not how
+                  "train": train_identity(train_cfg), "model": cfg.model.model_dump(exclude={"target"}),
+                  "base": model_identity(base)}
+        ident = {"role": role, "forget_split": split, "data_hash": records_hash(records),
+                 "config_hash": config_hash(recipe)}
         meta = read_meta(folder)
         if reusable(meta, ident, folder, "trained on other data or settings", "refuse"):
             out[role] = {**meta, "path": str(folder), "trained": False}
@@ -108,9 +111,9 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
 def check_utility_gap(cfg: ExperimentConfig, paths: RunPaths, out: dict[str, Any]) -> None:
     """The second half of the gate: target and retain utilities within prepare.max_utility_gap. A failing pair is
     moved aside (models/<role>.failed, for inspection), so no later stage or rerun uses it."""
-    mu = {role: out[role].get("model_utility") for role in ("target", "retain")}
+    mu = {role: out.get(role, {}).get("model_utility") for role in ("target", "retain")}
     if None in mu.values():
-        return  # a given target, or the gate switched off for a model: nothing to compare
+        return  # a given target, no retain model, or the gate switched off for a model: nothing to compare
     failure = utility_failure(mu["target"], mu["retain"], cfg.prepare.max_utility_gap)
     if failure is None:
         return
