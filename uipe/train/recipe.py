@@ -57,11 +57,14 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
     evaluation = {role: tuple(records) for role, records in eval_records(source, split).items()}
     base = prepare_base_model(cfg, paths, source)
     out: dict[str, Any] = {}
-    pending = [(role, folder) for role, folder in (("target", paths.target_model), ("retain", paths.retain_model))
-               if not (role == "target" and cfg.model.target) and not (role == "retain" and not cfg.prepare.retain)]
+    trained_here = [(role, folder) for role, folder in (("target", paths.target_model), ("retain", paths.retain_model))
+                    if not (role == "target" and cfg.model.target)]
     if cfg.model.target:
         out["target"] = {"path": str(cfg.model.target), "trained": False}
-    side_by_side = cfg.prepare.side_by_side and len(pending) == 2 and cfg.train.num_workers >= 2
+    # The recipe (and so each model's identity) does not depend on prepare.retain: a target trained side by side
+    # with a retain model is the one a run without a retain model reuses.
+    side_by_side = cfg.prepare.side_by_side and len(trained_here) == 2 and cfg.train.num_workers >= 2
+    pending = [(role, folder) for role, folder in trained_here if role != "retain" or cfg.prepare.retain]
     train_cfg = cfg.train.model_copy(update={"num_workers": cfg.train.num_workers // 2}) if side_by_side else cfg.train
     job_cfg = cfg.model_copy(update={"train": train_cfg})
     jobs = []
