@@ -35,15 +35,18 @@ def ensure_reference(cfg: ExperimentConfig, paths: RunPaths, data: str) -> str:
 
 def results_table(summaries: list[dict], cfg: ExperimentConfig) -> Table:
     table = Table(title=f"UIPE on {cfg.name} ({cfg.data.forget_split}): base method at its best epoch vs UIPE")
-    for col in ("method", "model", "alpha", "epoch", "forget quality", "utility", "forget prob", "related prob",
-                "related ROUGE-L", "related FQ"):
+    # a reference-free search chose by its own signal: show it beside forget quality (empty without a retain model)
+    signals = sorted({s.get("objective", "forget_quality") for s in summaries} - {"forget_quality"})
+    for col in ("method", "model", "alpha", "epoch", *signals, "forget quality", "utility", "forget prob",
+                "related prob", "related ROUGE-L", "related FQ"):
         table.add_column(col, justify="right" if col not in ("method", "model") else "left")
     for s in summaries:
         for label, row in (("base", s["base"]), ("UIPE", s["chosen"])):
             if not row:
                 continue
+            own = [fmt(row.get("objective")) if name == s.get("objective") else "-" for name in signals]
             table.add_row(s["method"], label + ("" if row.get("feasible") else " (infeasible)"), fmt(row["alpha"]),
-                          str(row["epoch"]), fmt(row["forget_quality"]), fmt(row["model_utility"]),
+                          str(row["epoch"]), *own, fmt(row["forget_quality"]), fmt(row["model_utility"]),
                           fmt(row.get("forget_prob")), fmt(row.get("related_prob")), fmt(row.get("related_rougeL")),
                           fmt(row.get("related_forget_quality")))
     return table
@@ -67,7 +70,7 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
     stage(f"data ({cfg.data.source})")
     data = ensure_data(cfg, paths)
     ensure_ray()
-    stage("prepare: target and retain models")
+    stage("prepare: target and retain models" if cfg.prepare.retain else "prepare: the target model (no retain model)")
     say(summary_line(prepare(cfg, paths.root)))
     if cfg.prepare.retain or cfg.eval.retain_reference:
         stage("retain reference")
