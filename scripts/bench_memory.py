@@ -81,7 +81,8 @@ class PeakAnon:
         return self.peak
 
 
-def make_pair(size: str, root: Path) -> None:
+def random_llama(size: str):
+    """A random-init bf16 Llama of one of SIZES (seed 0), untied, as released checkpoints are stored."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -90,7 +91,13 @@ def make_pair(size: str, root: Path) -> None:
                       num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=VOCAB,
                       tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def make_pair(size: str, root: Path) -> None:
+    import torch
+
+    model = random_llama(size)
     model.save_pretrained(root / "ini", max_shard_size="1GB")
     with torch.no_grad():  # a stand-in unlearning update: small noise on every weight
         for p in model.parameters():
@@ -252,15 +259,7 @@ TRAIN_METHODS = ("ga", "npo")
 
 def make_train_base(size: str, root: Path) -> None:
     """theta_ini for the training benchmark: random-init Llama saved in bf16 (1 GB shards)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hidden, inter, layers = SIZES[size]
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=VOCAB,
-                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(root / "ini", max_shard_size="1GB")
+    random_llama(size).save_pretrained(root / "ini", max_shard_size="1GB")
 
 
 def train_job(folder: Path):  # noqa: ANN201
