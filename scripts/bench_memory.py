@@ -454,16 +454,26 @@ def train_report(rows: list[dict], world: int) -> dict:
     return fits
 
 
+def written(size: str, flag: str) -> tuple[Path, float]:
+    """Checkpoints of one size made in a fresh temporary folder by a subprocess (`flag`: --make or --make-train);
+    returns the folder and the start time."""
+    root, t0 = Path(tempfile.mkdtemp(prefix=f"bench_memory_{size}_")), time.perf_counter()
+    try:
+        run_sub([flag, size, str(root)])
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    print(f"{size}: checkpoints written in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return root, t0
+
+
 def train_main(args: argparse.Namespace, sizes: list[str]) -> None:
     methods = [m for m in args.methods.split(",") if m]
     rows: list[dict] = []
     seen: dict[tuple[str, str, str], list[tuple[int, int]]] = {}  # (method, design, phase) -> [(params, bytes)]
     for size in sizes:
-        root = Path(tempfile.mkdtemp(prefix=f"bench_train_memory_{size}_"))
+        root, t0 = written(size, "--make-train")
         try:
-            t0 = time.perf_counter()
-            run_sub(["--make-train", size, str(root)])
-            print(f"{size}: checkpoint written in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             row: dict = {"size": size}
             for method in methods:
                 row[method] = {}
@@ -548,11 +558,8 @@ def main() -> None:
         return train_main(args, sizes)
     rows = []
     for size in sizes:
-        root = Path(tempfile.mkdtemp(prefix=f"bench_memory_{size}_"))
+        root, t0 = written(size, "--make")
         try:
-            t0 = time.perf_counter()
-            run_sub(["--make", size, str(root)])
-            print(f"{size}: checkpoints written in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             sub = ["--repeats", str(args.repeats), "--threads", str(args.threads), "--worker"]
             row = {"size": size, **{d: run_sub([*sub, d, str(root)]) for d in ("new", "old")}}
             if row["new"]["digest"] != row["old"]["digest"]:

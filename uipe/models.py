@@ -52,15 +52,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def peak_memory_bytes(device: str | torch.device, reset: bool = False) -> float:
-    """Peak memory of this process so far: on CUDA the device's allocated peak (`reset` starts a new window), else
-    the peak resident set (ru_maxrss, never reset: the whole process's high-water mark)."""
+def reset_peak_memory(device: str | torch.device) -> None:
+    """Start a new peak window on CUDA (the CPU figure, ru_maxrss, cannot be reset)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: str | torch.device) -> float:
+    """Peak memory of this process: on CUDA the device's allocated peak since the last reset_peak_memory, else the
+    peak resident set (ru_maxrss: the whole process's high-water mark)."""
     device = torch.device(device)
     if device.type == "cuda":
-        peak = float(torch.cuda.max_memory_allocated(device))
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return peak
+        return float(torch.cuda.max_memory_allocated(device))
     import resource
 
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux

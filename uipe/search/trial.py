@@ -72,11 +72,11 @@ def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshol
     """Extrapolate in memory and evaluate; raise when the extrapolated model's metrics are not finite."""
     from uipe.update_vector import cached_update_vector
 
-    from uipe.models import peak_memory_bytes
+    from uipe.models import peak_memory_bytes, reset_peak_memory
 
     start = time.perf_counter()
     model, evaluator, device = context(setup)
-    peak_memory_bytes(device, reset=True)
+    reset_peak_memory(device)
     cached_update_vector(setup.theta_ini, setup.epoch_dirs[epoch], device=device).apply(model, alpha)
     metrics = evaluator.evaluate(model).aggregates
     bad = [k for k in (objective_metric, "model_utility") if not math.isfinite(metrics.get(k, math.nan))]
