@@ -205,3 +205,20 @@ def test_tiny_benchmark_separates_target_from_retain(prepared_run, tiny_cfg):
     assert abs(target["model_utility"] - retain["model_utility"]) < 0.1 * retain["model_utility"]
     # the target trained the forget facts: it finds their answers more probable than the retain model does
     assert target["forget_prob"] > retain["forget_prob"]
+
+
+def test_forget_quality_on_each_author_fold(world: dict):
+    # forget10 of 20 authors: 2 authors x 8 facts; the first author is the selection fold, the second the report fold
+    ev = Evaluator.from_source(world["data"], "forget10", world["tok"], "llama2", FAST.model_copy(update={"subset": None}))
+    select, report = ev.folds
+    assert len(select) == len(report) == 8 and not set(select) & set(report)
+    ref = compute_reference(ev, world["a"], "hash-a")
+    r = np.asarray(ref.forget_truth_ratios)
+    r[report] *= 100  # the reference moves on the report fold only
+    ev.set_reference(ref_mod.RetainReference("forget10", tuple(r.tolist()), None, None, ev.data_hash, "test"))
+    agg = ev.evaluate(world["a"], generate=False).aggregates
+    # selection fold: the model against itself, p = 1; report fold: every reference ratio above every model ratio,
+    # D = 1 with n = m = 8, exact p = 2 / C(16, 8); the whole split lies between
+    assert agg["forget_quality_select"] == pytest.approx(1.0, abs=1e-12)
+    assert agg["forget_quality_report"] == pytest.approx(2 / math.comb(16, 8), rel=1e-9)
+    assert agg["forget_quality_report"] < agg["forget_quality"] < agg["forget_quality_select"]

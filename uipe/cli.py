@@ -6,6 +6,7 @@ runs/<name>) and --set key=value overrides, and writes only under its run folder
     uipe prepare                               # target and retain models
     uipe unlearn --method npo                  # one base method, a checkpoint per epoch
     uipe search --method npo                   # Ray Tune + Optuna over alpha and epoch
+    uipe study --seeds 5                       # UIPE vs fair baselines over 5 seeds, with intervals (runs/<name>-study)
     uipe extrapolate --init A --unlearned B --alpha 1.0 --out C
     uipe evaluate --model C --data D --forget-split forget05 --retain-reference R --out metrics.json
 
@@ -225,6 +226,35 @@ def run(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None
     cfg, paths = _setup(config, run_dir, set_)
     with _quiet(paths, "run", verbose):
         run_pipeline(cfg, paths)
+
+
+@app.command()
+def study(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+          seeds: Annotated[Optional[str], typer.Option("--seeds", help="A count (5: seeds 0-4) or a list (0,3,7); "
+                                                        "default study.seeds.")] = None,
+          verbose: VerboseOpt = False) -> None:
+    """UIPE against the base method and the base method run longer, over seeds, at several utility floors."""
+    from uipe.study.driver import check_study, run_study
+
+    overrides = list(set_ or []) + ([f"study.seeds={_seed_list(seeds)}"] if seeds else [])
+    cfg, paths = _setup(config, run_dir, overrides)
+    if run_dir is None:  # not runs/<name>: a study's seeds are run folders of their own
+        paths = type(paths).of(Path("runs") / f"{cfg.name}-study")
+    check_study(cfg, paths.root)  # before the log folder: a refused study writes nothing
+    with _quiet(paths, "study", verbose):
+        run_study(cfg, paths.root, " ".join(["uipe", *sys.argv[1:]]))
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(" ", "").strip("[]").split(",") if x]
+    except ValueError:
+        raise UipeError(f"--seeds {text!r}: expected a count (5) or a comma-separated list of integers") from None
+    if len(values) == 1 and "," not in text:
+        if values[0] < 1:
+            raise UipeError(f"--seeds {text!r}: a count must be at least 1")
+        return list(range(values[0]))
+    return values
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from uipe.methods.idkdpo import Params as IdkDPOParams
 from uipe.methods.kl import Params as KLParams
 from uipe.methods.npo import Params as NPOParams
 from uipe.methods.simnpo import Params as SimNPOParams
+from uipe.report import FLOORS
 from uipe.schema import Strict, one_line
 
 PRESETS = ("tiny",)
@@ -145,6 +146,7 @@ class SearchConfig(Strict):
     # overrides every space file's objective (and signal), e.g. reference_free for a run without a retain model
     objective: Literal["forget_quality", "pareto", "reference_free"] | None = None
     signal: Literal["holdout_ks", "mia_loss_closeness"] | None = None
+    select_on: Literal["all", "selection_fold"] | None = None  # overrides the space files' (uipe study: the fold)
 
 
 class TrackingConfig(Strict):
@@ -155,6 +157,32 @@ class TrackingConfig(Strict):
     experiment: str | None = None  # default uipe-<name>
     register_model: bool = True
     registered_model_name: str | None = None  # default uipe-<name>-<method>
+    parent_run_id: str | None = None  # nest the search runs under this MLflow run (uipe study: each seed's run)
+
+
+class StudyConfig(Strict):
+    """`uipe study`: the whole pipeline once per seed (a fresh synthetic world, fresh training and search), UIPE
+    against the base method at its best epoch and the base method run `longer_factor` times as many epochs."""
+
+    seeds: list[int] = Field([0, 1, 2, 3, 4], min_length=1)
+    floors: list[float] = Field(list(FLOORS), min_length=1)  # fractions of theta_ini's model utility
+    longer_factor: int = Field(2, ge=2)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seed {repeated[0]} appears more than once")
+        return seeds
+
+    @field_validator("floors")
+    @classmethod
+    def _fractions(cls, floors: list[float]) -> list[float]:
+        bad = [f for f in floors if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"floor {bad[0]} is outside (0, 1] (a fraction of theta_ini's model utility)")
+        return sorted(set(floors), reverse=True)
 
 
 class ExperimentConfig(Strict):
@@ -167,6 +195,7 @@ class ExperimentConfig(Strict):
     eval: EvalConfig = EvalConfig()
     search: SearchConfig = SearchConfig()
     tracking: TrackingConfig = TrackingConfig()
+    study: StudyConfig = StudyConfig()
 
     @model_validator(mode="after")
     def _batches_divide(self) -> ExperimentConfig:

@@ -52,6 +52,22 @@ def results_table(summaries: list[dict], cfg: ExperimentConfig) -> Table:
     return table
 
 
+def floors_table(summaries: list[dict], cfg: ExperimentConfig) -> Table:
+    """The best point of the base method and of UIPE at each utility floor (a fraction of theta_ini's utility): the
+    trade-off is the user's choice; the space file's utility_floor only picks the registered champion."""
+    table = Table(title="Best point at each utility floor (objective: the search's; '-': no trial reaches the floor)")
+    for col in ("method", "floor", "base epoch", "base FQ", "base utility", "UIPE alpha", "UIPE epoch", "UIPE FQ",
+                "UIPE utility"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for s in summaries:
+        for floor, arms in s.get("floors", {}).items():
+            base, uipe = arms["base"] or {}, arms["uipe"] or {}
+            table.add_row(s["method"], floor, str(base.get("epoch", "-")), fmt(base.get("forget_quality")),
+                          fmt(base.get("model_utility")), fmt(uipe.get("alpha")), str(uipe.get("epoch", "-")),
+                          fmt(uipe.get("forget_quality")), fmt(uipe.get("model_utility")))
+    return table
+
+
 def run_pipeline(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
     """Every stage in order, one `uipe run` per run folder at a time."""
     with exclusive(paths.root, "uipe run"):
@@ -82,6 +98,7 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
         stage(f"search {method}: alpha and epoch")
         summaries.append(run_search(cfg, paths, method, None, resume=True))  # reuses or resumes
     show_table(results_table(summaries, cfg))
+    show_table(floors_table(summaries, cfg))
     atomic_write_json(paths.root / "summary.json", {"config": cfg.model_dump(mode="json"), "methods": summaries,
                                                      "seconds": time.time() - start})
     uri = tracking_uri(cfg, paths)

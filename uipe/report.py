@@ -12,6 +12,15 @@ from pathlib import Path
 
 from uipe.search.result import COLUMNS, TrialResult
 
+# The utility floors a result is shown at (fractions of theta_ini's model utility); the space file's utility_floor
+# picks which one's point becomes the registered champion.
+FLOORS = (0.95, 0.90, 0.85, 0.80)
+
+
+def floor_key(floor: float) -> str:
+    """A floor as a JSON key: "0.95", "0.9", ..."""
+    return str(float(floor))
+
 
 def to_csv(rows: list[TrialResult]) -> str:
     """One line per trial, sorted by epoch then alpha; a failed trial's metrics are empty cells."""
@@ -24,6 +33,21 @@ def to_csv(rows: list[TrialResult]) -> str:
             cells = {k: v if k in ("trial_id", "status", "alpha", "epoch", "error") else "" for k, v in cells.items()}
         writer.writerow(cells)
     return buf.getvalue()
+
+
+def from_csv(text: str) -> list[TrialResult]:
+    """The trials of a results.csv (to_csv's inverse, less the evaluator's other aggregates)."""
+    out = []
+    for cells in csv.DictReader(io.StringIO(text)):
+        alpha, epoch = float(cells["alpha"]), int(cells["epoch"])
+        if cells["status"] != "ok":
+            out.append(TrialResult.failed(cells["trial_id"], alpha, epoch, cells["error"]))
+            continue
+        numbers = {k: float(v) if v != "" else math.nan for k, v in cells.items()
+                   if k not in ("trial_id", "status", "alpha", "epoch", "feasible", "error")}
+        out.append(TrialResult(cells["trial_id"], "ok", alpha, epoch, feasible=cells["feasible"] == "True",
+                               error=cells["error"], **numbers))
+    return out
 
 
 def completed(rows: list[TrialResult]) -> list[TrialResult]:
@@ -54,10 +78,30 @@ def choose(rows: list[TrialResult]) -> TrialResult | None:
     done = completed(rows)
     if not done:
         return None
-    feasible = [r for r in done if r.feasible]
-    if feasible:
-        return max(feasible, key=lambda r: (r.objective, r.model_utility, -r.alpha))
-    return max(done, key=lambda r: (r.model_utility, r.objective))
+    feasible = _best([r for r in done if r.feasible])
+    return feasible or max(done, key=lambda r: (r.model_utility, r.objective))
+
+
+def _best(rows: list[TrialResult]) -> TrialResult | None:
+    """Highest objective, then higher utility, then the smaller alpha (the search's own rule)."""
+    return max(rows, key=lambda r: (r.objective, r.model_utility, -r.alpha)) if rows else None
+
+
+def best_above(rows: list[TrialResult], utility: float) -> TrialResult | None:
+    """The best completed trial with model utility >= `utility` (None: no trial gets there)."""
+    return _best([r for r in completed(rows) if r.model_utility >= utility])
+
+
+def best_at_floors(rows: list[TrialResult], start_utility: float,
+                   floors: tuple[float, ...] = FLOORS) -> dict[str, dict[str, dict | None]]:
+    """Per floor f: the best point of the base method (alpha 0) and of UIPE (any alpha) among the completed trials
+    with model utility >= f x theta_ini's, by the search's objective; None where no trial reaches the floor."""
+    out = {}
+    for floor in floors:
+        base = best_above([r for r in rows if r.alpha == 0.0], floor * start_utility)
+        uipe = best_above(rows, floor * start_utility)
+        out[floor_key(floor)] = {"base": base.summary() if base else None, "uipe": uipe.summary() if uipe else None}
+    return out
 
 
 def base_row(rows: list[TrialResult]) -> TrialResult | None:

@@ -239,7 +239,8 @@ class TrainRunLog:
     """
 
     def __init__(self, uri: str, experiment_id: str, name: str, job_hash: str, stage: str,
-                 params: dict[str, Any], data: tuple[str, Mapping[str, Sequence[TofuRecord]]] | None = None) -> None:
+                 params: dict[str, Any], data: tuple[str, Mapping[str, Sequence[TofuRecord]]] | None = None,
+                 parent: str | None = None) -> None:
         self.client = client(uri)
         found = self.client.search_runs([experiment_id], f"tags.`uipe.job_hash` = '{job_hash}' and "
                                         "attributes.status != 'FINISHED'", max_results=1)
@@ -248,7 +249,8 @@ class TrainRunLog:
             self.client.update_run(self.run_id, "RUNNING")
         else:
             run = self.client.create_run(experiment_id, run_name=name,
-                                         tags={"uipe.job_hash": job_hash, "uipe.stage": stage, **source_tags()})
+                                         tags={"uipe.job_hash": job_hash, "uipe.stage": stage, **source_tags(),
+                                               **({"mlflow.parentRunId": parent} if parent else {})})
             self.run_id = run.info.run_id
             log_flat(self.client, self.run_id, {}, params)
             if data is not None:

@@ -111,3 +111,22 @@ def records_hash(*splits: list[TofuRecord] | tuple[TofuRecord, ...] | list[str] 
     """sha256 of the training data as the loop sees it (format-independent: JSON of the records, in order)."""
     rows = [[r.to_json() if isinstance(r, TofuRecord) else r for r in split] for split in splits]
     return sha256_bytes(json.dumps(rows, sort_keys=True).encode())
+
+
+TOFU_ITEMS_PER_AUTHOR = 20  # TOFU's files carry no author field: 20 questions per author, in author order
+
+
+def author_folds(records: list[TofuRecord] | tuple[TofuRecord, ...]) -> tuple[list[int], list[int]]:
+    """Item indices of the selection fold and the report fold: whole authors, alternating in order of first
+    appearance (the 1st, 3rd, ... author selects; the 2nd, 4th, ... reports), so no author's facts are in both and
+    the folds differ in size by at most one author. Records without an author (TOFU's own files) are grouped in
+    TOFU's blocks of 20 consecutive questions."""
+    order: dict[str, int] = {}
+    select, report = [], []
+    for i, r in enumerate(records):
+        author = r.author if r.author is not None else f"block-{i // TOFU_ITEMS_PER_AUTHOR}"
+        rank = order.setdefault(author, len(order))
+        (select if rank % 2 == 0 else report).append(i)
+    if not select or not report:
+        raise UipeError(f"forget split: {len(order)} author(s); the selection and report folds need at least two")
+    return select, report

@@ -37,6 +37,8 @@ KINDS: dict[str, metrics.SplitKind] = {
 # one scoring pass over its items and no greedy generation.
 SCORED_ONLY = ("holdout",)
 REQUIRED_ROLES = ("forget", "retain", "real_authors", "world_facts")
+# Forget quality on the selection and the report author fold (uipe study chooses on one, reports the other).
+FOLD_KEYS = ("forget_quality_select", "forget_quality_report")
 
 
 @dataclass
@@ -111,6 +113,7 @@ class Evaluator:
         self.reference: RetainReference | None = None
         self._tables = _Tables()
         self._plans = {role: self._plan(role, recs) for role, recs in self.splits.items()}
+        self.folds = _folds(self.splits["forget"])
 
     @classmethod
     def from_source(cls, source: str | Path, forget_split: str, tokenizer: PreTrainedTokenizerBase,
@@ -215,8 +218,11 @@ class Evaluator:
         if "holdout" in per_item:
             aggregates |= reference_free_signals(per_item["forget"], per_item["holdout"])
         if self.reference is not None:
-            aggregates["forget_quality"] = metrics.forget_quality(per_item["forget"]["truth_ratio"],
-                                                                  self.reference.forget_truth_ratios)
+            model_r, retain_r = np.asarray(per_item["forget"]["truth_ratio"]), self.reference.forget_truth_ratios
+            aggregates["forget_quality"] = metrics.forget_quality(model_r, retain_r)
+            # the same test on each author fold: a search that chooses on one fold is reported on the other
+            for name, idx in zip(FOLD_KEYS, self.folds or ()):
+                aggregates[name] = metrics.forget_quality(model_r[idx], np.asarray(retain_r)[idx])
             if "related" in per_item and self.reference.related_truth_ratios is not None:
                 aggregates["related_forget_quality"] = metrics.forget_quality(
                     per_item["related"]["truth_ratio"], self.reference.related_truth_ratios)
@@ -230,6 +236,16 @@ def reference_free_signals(forget: Mapping[str, list], holdout: Mapping[str, lis
     auc = metrics.mia_auc(-np.asarray(forget["answer_nll"]), -np.asarray(holdout["answer_nll"]))
     return {"holdout_ks": metrics.holdout_ks(forget["truth_ratio"], holdout["truth_ratio"]),
             "mia_loss_auc": auc, "mia_loss_closeness": 1.0 - 2.0 * abs(auc - 0.5)}
+
+
+def _folds(forget: Sequence[TofuRecord]) -> tuple[list[int], list[int]] | None:
+    """The forget split's author folds (data.records.author_folds); None when it holds a single author."""
+    from uipe.data.records import author_folds
+
+    try:
+        return author_folds(forget)
+    except UipeError:
+        return None
 
 
 class _eval_mode:  # noqa: N801 - used as a context manager

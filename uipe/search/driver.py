@@ -48,7 +48,8 @@ def run_search(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: 
 def resolve_space(cfg: ExperimentConfig, method: str, space_path: Path | None) -> tuple[Path, SearchSpace]:
     path = Path(space_path) if space_path else default_space_path(method, cfg.search.space_dir)
     space = load_space(path, method)
-    overrides = {k: getattr(cfg.search, k) for k in ("num_samples", "objective", "signal") if getattr(cfg.search, k)}
+    overrides = {k: getattr(cfg.search, k) for k in ("num_samples", "objective", "signal", "select_on")
+                 if getattr(cfg.search, k)}
     return path, space.model_copy(update=overrides)
 
 
@@ -173,7 +174,8 @@ def _parent_run(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path:
     c = tracking.client(uri)
     run = c.create_run(exp_id, run_name=f"search-{method}", tags={
         "uipe.method": method, "uipe.kind": "search", "uipe.code_version": code_version(),
-        "uipe.space_file": str(space_path), "uipe.theta_ini": setup.theta_ini, **tracking.source_tags()})
+        "uipe.space_file": str(space_path), "uipe.theta_ini": setup.theta_ini, **tracking.source_tags(),
+        **({"mlflow.parentRunId": cfg.tracking.parent_run_id} if cfg.tracking.parent_run_id else {})})
     tracking.log_datasets(c, run.info.run_id, setup.data, _eval_splits(setup), "evaluation")
     tracking.log_flat(c, run.info.run_id, {}, {
         "method": method, "space_file": str(space_path), "sampler": space.sampler, "objective": space.objective,
@@ -271,7 +273,8 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
         return previous
     uri, exp_id, parent = _parent_run(cfg, paths, method, space_path, space, setup, threshold, identity)
     total = space.trials_needed(epochs)
-    label = "FQ" if space.objective_metric == "forget_quality" else space.objective_metric
+    label = {"forget_quality": "FQ", "forget_quality_select": "FQ (selection fold)"}.get(space.objective_metric,
+                                                                                         space.objective_metric)
     callbacks = [tracking.TrialLogger(uri, exp_id, parent, method), Progress(method, total, label)]
     trainable = tune.with_resources(
         tune.with_parameters(trial, setup=setup, utility_threshold=threshold, objective_metric=space.objective_metric,

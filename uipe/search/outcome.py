@@ -16,7 +16,7 @@ from uipe.config import ExperimentConfig
 from uipe.errors import UipeError
 from uipe.io import atomic_write_json, atomic_write_text
 from uipe.paths import RunPaths
-from uipe.report import base_row, choose, completed, pareto_front, plot_search, to_csv
+from uipe.report import base_row, best_at_floors, choose, completed, pareto_front, plot_search, to_csv
 from uipe.search.result import TrialResult
 from uipe.search.space import SearchSpace
 from uipe.search.trial import TrialSetup
@@ -32,6 +32,7 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
     out = paths.search(method)
     atomic_write_text(out / "results.csv", to_csv(results))
     label = {"forget_quality": "forget quality (KS p-value vs the retain model)",
+             "forget_quality_select": "forget quality, selection fold (KS p-value vs the retain model)",
              "holdout_ks": "holdout KS p-value (forget vs holdout truth ratios)",
              "mia_loss_closeness": "1 - 2|MIA AUC - 0.5| (loss attack, forget vs holdout)"}[space.objective_metric]
     plots = plot_search(results, method, threshold, out, label)
@@ -56,6 +57,7 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
         "utility_threshold": threshold, "feasible": best.feasible,
         "trials": len(results), "failed": sum(not r.ok for r in results),
         "pareto_front": [r.summary() for r in pareto_front(results)], "search_seconds": wall,
+        "floors": best_at_floors(results, ini["model_utility"]),
         "trial_work_seconds": work,
         # (wall - trial work) / wall, with wall counted once per concurrent trial slot
         "tune_overhead": 1 - work / (wall * space.max_concurrent_trials) if wall > 0 else None,

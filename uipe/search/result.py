@@ -18,7 +18,7 @@ CONSTRAINT = "utility_constraint"  # floor * MU(theta_ini) - MU(trial): feasible
 # Tune's own bookkeeping in every reported result: not the trial's metrics.
 TUNE_KEYS = frozenset({"timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid", "time_since_restore",
                        "iterations_since_restore", "done", "alpha", "epoch"})
-HEADLINE = ("forget_quality", "model_utility", "forget_prob", "forget_rougeL", "related_prob", "related_rougeL",
+HEADLINE = ("forget_quality", "forget_quality_select", "forget_quality_report", "model_utility", "forget_prob", "forget_rougeL", "related_prob", "related_rougeL",
             "related_forget_quality", "holdout_ks", "mia_loss_auc")
 
 
@@ -31,6 +31,8 @@ class TrialResult:
     alpha: float
     epoch: int
     forget_quality: float = NAN
+    forget_quality_select: float = NAN  # forget quality on the selection / report author fold (uipe study)
+    forget_quality_report: float = NAN
     model_utility: float = NAN
     feasible: bool = False
     objective: float = NAN  # what the search maximises: forget quality, or the space's reference-free signal

@@ -51,11 +51,16 @@ class SearchSpace(Strict):
     objective: Literal["forget_quality", "pareto", "reference_free"] = "forget_quality"
     signal: Literal["holdout_ks", "mia_loss_closeness"] = "holdout_ks"
     utility_floor: float = Field(0.95, ge=0)
+    # all: forget quality over the whole forget split; selection_fold: over the selection author fold only, so the
+    # chosen point can be reported on the report fold, items the choice never saw (uipe study).
+    select_on: Literal["all", "selection_fold"] = "all"
 
     @property
     def objective_metric(self) -> str:
         """The evaluator aggregate the search maximises (reported by every trial as `objective`)."""
-        return self.signal if self.objective == "reference_free" else "forget_quality"
+        if self.objective == "reference_free":
+            return self.signal
+        return "forget_quality_select" if self.select_on == "selection_fold" else "forget_quality"
 
     def alpha_grid(self) -> list[float]:
         n = int(round((self.alpha.high - self.alpha.low) / self.grid_step))

@@ -106,7 +106,8 @@ class FitWatcher:
         params = {"method": job.objective, "lr": job.lr, "epochs": job.epochs, "schedule": job.schedule,
                   **(job.params.model_dump() if job.params else {}),
                   **{f"train.{k}": v for k, v in job.train.model_dump().items()}}
-        self.run = TrainRunLog(uri, experiment_id, name, job.job_hash, job.objective, params, data)
+        self.run = TrainRunLog(uri, experiment_id, name, job.job_hash, job.objective, params, data,
+                               cfg.tracking.parent_run_id)
         self.task = Task(job.label, job.epochs)
         self.epochs, self.failed_events = job.epochs, 0
 

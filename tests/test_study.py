@@ -1,0 +1,136 @@
+"""uipe study's parts without Ray: author folds, each arm's choice at a floor, matched utility, hypervolume, signal
+checks (numbers worked by hand); then the command's refusals of bad input, which write nothing."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from uipe.data.records import TofuRecord, author_folds
+from uipe.errors import UipeError
+from uipe.report import best_at_floors, from_csv, to_csv
+from uipe.search.result import TrialResult
+from uipe.study.arms import at_floors, hypervolume, matched_utility, method_record, signal_checks
+
+
+def _rec(author: str | None, i: int) -> TofuRecord:
+    return TofuRecord(f"q{i}", f"a{i}", None, ("x",), author)
+
+
+def test_author_folds_alternate_whole_authors_in_order_of_appearance() -> None:
+    recs = [_rec(a, i) for i, a in enumerate("AABBCCA")]
+    # A (1st) and C (3rd) select, B (2nd) reports; A's late item stays with A
+    assert author_folds(recs) == ([0, 1, 4, 5, 6], [2, 3])
+    # TOFU's files name no author: blocks of 20 questions
+    select, report = author_folds([_rec(None, i) for i in range(50)])
+    assert select == list(range(20)) + list(range(40, 50)) and report == list(range(20, 40))
+    with pytest.raises(UipeError, match="1 author"):
+        author_folds([_rec("A", i) for i in range(4)])
+
+
+def _t(alpha: float, epoch: int, fq: float, mu: float, prob: float = 0.5, sel: float | None = None,
+       ks: float = math.nan, auc: float = math.nan) -> TrialResult:
+    sel = fq if sel is None else sel
+    return TrialResult(f"{alpha}-{epoch}", "ok", alpha, epoch, forget_quality=fq, forget_quality_select=sel,
+                       forget_quality_report=fq / 2, model_utility=mu, objective=sel, forget_prob=prob,
+                       holdout_ks=ks, mia_loss_auc=auc)
+
+
+SEARCH = [_t(0.0, 1, 0.01, 0.78, 0.8), _t(0.0, 2, 0.02, 0.74, 0.6), _t(1.0, 1, 0.05, 0.765, 0.5),
+          _t(2.0, 2, 0.40, 0.66, 0.2), TrialResult.failed("f", 3.0, 2, "boom")]
+
+
+def test_each_arm_chooses_its_best_point_above_each_floor() -> None:
+    # theta_ini's utility 0.8: floors 0.95 -> 0.76, 0.9 -> 0.72, 0.8 -> 0.64 (utilities kept off the edges)
+    base = at_floors([r for r in SEARCH if r.alpha == 0], 0.8, [0.95, 0.9, 0.8])
+    assert base["0.95"]["epoch"] == 1 and base["0.9"]["epoch"] == 2 and base["0.8"]["forget_quality"] == 0.02
+    uipe = at_floors(SEARCH, 0.8, [0.95, 0.9, 0.8])
+    assert (uipe["0.95"]["alpha"], uipe["0.9"]["alpha"], uipe["0.8"]["alpha"]) == (1.0, 1.0, 2.0)
+    assert uipe["0.8"]["utility_ratio"] == pytest.approx(0.66 / 0.8)
+    assert at_floors(SEARCH, 0.8, [1.0])["1.0"] is None  # nothing reaches theta_ini's own utility
+    # the run's own table: the same rule, base and UIPE side by side
+    floors = best_at_floors(SEARCH, 0.8, (0.95, 0.8))
+    assert floors["0.95"]["base"]["epoch"] == 1 and floors["0.8"]["uipe"]["alpha"] == 2.0
+
+
+def test_matched_utility_interpolates_the_base_trajectory_in_forget_probability() -> None:
+    trajectory = [(0.9, 0.80), (0.5, 0.70), (0.1, 0.50)]
+    # at forget prob 0.3: halfway between (0.1, 0.50) and (0.5, 0.70) -> 0.60; UIPE at 0.66 is 0.06 better
+    assert matched_utility({"forget_prob": 0.3, "model_utility": 0.66}, trajectory) == pytest.approx(0.06)
+    assert matched_utility({"forget_prob": 0.05, "model_utility": 0.66}, trajectory) is None  # beyond the base
+    assert matched_utility(None, trajectory) is None
+
+
+def test_hypervolume_by_hand() -> None:
+    # (x = log10 FQ, y = utility ratio) with ref (0, 0.8): rectangles [0,2]x[0.8,0.9] (0.2) and [0,3]x[0.8,0.85]
+    # (0.15) overlap in [0,2]x[0.8,0.85] (0.1): 0.25. A point below the reference adds nothing.
+    assert hypervolume([(2.0, 0.9), (3.0, 0.85), (5.0, 0.7)], (0.0, 0.8)) == pytest.approx(0.25)
+    assert hypervolume([(2.0, 0.9), (1.0, 0.85)], (0.0, 0.8)) == pytest.approx(0.2)  # dominated: no extra area
+    assert hypervolume([], (0.0, 0.8)) == 0.0
+
+
+def test_signal_checks_rank_correlation_and_regret() -> None:
+    # holdout KS ranks the four trials as forget quality does (rho 1); the loss attack's closeness to 0.5 ranks them
+    # backwards (AUC 0.5 on the worst forgetting). Above utility 0.7 forget quality picks FQ 0.05 (alpha 1); the
+    # MIA signal picks FQ 0.01 (its closeness 1.0): regret log10(0.05 / 0.01) = 0.699.
+    rows = [_t(0.0, 1, 0.01, 0.78, ks=0.1, auc=0.5), _t(0.0, 2, 0.02, 0.74, ks=0.2, auc=0.6),
+            _t(1.0, 1, 0.05, 0.765, ks=0.3, auc=0.7), _t(2.0, 2, 0.40, 0.66, ks=0.9, auc=0.9)]
+    out = signal_checks(rows, 0.7)
+    assert out["holdout_ks"] == {"spearman": pytest.approx(1.0), "regret": pytest.approx(0.0)}
+    assert out["mia_loss_closeness"]["spearman"] == pytest.approx(-1.0)
+    assert out["mia_loss_closeness"]["regret"] == pytest.approx(math.log10(5))
+
+
+def test_method_record_keeps_every_arm_and_the_trajectory_from_theta_ini() -> None:
+    longer = [_t(0.0, e, fq, mu, prob) for e, fq, mu, prob in [(1, 0.01, 0.78, 0.8), (2, 0.02, 0.74, 0.6),
+                                                                (3, 0.08, 0.70, 0.4), (4, 0.3, 0.62, 0.1)]]
+    start = {"model_utility": 0.8, "forget_quality": 1e-4, "forget_prob": 0.9}
+    rec = method_record(SEARCH, longer, start, 0.76, [0.95, 0.8], 2, 4)
+    assert rec["arms"]["more"]["0.8"]["epoch"] == 3 and rec["arms"]["base"]["0.8"]["epoch"] == 2
+    # UIPE at 0.8: alpha 2, forget prob 0.2, utility 0.66; the longer run passes 0.2 between epoch 3 (0.4, 0.70)
+    # and epoch 4 (0.1, 0.62): 0.62 + (0.2 - 0.1) / 0.3 * 0.08 = 0.64667 -> +0.01333
+    assert rec["matched_utility"]["0.8"] == pytest.approx(0.66 - (0.62 + 0.08 / 3))
+    # reference: theta_ini's log10 FQ (-4) and the lowest floor; base (x, y): (2, 0.975), (2.301, 0.925)
+    assert rec["hypervolume"]["base"] == pytest.approx(2 * (0.975 - 0.925) + math.log10(0.02 / 1e-4) * 0.125)
+    assert rec["longer_epochs"] == 4 and len(rec["fronts"]["more"]) == 4
+
+
+def test_results_csv_reads_back_as_it_was_written() -> None:
+    again = from_csv(to_csv(SEARCH))
+    assert to_csv(again) == to_csv(SEARCH)
+    assert [r.ok for r in again].count(False) == 1 and again[0].forget_quality_report == 0.005
+
+
+def _study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "uipe.cli", "study", "--run-dir", str(tmp_path / "st"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--seeds", "0,1,1"], "seed 1 appears more than once"),
+    (["--set", "study.floors=[0.9,1.5]"], "floor 1.5 is outside (0, 1]"),
+    (["--seeds", "two"], "--seeds 'two'"),
+    (["--set", "prepare.retain=false"], "needs a retain model"),
+])
+def test_bad_study_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, args: list[str], words: str) -> None:
+    proc = _study(tmp_path, *args)
+    assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "st").exists()
+
+
+def test_a_study_folder_of_another_configuration_is_refused_untouched(tmp_path: Path) -> None:
+    from uipe.config import load_config
+    from uipe.study.driver import IDENTITY_FILE, _identity
+    from uipe.io import atomic_write_json
+
+    folder = tmp_path / "st"
+    folder.mkdir()
+    atomic_write_json(folder / IDENTITY_FILE, _identity(load_config(None, ["unlearn.lr=0.5"])))
+    before = sorted(p.name for p in folder.iterdir())
+    proc = _study(tmp_path, "--seeds", "3")
+    assert proc.returncode == 2 and "another configuration (unlearn differs)" in proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before

@@ -1,0 +1,1 @@
+"""uipe study: UIPE against fair baselines over seeds."""

@@ -1,0 +1,355 @@
+"""Per-seed study records aggregated over seeds: t intervals, paired UIPE-minus-baseline differences, the Markdown
+report and two PNGs.
+
+Forget quality is a KS p-value spanning many decades, so it is averaged as log10 (a geometric mean) and UIPE is
+compared to a baseline by the per-seed difference of log10 forget quality, only over seeds where both arms have a
+feasible point at that utility floor. Pure functions over JSON-shaped dicts (see uipe/study/driver.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from uipe.errors import UipeError
+from uipe.report import floor_key
+
+ARMS = ("base", "more", "uipe")
+PAIRS = {"uipe-base": ("uipe", "base"), "uipe-more": ("uipe", "more")}
+# point key -> aggregate key; forget qualities are averaged on log10
+POINT_METRICS = {"log10_fq_report": "forget_quality_report", "log10_fq": "forget_quality",
+                 "log10_fq_select": "forget_quality_select", "model_utility": "model_utility"}
+PAIRED_METRICS = ("log10_fq_report", "log10_fq")
+FQ_FLOOR = 1e-300  # a KS p-value can underflow to 0
+
+
+def _clean(values: Sequence[float | None]) -> list[float]:
+    """The values as floats, None and NaN dropped."""
+    try:
+        xs = [float(v) for v in values if v is not None]
+    except (TypeError, ValueError) as e:
+        raise UipeError(f"expected numbers (or None), got {list(values)!r}") from e
+    return [x for x in xs if not math.isnan(x)]
+
+
+def t_interval(values: Sequence[float | None], level: float = 0.95) -> dict:
+    """mean +- t_{(1+level)/2, n-1} * sd(ddof=1) / sqrt(n) over the values that are not None/NaN.
+
+    n == 1: low = high = None (no spread to estimate); n == 0: mean, low, high all None.
+    """
+    if not 0.0 < level < 1.0:
+        raise UipeError(f"t_interval: level must lie in (0, 1), got {level}")
+    xs = _clean(values)
+    n = len(xs)
+    if n == 0:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    mean = float(np.mean(xs))
+    if n == 1:
+        return {"mean": mean, "low": None, "high": None, "n": 1}
+    half = float(stats.t.ppf((1.0 + level) / 2.0, n - 1) * np.std(xs, ddof=1) / math.sqrt(n))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def log10_fq(x: float | None) -> float | None:
+    """log10(max(x, 1e-300)); None stays None (a metric that was not measured)."""
+    return None if x is None else math.log10(max(float(x), FQ_FLOOR))
+
+
+def _num_or_none(v: Any) -> float | None:
+    xs = _clean([v])
+    return xs[0] if xs else None
+
+
+def _paired(diffs: Sequence[float]) -> dict:
+    """t interval of per-seed differences, plus wins (> 0) and ties (== 0 exactly: often the same point)."""
+    return {**t_interval(diffs), "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs)}
+
+
+def _point_value(point: dict, name: str, where: str) -> float | None:
+    key = POINT_METRICS[name]
+    if not isinstance(point, dict) or key not in point:
+        raise UipeError(f"{where}: the chosen point has no '{key}'")
+    v = _num_or_none(point[key])
+    return log10_fq(v) if name.startswith("log10_") else v
+
+
+def _points(rec: dict, arm: str, fk: str, where: str) -> dict | None:
+    arms = rec.get("arms")
+    if not isinstance(arms, dict) or not isinstance(arms.get(arm), dict):
+        raise UipeError(f"{where}: no arm '{arm}' in 'arms'")
+    if fk not in arms[arm]:
+        raise UipeError(f"{where}, arm {arm}: no floor {fk} (recorded: {', '.join(arms[arm]) or 'none'})")
+    return arms[arm][fk]
+
+
+def _by_method(seed_results: list[dict]) -> dict[str, list[tuple[Any, dict]]]:
+    """method -> [(seed, record)], in the order methods first appear; a seed may lack a method."""
+    out: dict[str, list[tuple[Any, dict]]] = {}
+    seen = set()
+    for i, res in enumerate(seed_results):
+        if not isinstance(res, dict) or "seed" not in res or not isinstance(res.get("methods"), dict):
+            raise UipeError(f"seed result #{i}: expected a dict with 'seed' and a 'methods' dict")
+        if res["seed"] in seen:
+            raise UipeError(f"seed {res['seed']} appears twice in the seed results")
+        seen.add(res["seed"])
+        for method, rec in res["methods"].items():
+            if not isinstance(rec, dict):
+                raise UipeError(f"seed {res['seed']}, method {method}: expected a dict")
+            out.setdefault(method, []).append((res["seed"], rec))
+    return out
+
+
+def _columns(method: str, recs: list[tuple[Any, dict]], fks: Sequence[str]) -> tuple[dict, dict]:
+    """values[arm][floor][metric] = one value per seed (None: no feasible point, or not measured), and
+    feasible[arm][floor] = the number of seeds with a point."""
+    values: dict = {arm: {} for arm in ARMS}
+    feasible: dict = {arm: {} for arm in ARMS}
+    for arm in ARMS:
+        for fk in fks:
+            where = [f"seed {seed}, method {method}" for seed, _ in recs]
+            pts = [_points(rec, arm, fk, w) for (_, rec), w in zip(recs, where)]
+            feasible[arm][fk] = sum(p is not None for p in pts)
+            values[arm][fk] = {m: [None if p is None else _point_value(p, m, f"{w}, arm {arm}, floor {fk}")
+                                   for p, w in zip(pts, where)] for m in POINT_METRICS}
+    return values, feasible
+
+
+def _differences(xs: Sequence[float | None], ys: Sequence[float | None]) -> list[float]:
+    """Per-seed x - y over the seeds where both are present (pairing by seed)."""
+    return [x - y for x, y in zip(xs, ys) if x is not None and y is not None]
+
+
+def _signals(recs: list[tuple[Any, dict]]) -> dict:
+    """signal -> {"spearman", "regret"} t intervals over the seeds that report them (the block may be missing)."""
+    names: list[str] = []
+    for _, rec in recs:
+        names += [s for s in (rec.get("signals") or {}) if s not in names]
+    out = {}
+    for s in names:
+        sig = [(rec.get("signals") or {}).get(s) or {} for _, rec in recs]
+        out[s] = {k: t_interval([d.get(k) for d in sig]) for k in ("spearman", "regret")}
+    return out
+
+
+def _aggregate_method(method: str, recs: list[tuple[Any, dict]], fks: Sequence[str]) -> dict:
+    values, feasible = _columns(method, recs, fks)
+    hv = {arm: [_num_or_none((rec.get("hypervolume") or {}).get(arm)) for _, rec in recs] for arm in ARMS}
+    matched = {fk: _clean([(rec.get("matched_utility") or {}).get(fk) for _, rec in recs]) for fk in fks}
+    uipe = values["uipe"]
+    return {
+        "seeds": [s for s, _ in recs],
+        "arms": {arm: {fk: {**{m: t_interval(col[m]) for m in POINT_METRICS}, "feasible_seeds": feasible[arm][fk]}
+                       for fk, col in values[arm].items()} for arm in ARMS},
+        "paired": {pair: {fk: {m: _paired(_differences(values[a][fk][m], values[b][fk][m])) for m in PAIRED_METRICS}
+                          for fk in fks} for pair, (a, b) in PAIRS.items()},
+        # how far the chosen UIPE point's forget quality falls from the selection fold to the report fold
+        "winners_curse": {fk: t_interval(_differences(uipe[fk]["log10_fq_select"], uipe[fk]["log10_fq_report"]))
+                          for fk in fks},
+        "hypervolume": {arm: t_interval(hv[arm]) for arm in ARMS},
+        "hypervolume_paired": {pair: _paired(_differences(hv[a], hv[b])) for pair, (a, b) in PAIRS.items()},
+        "matched_utility": {fk: {**t_interval(mu), "wins": sum(v > 0 for v in mu)} for fk, mu in matched.items()},
+        "signals": _signals(recs),
+    }
+
+
+def aggregate(seed_results: list[dict], floors: Sequence[float]) -> dict:
+    """Per method (each over the seeds that ran it): per arm and floor the t intervals of log10 forget quality
+    (report, combined, selection folds) and utility; paired UIPE-minus-baseline log10 differences with wins/ties;
+    the winner's curse (log10 select - log10 report, UIPE); hypervolume; matched utility; reference-free signals."""
+    floors = list(dict.fromkeys(float(f) for f in floors))  # a floor given twice is one floor
+    fks = [floor_key(f) for f in floors]
+    return {"seeds": [r.get("seed") if isinstance(r, dict) else None for r in seed_results], "floors": floors,
+            "methods": {m: _aggregate_method(m, recs, fks) for m, recs in _by_method(seed_results).items()}}
+
+
+# ---------------------------------------------------------------- Markdown
+
+def _num(x: float | None, spec: str = "") -> str:
+    if x is None:
+        return "-"
+    if spec:
+        return format(x, spec)
+    return f"{x:.2e}" if x != 0 and abs(x) < 1e-2 else f"{x:.3f}"
+
+
+def _ci(t: dict, spec: str = "") -> str:
+    """mean [low, high], or the mean alone for one seed."""
+    if t["mean"] is None:
+        return "-"
+    if t["low"] is None:
+        return _num(t["mean"], spec)
+    return f"{_num(t['mean'], spec)} [{_num(t['low'], spec)}, {_num(t['high'], spec)}]"
+
+
+def _pow10(x: float) -> str:
+    """10**x as "3.1e-03", formatted from x itself: a wide interval's 10**high can overflow a float."""
+    e = math.floor(x)
+    m = round(10 ** (x - e), 1)
+    if m >= 10:
+        m, e = m / 10, e + 1
+    return f"{m:.1f}e{e:+03d}"
+
+
+def _geo(t: dict, feasible: int, n_seeds: int) -> str:
+    """Geometric mean of forget quality [interval] = 10**mean, 10**low, 10**high of log10; (k/n) when not all
+    seeds had a feasible point."""
+    if t["mean"] is None:
+        text = "-"
+    elif t["low"] is None:
+        text = _pow10(t["mean"])
+    else:
+        text = f"{_pow10(t['mean'])} [{_pow10(t['low'])}, {_pow10(t['high'])}]"
+    return text if feasible == n_seeds else f"{text} ({feasible}/{n_seeds})"
+
+
+def _diff(t: dict, unit: str = " log10", spec: str = "+.2f") -> str:
+    """mean [interval] of a paired difference, wins (and ties, if any) out of the seeds compared."""
+    if t["mean"] is None:
+        return "-"
+    ties = f", ties {t['ties']}" if t.get("ties") else ""
+    return f"{_ci(t, spec)}{unit}, wins {t['wins']}/{t['n']}{ties}"
+
+
+def _label(name: str) -> str:
+    """"uipe-base" -> "UIPE - base"."""
+    return name.replace("uipe", "UIPE").replace("-", " - ")
+
+
+def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(agg: dict, command: str) -> str:
+    """The study as Markdown: per method, forget quality per floor and arm (report fold), paired differences,
+    hypervolume, matched utility, the winner's curse and the reference-free signals."""
+    lines = ["# UIPE study", "", "```", command, "```", "",
+             f"Seeds: {', '.join(str(s) for s in agg['seeds'])}.",
+             "Forget quality (report fold): geometric mean [95% t interval over seeds]; (k/n): k of n seeds",
+             "reached the floor. Differences: per-seed log10 forget quality, over the seeds where both arms reached",
+             "the floor; wins: seeds where UIPE is higher, ties: the same forget quality (often the same point).", ""]
+    if not agg["methods"]:
+        lines.append("No methods were recorded.")
+    for method, m in agg["methods"].items():
+        n = len(m["seeds"])
+        lines += [f"## {method} ({n} seed{'s' * (n != 1)})", ""]
+        rows = []
+        for fk in (floor_key(f) for f in agg["floors"]):
+            arms = [_geo(m["arms"][a][fk]["log10_fq_report"], m["arms"][a][fk]["feasible_seeds"], n) for a in ARMS]
+            rows.append([fk, *arms, *(_diff(m["paired"][p][fk]["log10_fq_report"]) for p in PAIRS)])
+        lines += _table(["floor", "base", "more", "UIPE", "UIPE - base", "UIPE - more"], rows) + [""]
+        hv = [[_label(a), _ci(m["hypervolume"][a], ".3f")] for a in ARMS]
+        hv += [[_label(p), _diff(m["hypervolume_paired"][p], "", "+.3f")] for p in PAIRS]
+        lines += _table(["hypervolume", "mean [95% interval]"], hv) + [""]
+        rows = [[fk, _diff(m["matched_utility"][fk] | {"ties": 0}, "", "+.3f"),
+                 _ci(m["winners_curse"][fk], "+.2f") + " log10" * (m["winners_curse"][fk]["mean"] is not None)]
+                for fk in (floor_key(f) for f in agg["floors"])]
+        lines += _table(["floor", "matched utility (UIPE - base at equal forget prob.)",
+                         "winner's curse (UIPE, log10 select - report)"], rows) + [""]
+        if m["signals"]:
+            rows = [[s, _ci(v["spearman"], "+.2f"), _ci(v["regret"])] for s, v in m["signals"].items()]
+            lines += _table(["signal", "Spearman", "regret"], rows) + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------- plots
+
+def _save_atomic(fig: Any, out: Path) -> Path:
+    """savefig to a temporary sibling, then rename: a crash never leaves a half-written PNG under `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a plot is for people to read
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _front(points: Any, where: str) -> tuple[list[float], list[float]]:
+    """(x, y) sorted by x, y clipped at 1e-300 for the log scale."""
+    try:
+        pts = sorted((float(x), max(float(y), FQ_FLOOR)) for x, y in (points or []))
+    except (TypeError, ValueError) as e:
+        raise UipeError(f"{where}: a front must be a list of [utility_ratio, forget_quality] pairs ({e})") from e
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_fronts(seed_results: list[dict], out: Path, floors: Sequence[float] | None = None) -> Path:
+    """One subplot per method: each seed's fronts, forget quality (log) against utility / theta_ini's utility;
+    UIPE solid with dots, `more` dashed, base markers only, one colour per seed; dotted lines at the floors
+    (by default the floors recorded in the arms)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_method = _by_method(seed_results)
+    if floors is None:
+        floors = sorted({float(k) for recs in by_method.values() for _, r in recs
+                         for arm in (r.get("arms") or {}).values() for k in (arm or {})}, reverse=True)
+    colours = {r["seed"]: plt.get_cmap("tab10")(i % 10) for i, r in enumerate(seed_results)}
+    fig, axes = plt.subplots(1, max(1, len(by_method)), figsize=(5.5 * max(1, len(by_method)), 4.5), squeeze=False)
+    for ax, (method, recs) in zip(axes[0], by_method.items()):
+        for seed, rec in recs:
+            fronts, c = rec.get("fronts") or {}, colours[seed]
+            # `more` gets small markers too, so a one-point front still shows
+            for arm, style in (("uipe", "o-"), ("more", "^--"), ("base", "s")):
+                xs, ys = _front(fronts.get(arm), f"seed {seed}, method {method}, front {arm}")
+                ax.plot(xs, ys, style, color=c, ms=3 if arm == "more" else 4,
+                        mfc="none" if arm == "base" else c, label=f"seed {seed}" if arm == "uipe" else None)
+        for f in floors:
+            ax.axvline(f, color="grey", ls=":", lw=1)
+        ax.set(yscale="log", xlabel="utility / theta_ini utility", ylabel="forget quality",
+               title=f"{method}: UIPE (solid), more (dashed), base (squares)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = _save_atomic(fig, out)
+    plt.close(fig)
+    return path
+
+
+def plot_differences(agg: dict, out: Path) -> Path:
+    """One subplot per method: per floor, the paired UIPE - base and UIPE - more log10 forget quality (report
+    fold) with 95% interval error bars; a line at 0 (no difference)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = agg["methods"]
+    fks = [floor_key(f) for f in agg["floors"]]
+    fig, axes = plt.subplots(1, max(1, len(methods)), figsize=(5 * max(1, len(methods)), 4), squeeze=False)
+    for ax, (method, m) in zip(axes[0], methods.items()):
+        for j, (pair, marker) in enumerate(zip(PAIRS, ("o", "s"))):
+            label = _label(pair)
+            for i, fk in enumerate(fks):
+                t = m["paired"][pair][fk]["log10_fq_report"]
+                if t["mean"] is None:
+                    continue
+                err = None if t["low"] is None else [[t["mean"] - t["low"]], [t["high"] - t["mean"]]]
+                # the two pairs side by side at each floor, so their error bars do not overlap
+                ax.errorbar([i + (j - 0.5) * 0.2], [t["mean"]], yerr=err, fmt=marker, color=f"C{j}", capsize=4,
+                            label=label)
+                label = None
+        ax.axhline(0.0, color="grey", lw=1)
+        ax.set_xticks(range(len(fks)), fks)
+        ax.set(xlabel="utility floor (x theta_ini utility)", ylabel="delta log10 forget quality (report)",
+               title=f"{method}: paired differences over seeds")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = _save_atomic(fig, out)
+    plt.close(fig)
+    return path

@@ -1,0 +1,210 @@
+"""`uipe study`: does automatic alpha selection make unlearning better, by how much, and is it more than noise?
+
+    uipe study --seeds 5                                  # the tiny preset, seeds 0-4, 2 CPU cores
+    uipe study --seeds 0,7 --set "unlearn.methods=[ga]"   # chosen seeds, one method
+
+Per seed, in <study>/seed-<s>: a fresh synthetic world (data.synth.seed), fresh reference models and unlearning
+(train.seed) and a fresh search (search.seed): `uipe run`, choosing on the forget split's selection fold. Then
+the base method trained study.longer_factor times as many epochs (<study>/seed-<s>/longer), each epoch scored at
+alpha 0. uipe/study/arms.py compares the arms of one seed, uipe/study/aggregate.py the seeds. Every stage is
+reused when its outputs exist, so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from uipe import tracking
+from uipe.config import ExperimentConfig
+from uipe.console import Task, say, stage
+from uipe.errors import UipeError
+from uipe.io import atomic_write_json, atomic_write_text, exclusive
+from uipe.paths import RunPaths
+from uipe.search.result import TrialResult
+from uipe.stages import cached_value, recorded, reusable
+
+IDENTITY_FILE = "study_config.json"  # the configuration the folder was made with (all but the seed list)
+STATE_FILE = "study_state.json"  # the study's and each seed's MLflow run
+RESULT_FILE = "study.json"
+
+
+def check_study(cfg: ExperimentConfig, root: Path) -> None:
+    """Refuse, before anything is written, a study that cannot compare forget quality or a folder made with another
+    configuration (adding seeds to a study is fine: the seed list is not part of its identity)."""
+    if not (cfg.prepare.retain or cfg.eval.retain_reference):
+        raise UipeError("uipe study compares forget quality: it needs a retain model (prepare.retain: true) or "
+                        "eval.retain_reference")
+    reusable(recorded(root / IDENTITY_FILE), _identity(cfg), root, "holds a study made with another configuration",
+             "refuse")
+
+
+def _identity(cfg: ExperimentConfig) -> dict:
+    return cfg.model_dump(mode="json", exclude={"study": {"seeds"}})
+
+
+def run_study(cfg: ExperimentConfig, root: Path, command: str) -> dict:
+    """Every seed's pipeline and baselines, then the aggregate: study.json, study.md, plots, the MLflow run."""
+    root = root.resolve()
+    check_study(cfg, root)
+    with exclusive(root, "uipe study"):
+        if recorded(root / IDENTITY_FILE) is None:
+            atomic_write_json(root / IDENTITY_FILE, _identity(cfg))
+        return _run(cfg, root, command)
+
+
+def _run(cfg: ExperimentConfig, root: Path, command: str) -> dict:
+    from uipe.study.aggregate import aggregate, markdown, plot_differences, plot_fronts
+
+    start = time.time()
+    uri, exp_id, experiment, study_run = _study_run(cfg, root)
+    records = []
+    for i, seed in enumerate(cfg.study.seeds):
+        stage(f"study: seed {seed} ({i + 1} of {len(cfg.study.seeds)})")
+        seed_run = _seed_run(uri, exp_id, study_run, root, seed)
+        seed_cfg = seed_config(cfg, seed, uri, experiment, seed_run)
+        record = run_seed(seed_cfg, root / f"seed-{seed}", seed)
+        _log_seed(uri, seed_run, record)
+        records.append(record)
+    agg = aggregate(records, cfg.study.floors)
+    text = markdown(agg, command)
+    plots = [plot_fronts(records, root / "fronts.png"), plot_differences(agg, root / "differences.png")]
+    atomic_write_text(root / "study.md", text)
+    result = {"command": command, "config": cfg.model_dump(mode="json"), "seeds": records, "aggregate": agg,
+              "seconds": time.time() - start, "mlflow_run_id": study_run}
+    atomic_write_json(root / RESULT_FILE, result)
+    c = tracking.client(uri)
+    for p in [root / RESULT_FILE, root / "study.md", *plots]:
+        c.log_artifact(study_run, str(p))
+    c.set_terminated(study_run, "FINISHED")
+    say(text)
+    say(f"Study done in {time.time() - start:.0f} s: {root / 'study.md'}, {root / RESULT_FILE}, plots {root}/*.png")
+    return result
+
+
+def seed_config(cfg: ExperimentConfig, seed: int, uri: str, experiment: str, parent: str) -> ExperimentConfig:
+    """The study's configuration for one seed: its own world, training and search seeds; the search chooses on the
+    selection fold; its MLflow runs nest under the seed's run in the study's experiment."""
+    raw = cfg.model_dump(mode="json")
+    raw["name"] = f"{cfg.name}-seed{seed}"
+    raw["data"]["synth"]["seed"] = raw["train"]["seed"] = raw["search"]["seed"] = seed
+    raw["search"]["select_on"] = "selection_fold"
+    raw["tracking"].update(uri=uri, experiment=experiment, parent_run_id=parent)
+    return ExperimentConfig.model_validate(raw)
+
+
+def run_seed(cfg: ExperimentConfig, root: Path, seed: int) -> dict:
+    """`uipe run` in the seed's folder, then per method the longer baseline, compared (uipe/study/arms.py)."""
+    from uipe.pipeline import run_pipeline
+    from uipe.report import from_csv
+    from uipe.study.arms import method_record
+
+    paths = RunPaths.of(root)
+    summaries = run_pipeline(cfg, paths)
+    methods = {}
+    for s in summaries:
+        method = s["method"]
+        search = from_csv((paths.search(method) / "results.csv").read_text())
+        longer = longer_trajectory(cfg, paths, method)
+        methods[method] = method_record(search, longer, s["theta_ini"], s["utility_threshold"], cfg.study.floors,
+                                        cfg.unlearn.epochs, cfg.unlearn.epochs * cfg.study.longer_factor)
+    return {"seed": seed, "run_dir": str(root), "methods": methods}
+
+
+def longer_config(cfg: ExperimentConfig, paths: RunPaths, data: str) -> ExperimentConfig:
+    """The more-iterations baseline: the same method, target, data and retain reference, for longer_factor x the
+    epochs (its own learning-rate schedule over the longer run, as running the base method longer would have)."""
+    raw = cfg.model_dump(mode="json")
+    raw["name"] = f"{cfg.name}-longer"
+    raw["unlearn"]["epochs"] = cfg.unlearn.epochs * cfg.study.longer_factor
+    raw["model"]["target"] = cfg.model.target or str(paths.target_model)
+    raw["data"]["source"] = data
+    raw["eval"]["retain_reference"] = cfg.eval.retain_reference or str(paths.retain_reference)
+    return ExperimentConfig.model_validate(raw)
+
+
+def longer_trajectory(cfg: ExperimentConfig, paths: RunPaths, method: str) -> list[TrialResult]:
+    """Every epoch of the longer run scored at alpha 0 with the search's evaluator (cached beside it)."""
+    from uipe.data import ensure_data
+    from uipe.search.driver import make_setup, resolve_space
+    from uipe.train.recipe import unlearn
+
+    long_cfg = longer_config(cfg, paths, ensure_data(cfg, paths))
+    long_paths = RunPaths.of(paths.root / "longer")
+    stage(f"unlearn {method} for {long_cfg.unlearn.epochs} epochs (the more-iterations baseline)")
+    unlearn(long_cfg, long_paths.root, method)
+    metric = resolve_space(cfg, method, None)[1].objective_metric
+    setup = make_setup(long_cfg, long_paths, method)
+    epochs = sorted(setup.epoch_dirs)
+    want = {"setup": setup.identity(), "objective": metric, "epochs": epochs}
+    reports = cached_value(long_paths.root / f"trajectory-{method}.json", want,
+                           lambda: _score_epochs(cfg, setup, epochs, metric, method))
+    return [TrialResult.from_report(f"longer-e{e}", {"alpha": 0.0, "epoch": e}, r) for e, r in zip(epochs, reports)]
+
+
+def _score_epochs(cfg: ExperimentConfig, setup, epochs: list[int], metric: str, method: str) -> list[dict]:
+    """One Ray task per epoch, with a search trial's resources (task workers are reused, so the model and evaluator
+    load once per worker process, as in a search)."""
+    import ray
+
+    task = ray.remote(_score_epoch).options(num_cpus=cfg.search.cpus_per_trial, num_gpus=cfg.search.gpus_per_trial)
+    refs = [task.remote(setup, e, metric) for e in epochs]
+    progress, pending = Task(f"score {method} longer", len(refs)), list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=1)
+        progress.update(len(refs) - len(pending), f"epoch {len(refs) - len(pending)}/{len(refs)} at alpha 0")
+    progress.finish()
+    return ray.get(refs)
+
+
+def _score_epoch(setup, epoch: int, metric: str) -> dict:
+    from uipe.search.trial import evaluate_point
+
+    return evaluate_point(setup, 0.0, epoch, 0.0, metric).to_report()
+
+
+def _study_run(cfg: ExperimentConfig, root: Path) -> tuple[str, str, str, str]:
+    """(tracking URI, experiment id, experiment name, the study's MLflow run id), the run made once."""
+    experiment = cfg.tracking.experiment or f"uipe-study-{cfg.name}"
+    named = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"experiment": experiment})})
+    uri, exp_id = tracking.ensure_experiment(named, RunPaths.of(root))
+    state = recorded(root / STATE_FILE) or {}
+    if "study_run_id" not in state:
+        run = tracking.client(uri).create_run(exp_id, run_name=f"study-{cfg.name}", tags={
+            "uipe.kind": "study", **tracking.source_tags()})
+        tracking.log_flat(tracking.client(uri), run.info.run_id, {}, {
+            "floors": json.dumps(cfg.study.floors), "longer_factor": cfg.study.longer_factor,
+            "methods": json.dumps(cfg.unlearn.methods), "forget_split": cfg.data.forget_split})
+        state = {"study_run_id": run.info.run_id, "seed_runs": {}}
+        atomic_write_json(root / STATE_FILE, state)
+    else:
+        tracking.client(uri).update_run(state["study_run_id"], "RUNNING")
+    return uri, exp_id, experiment, state["study_run_id"]
+
+
+def _seed_run(uri: str, exp_id: str, study_run: str, root: Path, seed: int) -> str:
+    state = recorded(root / STATE_FILE) or {}
+    if str(seed) not in state.get("seed_runs", {}):
+        run = tracking.client(uri).create_run(exp_id, run_name=f"seed-{seed}", tags={
+            "mlflow.parentRunId": study_run, "uipe.kind": "study-seed", "uipe.seed": str(seed)})
+        state.setdefault("seed_runs", {})[str(seed)] = run.info.run_id
+        atomic_write_json(root / STATE_FILE, state)
+    return state["seed_runs"][str(seed)]
+
+
+def _log_seed(uri: str, run_id: str, record: dict) -> None:
+    """The seed's headline numbers on its run: each arm's forget quality (report fold) and utility per floor."""
+    from uipe.study.aggregate import log10_fq
+
+    numbers = {}
+    for method, m in record["methods"].items():
+        for arm, by_floor in m["arms"].items():
+            for floor, p in by_floor.items():
+                if p is not None:
+                    numbers[f"{method}.{arm}.f{floor}.log10_fq_report"] = log10_fq(p["forget_quality_report"])
+                    numbers[f"{method}.{arm}.f{floor}.model_utility"] = p["model_utility"]
+        numbers |= {f"{method}.{arm}.hypervolume": v for arm, v in m["hypervolume"].items()}
+    c = tracking.client(uri)
+    tracking.log_flat(c, run_id, numbers)
+    c.set_terminated(run_id, "FINISHED")
