@@ -222,3 +222,26 @@ def test_forget_quality_on_each_author_fold(world: dict):
     assert agg["forget_quality_select"] == pytest.approx(1.0, abs=1e-12)
     assert agg["forget_quality_report"] == pytest.approx(2 / math.comb(16, 8), rel=1e-9)
     assert agg["forget_quality_report"] < agg["forget_quality"] < agg["forget_quality_select"]
+
+
+def test_min_k_plus_plus_scores_match_an_unbatched_forward(world: dict):
+    from uipe.eval.evaluate import MIN_K
+    from uipe.models import encode_qa
+
+    ev = _evaluator(world)
+    res = ev.evaluate(world["a"], generate=False)
+    assert set(res.per_item) >= {"forget", "holdout"} and "min_k_pp" not in res.per_item["retain"]
+    rec = ev.splits["holdout"][3]
+    ids, labels = encode_qa(world["tok"], rec.question, rec.answer)
+    with torch.no_grad():
+        logp = torch.log_softmax(world["a"](torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+    target = torch.tensor(labels[1:])
+    keep = target != -100
+    # Min-K%++ by its definition, in float64: per answer token (log p(x_t) - E_p[log p]) / sd_p[log p], then the
+    # mean of the lowest 40%
+    p = logp.exp()
+    mu, var = (p * logp).sum(-1), (p * logp.square()).sum(-1) - (p * logp).sum(-1).square()
+    z = ((logp.gather(-1, target.clamp_min(0)[:, None])[:, 0] - mu) / var.sqrt())[keep].sort().values
+    direct = z[: max(1, int(len(z) * MIN_K))].mean().item()
+    assert res.per_item["holdout"]["min_k_pp"][3] == pytest.approx(direct, abs=1e-4)
+    assert 0.0 <= res.aggregates["mia_min_k_pp_auc"] <= 1.0 and "mia_min_k_pp_closeness" in res.aggregates

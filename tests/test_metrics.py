@@ -120,5 +120,39 @@ def test_reference_free_signals_by_hand():
     holdout = {"answer_nll": [2.0, 3.0], "truth_ratio": [0.5, 0.7]}
     sig = reference_free_signals(forget, holdout)
     assert sig == {"holdout_ks": 1.0, "mia_loss_auc": 1.0, "mia_loss_closeness": 0.0}
+    # with Min-K%++ scores: forget 0.5, -1.0 vs holdout 0.0, -2.0: pairs (0.5>0) (0.5>-2) (-1<0) (-1>-2) -> 3/4;
+    # closeness 1 - 2 x 0.25 = 0.5
+    sig = reference_free_signals({**forget, "min_k_pp": [0.5, -1.0]}, {**holdout, "min_k_pp": [0.0, -2.0]})
+    assert (sig["mia_min_k_pp_auc"], sig["mia_min_k_pp_closeness"]) == (0.75, 0.5)
     # n = m = 3, disjoint samples: two-sided exact KS p-value 2 / C(6, 3) = 0.1, as forget quality's test
     assert metrics.holdout_ks([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+
+
+def test_min_k_plus_plus_by_hand():
+    import torch
+
+    from uipe.eval.scoring import min_k_token_z
+
+    # one position, vocabulary of 2 with p = (0.5, 0.5): log p = -ln 2 for both, mu = -ln 2, sigma = 0 -> z = 0
+    # (sigma clamped). Vocabulary of 2 with logits (ln 3, 0): p = (3/4, 1/4), log p = (ln 3/4, ln 1/4);
+    # mu = 3/4 ln(3/4) + 1/4 ln(1/4) = -0.562335; E[log p^2] = 3/4 (0.287682)^2 + 1/4 (1.386294)^2 = 0.542524;
+    # sigma = sqrt(0.542524 - 0.316221) = 0.475713. Target 0: z = (-0.287682 + 0.562335) / 0.475713 = 0.577350
+    # (= 1/sqrt(3)); target 1: z = (-1.386294 + 0.562335) / 0.475713 = -1.732051 (= -sqrt(3)).
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3), 0.0], [math.log(3), 0.0], [5.0, 1.0]]])
+    z = min_k_token_z(logits, torch.tensor([[0, 0, 1, -100]]))[0]
+    assert z[:3].tolist() == pytest.approx([0.0, 1 / math.sqrt(3), -math.sqrt(3)], abs=1e-5)
+    assert z[3] == 0.0  # an ignored position
+    # the lowest 40% of 5 token scores -> the lowest 2: mean(-2, -1) = -1.5; of 2 scores -> int(0.8) = 0 -> at least 1
+    assert metrics.min_k_plus_plus([3, -1, 0, -2, 5], 0.4) == -1.5
+    assert metrics.min_k_plus_plus([0.5, -0.5], 0.4) == -0.5
+
+
+def test_forgetting_relative_to_theta_ini_by_hand():
+    # forget prob 0.3 vs theta_ini's 0.6 -> 0.5; ROUGE-L 0.2 vs 0.8 -> 0.25; loss-attack AUC 0.6 vs theta_ini's 0.9:
+    # MUSE's PrivLeak with theta_ini as the reference, (0.6 - 0.9) / 0.9 x 100 = -33.33; a key theta_ini lacks (or
+    # has at 0) is left out
+    rel = metrics.relative_to_start({"forget_prob": 0.3, "forget_rougeL": 0.2, "mia_loss_auc": 0.6,
+                                     "mia_min_k_pp_auc": 0.7},
+                                    {"forget_prob": 0.6, "forget_rougeL": 0.8, "mia_loss_auc": 0.9,
+                                     "mia_min_k_pp_auc": 0.0})
+    assert rel == pytest.approx({"forget_prob_rel": 0.5, "forget_rougeL_rel": 0.25, "privleak_loss": -100 / 3})

@@ -28,6 +28,9 @@ from uipe.schema import Strict, one_line
 PRESETS = ("tiny",)
 MethodName = Literal[UNLEARN_METHODS]  # type: ignore[valid-type]  # the registry's names, nowhere else
 ForgetSplit = Literal[FORGET_SPLITS]  # type: ignore[valid-type]
+# Reference-free forgetting signals a search can maximise (uipe.eval.evaluate.reference_free_signals computes them)
+SIGNALS = ("holdout_ks", "mia_loss_closeness", "mia_min_k_pp_closeness")
+Signal = Literal[SIGNALS]  # type: ignore[valid-type]
 
 
 class SynthConfig(Strict):
@@ -145,7 +148,7 @@ class SearchConfig(Strict):
     num_samples: int | None = Field(None, ge=1)  # overrides the space file's, e.g. for a quick run
     # overrides every space file's objective (and signal), e.g. reference_free for a run without a retain model
     objective: Literal["forget_quality", "pareto", "reference_free"] | None = None
-    signal: Literal["holdout_ks", "mia_loss_closeness"] | None = None
+    signal: Signal | None = None
     select_on: Literal["all", "selection_fold"] | None = None  # overrides the space files' (uipe study: the fold)
 
 

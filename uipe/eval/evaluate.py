@@ -36,6 +36,10 @@ KINDS: dict[str, metrics.SplitKind] = {
 # Scored, never generated: the holdout split feeds reference-free signals, which need only likelihoods, so it adds
 # one scoring pass over its items and no greedy generation.
 SCORED_ONLY = ("holdout",)
+# Membership-inference attacks compare these roles' answers; Min-K%++ keeps the lowest 40% of token z-scores
+# (open-unlearning's configured k for mia_min_k_plus_plus).
+MIA_ROLES = ("forget", "holdout")
+MIN_K = 0.4
 REQUIRED_ROLES = ("forget", "retain", "real_authors", "world_facts")
 # Forget quality on the selection and the report author fold (uipe study chooses on one, reports the other).
 FOLD_KEYS = ("forget_quality_select", "forget_quality_report")
@@ -165,20 +169,25 @@ class Evaluator:
         return len(self.splits.get(role, ()))
 
     # -- scoring -------------------------------------------------------------------------------------------------
-    def _score(self, model: PreTrainedModel, roles: Sequence[str]) -> np.ndarray:
-        """NLL of each distinct pair the roles use (NaN for pairs no role here needs)."""
+    def _score(self, model: PreTrainedModel, roles: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """NLL of each distinct pair the roles use (NaN for pairs no role here needs) and, where the data has a
+        holdout split, each pair's Min-K%++ score from the same forward pass (else all NaN)."""
         plans = [self._plans[r] for r in roles]
         needed = sorted({i for p in plans for i in (*p.answer, *p.para, *(j for row in p.pert for j in row))})
-        nll = np.full(len(self._tables.pairs), np.nan)
+        nll, mink = np.full(len(self._tables.pairs), np.nan), np.full(len(self._tables.pairs), np.nan)
         pad = self.tokenizer.pad_token_id
-        nll[needed] = scoring.answer_nll(model, [self._tables.pairs[i] for i in needed], pad, self.cfg.batch_size)
-        return nll
+        k = MIN_K if "holdout" in roles else None
+        nll[needed], scores = scoring.score_answers(model, [self._tables.pairs[i] for i in needed], pad,
+                                                    self.cfg.batch_size, k)
+        if scores is not None:
+            mink[needed] = scores
+        return nll, mink
 
     def truth_ratios(self, model: PreTrainedModel, roles: Sequence[str]) -> dict[str, np.ndarray]:
         """Raw per-item truth ratios R of the given roles (what a retain reference stores)."""
         roles = [r for r in roles if r in self._plans]
         with _eval_mode(model):
-            nll = self._score(model, roles)
+            nll = self._score(model, roles)[0]
         return {r: metrics.truth_ratios(nll[list(self._plans[r].para)],
                                         [nll[list(row)] for row in self._plans[r].pert]) for r in roles}
 
@@ -191,7 +200,7 @@ class Evaluator:
         """All aggregates and per-item values; forget quality only once a retain reference is set."""
         roles = list(self._plans)
         with _eval_mode(model):
-            nll = self._score(model, roles)
+            nll, mink = self._score(model, roles)
             texts: list[str] = []
             if generate:
                 texts = scoring.greedy_generate(model, self.tokenizer, self._tables.prompts, self.cfg.batch_size,
@@ -208,6 +217,8 @@ class Evaluator:
                 rouge = scoring.rouge_l_recall(plan.ground_truth, items["generation"])
                 items["rougeL"] = rouge
             items["prob"] = np.exp(-np.asarray(items["answer_nll"])).tolist()
+            if role in MIA_ROLES and "holdout" in roles:
+                items["min_k_pp"] = mink[list(plan.answer)].tolist()
             items["truth_ratio"] = metrics.truth_ratios(items["paraphrase_nll"], items["perturbed_nll"]).tolist()
             summary = metrics.split_summary(KINDS[role], items["answer_nll"], items["paraphrase_nll"],
                                             items["perturbed_nll"], rouge)
@@ -230,12 +241,18 @@ class Evaluator:
 
 
 def reference_free_signals(forget: Mapping[str, list], holdout: Mapping[str, list]) -> dict[str, float]:
-    """What a deployer without a retain model can measure: the holdout KS p-value, and the loss attack's
-    membership-inference AUC between forget (members) and holdout (non-members) items, with its closeness to
-    chance, 1 - 2|AUC - 0.5| (1: indistinguishable; the quantity a reference-free search maximises)."""
-    auc = metrics.mia_auc(-np.asarray(forget["answer_nll"]), -np.asarray(holdout["answer_nll"]))
-    return {"holdout_ks": metrics.holdout_ks(forget["truth_ratio"], holdout["truth_ratio"]),
-            "mia_loss_auc": auc, "mia_loss_closeness": 1.0 - 2.0 * abs(auc - 0.5)}
+    """What a deployer without a retain model can measure: the holdout KS p-value, and membership-inference AUCs
+    between forget (members) and holdout (non-members) items, with their closeness to chance, 1 - 2|AUC - 0.5|
+    (1: indistinguishable; what a reference-free search maximises): the loss attack (score -NLL) and Min-K%++
+    (metrics.min_k_plus_plus at k = MIN_K) where the scores were computed."""
+    out = {"holdout_ks": metrics.holdout_ks(forget["truth_ratio"], holdout["truth_ratio"])}
+    attacks = {"loss": (-np.asarray(forget["answer_nll"]), -np.asarray(holdout["answer_nll"]))}
+    if "min_k_pp" in forget and "min_k_pp" in holdout:
+        attacks["min_k_pp"] = (np.asarray(forget["min_k_pp"]), np.asarray(holdout["min_k_pp"]))
+    for attack, (members, nonmembers) in attacks.items():
+        auc = metrics.mia_auc(members, nonmembers)
+        out |= {f"mia_{attack}_auc": auc, f"mia_{attack}_closeness": 1.0 - 2.0 * abs(auc - 0.5)}
+    return out
 
 
 def _folds(forget: Sequence[TofuRecord]) -> tuple[list[int], list[int]] | None:

@@ -127,6 +127,31 @@ def mia_auc(member_scores: Sequence[float] | np.ndarray, nonmember_scores: Seque
     return float(greater / (m.size * n.size))
 
 
+def min_k_plus_plus(token_z: Sequence[float] | np.ndarray, k: float) -> float:
+    """Min-K%++ membership score of one answer (Zhang et al. 2024, arXiv 2404.02936; open-unlearning's
+    mia_min_k_plus_plus): the mean of the lowest fraction k of its tokens' z-scores (scoring.min_k_token_z), at
+    least one token. Higher: more likely a training member."""
+    z = np.sort(_vector(token_z, "token z-scores"))
+    return float(np.mean(z[: max(1, int(len(z) * k))]))
+
+
+def relative_to_start(aggregates: Mapping[str, float], start: Mapping[str, float]) -> dict[str, float]:
+    """Forgetting measured against theta_ini's own numbers (no retain model needed):
+    - forget_prob_rel, forget_rougeL_rel: the model's forget probability / ROUGE-L over theta_ini's (1: unchanged);
+    - privleak_<attack>: MUSE's PrivLeak (Shi et al. 2024, arXiv 2407.06460), (AUC - AUC_ref) / AUC_ref x 100, with
+      theta_ini in the retrained model's place: 0 is theta_ini's leak, (0.5 - AUC_ini) / AUC_ini x 100 is chance.
+    Keys whose inputs are missing (or zero at theta_ini) are left out."""
+    out = {}
+    pairs = {"forget_prob_rel": "forget_prob", "forget_rougeL_rel": "forget_rougeL"}
+    pairs |= {f"privleak_{a}": f"mia_{a}_auc" for a in ("loss", "min_k_pp")}
+    for name, key in pairs.items():
+        if key not in aggregates or not start.get(key):
+            continue
+        ratio = aggregates[key] / start[key]
+        out[name] = 100.0 * (ratio - 1.0) if name.startswith("privleak") else ratio
+    return out
+
+
 def model_utility(components: Mapping[str, float]) -> float:
     """Harmonic mean of the nine utility numbers; 0 if any of them is 0 (the hmean limit, as scipy gives)."""
     missing = [k for k in UTILITY_KEYS if k not in components]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from uipe.errors import UipeError
+from uipe.eval import metrics
 from uipe.models import IGNORE, collate
 
 if TYPE_CHECKING:
@@ -58,10 +59,18 @@ def _forward_logits(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tenso
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -keep:]
 
 
-@torch.inference_mode()
 def answer_nll(model: PreTrainedModel, examples: Sequence[Example], pad_id: int, batch_size: int) -> np.ndarray:
     """Per sequence: sum of answer-token NLLs / number of answer tokens (TOFU's avg_gt_loss), float64."""
+    return score_answers(model, examples, pad_id, batch_size)[0]
+
+
+@torch.inference_mode()
+def score_answers(model: PreTrainedModel, examples: Sequence[Example], pad_id: int, batch_size: int,
+                  min_k: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(answer NLL per sequence, as answer_nll; with `min_k`, also each sequence's Min-K%++ score from the same
+    forward pass: metrics.min_k_plus_plus over its answer tokens' z-scores, min_k_token_z)."""
     out = np.full(len(examples), np.nan, dtype=np.float64)
+    mink = np.full(len(examples), np.nan, dtype=np.float64) if min_k is not None else None
     device = model_device(model)
     for idx in length_batches([len(ids) for ids, _ in examples], batch_size):
         batch = collate([examples[i] for i in idx], pad_id, side="right")
@@ -84,7 +93,24 @@ def answer_nll(model: PreTrainedModel, examples: Sequence[Example], pad_id: int,
             raise UipeError("answer_nll: a sequence has no answer tokens (answer truncated away by max_length?)")
         mean = tok_nll.double().sum(dim=1) / counts.double()
         out[idx] = mean.cpu().numpy()
-    return out
+        if mink is not None:
+            z = min_k_token_z(logits, targets).cpu().numpy()
+            answer = (targets != IGNORE).cpu().numpy()
+            mink[idx] = [metrics.min_k_plus_plus(z[row][answer[row]], min_k) for row in range(len(idx))]
+    return out, mink
+
+
+def min_k_token_z(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Min-K%++'s per-token z-score (Zhang et al. 2024, arXiv 2404.02936, eq. 3): (log p(x_t) - mu_t) / sigma_t, with
+    mu_t = E_{z~p}[log p(z)] and sigma_t^2 = E_{z~p}[(log p(z) - mu_t)^2] under the model's own next-token
+    distribution p at position t. Positions whose target is IGNORE get 0 (the caller drops them)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    mu = (p * logp).sum(-1)
+    # two-pass variance, E_p[(log p - mu)^2]: E[log p^2] - mu^2 cancels badly in float32
+    sigma = (p * (logp - mu.unsqueeze(-1)).square()).sum(-1).clamp_min(1e-12).sqrt()
+    target_logp = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(targets != IGNORE, (target_logp - mu) / sigma, torch.zeros_like(mu))
 
 
 @torch.inference_mode()

@@ -278,7 +278,7 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
     callbacks = [tracking.TrialLogger(uri, exp_id, parent, method), Progress(method, total, label)]
     trainable = tune.with_resources(
         tune.with_parameters(trial, setup=setup, utility_threshold=threshold, objective_metric=space.objective_metric,
-                             fault=os.environ.get(KILL_SWITCH, "")),
+                             fault=os.environ.get(KILL_SWITCH, ""), start=ini),
         {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial})
     tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume)
     start = time.time()

@@ -34,7 +34,8 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
     label = {"forget_quality": "forget quality (KS p-value vs the retain model)",
              "forget_quality_select": "forget quality, selection fold (KS p-value vs the retain model)",
              "holdout_ks": "holdout KS p-value (forget vs holdout truth ratios)",
-             "mia_loss_closeness": "1 - 2|MIA AUC - 0.5| (loss attack, forget vs holdout)"}[space.objective_metric]
+             "mia_loss_closeness": "1 - 2|MIA AUC - 0.5| (loss attack, forget vs holdout)",
+             "mia_min_k_pp_closeness": "1 - 2|MIA AUC - 0.5| (Min-K%++ attack, forget vs holdout)"}[space.objective_metric]
     plots = plot_search(results, method, threshold, out, label)
     best, base = choose(results), base_row(results)
     try:
@@ -53,7 +54,7 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
         "method": method, "objective": space.objective_metric, "chosen": best.summary(),
         "base": base.summary() if base else None,
         "theta_ini": {k: ini.get(k) for k in ("forget_quality", "model_utility", "forget_prob", "related_prob",
-                                               "holdout_ks", "mia_loss_auc")},
+                                               "holdout_ks", "mia_loss_auc", "mia_min_k_pp_auc")},
         "utility_threshold": threshold, "feasible": best.feasible,
         "trials": len(results), "failed": sum(not r.ok for r in results),
         "pareto_front": [r.summary() for r in pareto_front(results)], "search_seconds": wall,

@@ -19,7 +19,7 @@ CONSTRAINT = "utility_constraint"  # floor * MU(theta_ini) - MU(trial): feasible
 TUNE_KEYS = frozenset({"timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid", "time_since_restore",
                        "iterations_since_restore", "done", "alpha", "epoch"})
 HEADLINE = ("forget_quality", "forget_quality_select", "forget_quality_report", "model_utility", "forget_prob", "forget_rougeL", "related_prob", "related_rougeL",
-            "related_forget_quality", "holdout_ks", "mia_loss_auc")
+            "related_forget_quality", "holdout_ks", "mia_loss_auc", "mia_min_k_pp_auc")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class TrialResult:
     related_forget_quality: float = NAN
     holdout_ks: float = NAN  # reference-free signals (uipe.eval): where the data has a holdout split
     mia_loss_auc: float = NAN
+    mia_min_k_pp_auc: float = NAN
     utility_constraint: float = NAN
     trial_seconds: float = NAN
     peak_memory_bytes: float = NAN  # the trial process's: CUDA allocated peak of this trial, else peak RSS

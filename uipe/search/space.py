@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 from ray.tune.search.optuna import OptunaSearch
 
-from uipe.config import MethodName
+from uipe.config import MethodName, Signal
 from uipe.errors import UipeError
 from uipe.methods import check_method
 from uipe.schema import Strict, one_line
@@ -49,7 +49,7 @@ class SearchSpace(Strict):
     # forget_quality: maximise TOFU's forget quality (needs a retain reference); pareto: forget quality and utility;
     # reference_free: maximise `signal`, measured against the holdout split (no retain model needed).
     objective: Literal["forget_quality", "pareto", "reference_free"] = "forget_quality"
-    signal: Literal["holdout_ks", "mia_loss_closeness"] = "holdout_ks"
+    signal: Signal = "holdout_ks"
     utility_floor: float = Field(0.95, ge=0)
     # all: forget quality over the whole forget split; selection_fold: over the selection author fold only, so the
     # chosen point can be reported on the report fold, items the choice never saw (uipe study).

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -68,8 +69,10 @@ def context(setup: TrialSetup) -> tuple:
 
 
 def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshold: float,
-                   objective_metric: str = "forget_quality") -> TrialResult:
-    """Extrapolate in memory and evaluate; raise when the extrapolated model's metrics are not finite."""
+                   objective_metric: str = "forget_quality", start: Mapping[str, float] | None = None) -> TrialResult:
+    """Extrapolate in memory and evaluate (with `start`, theta_ini's aggregates, also forgetting relative to it);
+    raise when the extrapolated model's metrics are not finite."""
+    from uipe.eval.metrics import relative_to_start
     from uipe.update_vector import cached_update_vector
 
     from uipe.models import peak_memory_bytes, reset_peak_memory
@@ -79,6 +82,7 @@ def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshol
     reset_peak_memory(device)
     cached_update_vector(setup.theta_ini, setup.epoch_dirs[epoch], device=device).apply(model, alpha)
     metrics = evaluator.evaluate(model).aggregates
+    metrics |= relative_to_start(metrics, start or {})
     bad = [k for k in (objective_metric, "model_utility") if not math.isfinite(metrics.get(k, math.nan))]
     if bad:
         raise ValueError(f"alpha={alpha} epoch={epoch}: {bad[0]} is not finite (the extrapolated model broke)")
@@ -93,13 +97,13 @@ def theta_ini_metrics(setup: TrialSetup) -> dict[str, float]:
 
 
 def trial(config: dict, setup: TrialSetup, utility_threshold: float, objective_metric: str = "forget_quality",
-          fault: str = "") -> None:
+          fault: str = "", start: Mapping[str, float] | None = None) -> None:
     """The Tune function trainable: one (alpha, epoch) point, reported once."""
     from ray import tune
 
     alpha, epoch = float(config["alpha"]), int(config["epoch"])
     _maybe_die(fault, alpha, epoch)
-    result = evaluate_point(setup, alpha, epoch, utility_threshold, objective_metric)
+    result = evaluate_point(setup, alpha, epoch, utility_threshold, objective_metric, start)
     tune.report({**result.to_report(), "alpha": alpha, "epoch": epoch})
 
 

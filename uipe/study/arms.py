@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from uipe.config import SIGNALS
 from uipe.report import best_above, completed, floor_key, pareto_front
 from uipe.search.result import TrialResult
 from uipe.study.aggregate import log10_fq
 
-SIGNALS = ("holdout_ks", "mia_loss_closeness")
 
 
 def ratio(utility: float, start_utility: float) -> float:
@@ -71,9 +71,12 @@ def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float])
     return area
 
 
-def closeness(r: TrialResult) -> float:
-    """1 - 2|AUC - 0.5| of the loss attack (the reference-free search's MIA signal)."""
-    return 1.0 - 2.0 * abs(r.mia_loss_auc - 0.5)
+def signal_value(r: TrialResult, name: str) -> float:
+    """A reference-free signal of a trial: holdout KS as recorded; an attack's closeness to chance, 1 - 2|AUC - 0.5|,
+    from its AUC."""
+    if name.endswith("_closeness"):
+        return 1.0 - 2.0 * abs(getattr(r, name.removesuffix("_closeness") + "_auc") - 0.5)
+    return getattr(r, name)
 
 
 def signal_checks(rows: Sequence[TrialResult], threshold: float) -> dict[str, dict]:
@@ -82,16 +85,16 @@ def signal_checks(rows: Sequence[TrialResult], threshold: float) -> dict[str, di
     signal picks (0: the same forget quality; log10 3 = 0.48 is a factor of 3)."""
     from scipy.stats import spearmanr
 
-    done = [r for r in completed(list(rows)) if math.isfinite(r.mia_loss_auc) and math.isfinite(r.holdout_ks)]
-    feasible = [r for r in done if r.model_utility >= threshold]
     out = {}
     for name in SIGNALS:
-        value = (lambda r: r.holdout_ks) if name == "holdout_ks" else closeness
-        rho = spearmanr([value(r) for r in done], [r.forget_quality for r in done])[0] if len(done) > 2 else math.nan
+        done = [(signal_value(r, name), r) for r in completed(list(rows))]
+        done = [(v, r) for v, r in done if math.isfinite(v)]
+        feasible = [(v, r) for v, r in done if r.model_utility >= threshold]
+        rho = spearmanr([v for v, _ in done], [r.forget_quality for _, r in done])[0] if len(done) > 2 else math.nan
         regret = None
         if feasible:
-            by_fq = max(feasible, key=lambda r: r.forget_quality)
-            by_signal = max(feasible, key=lambda r: (value(r), r.model_utility))
+            by_fq = max((r for _, r in feasible), key=lambda r: r.forget_quality)
+            by_signal = max(feasible, key=lambda p: (p[0], p[1].model_utility))[1]
             regret = log10_fq(by_fq.forget_quality) - log10_fq(by_signal.forget_quality)
         out[name] = {"spearman": None if math.isnan(rho) else float(rho), "regret": regret}
     return out
