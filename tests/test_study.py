@@ -134,3 +134,93 @@ def test_a_study_folder_of_another_configuration_is_refused_untouched(tmp_path: 
     proc = _study(tmp_path, "--seeds", "3")
     assert proc.returncode == 2 and "another configuration (unlearn differs)" in proc.stderr
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+# ---- the command end to end: two seeds of a reduced world, killed once, resumed ---------------------------------
+REDUCED = ["data.synth.authors=20", "data.synth.facts=4", "data.forget_split=forget10", "model.tiny.hidden_size=32",
+           "model.tiny.num_hidden_layers=2", "prepare.epochs=20", "prepare.min_rouge=0", "prepare.max_utility_gap=null",
+           "unlearn.methods=[ga,npo]", "unlearn.epochs=2", "unlearn.lr=1e-2", "search.num_samples=3",
+           "eval.max_new_tokens=16"]
+
+
+def _kill_when(proc: subprocess.Popen, ready: Path, timeout: float = 600) -> None:
+    """SIGKILL the study's process group once `ready` exists (as a lost node or an OOM kill would)."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not ready.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the study ended before the point where the test interrupts it"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def test_study_of_two_seeds_resumes_after_a_kill_and_aggregates_per_seed_values(ray_session, tmp_path: Path) -> None:
+    import json
+    import os
+
+    from mlflow import MlflowClient
+
+    from conftest import run_uipe
+    from uipe.data import load_split
+    from uipe.study.aggregate import log10_fq, t_interval
+
+    root = tmp_path / "st"
+    args = ["study", "--run-dir", str(root), "--seeds", "2", *[x for s in REDUCED for x in ("--set", s)]]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    with open(tmp_path / "first.txt", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "uipe.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        # interrupted in seed 0's more-iterations baseline, after its searches finished
+        _kill_when(proc, root / "seed-0" / "longer" / "unlearn" / "ga" / "job.json")
+    kept = {p: p.stat().st_mtime_ns for p in [root / "seed-0" / "search" / "ga" / "result.json",
+                                              root / "seed-0" / "models" / "target" / "model.safetensors"]}
+    assert not (root / "study.json").exists()
+    assert run_uipe(args, ray_session, tmp_path / "second.txt") == 0, (tmp_path / "second.txt").read_text()[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # resumed: seed 0's model and searches were reused
+
+    study = json.loads((root / "study.json").read_text())
+    seeds = {r["seed"]: r for r in study["seeds"]}
+    assert sorted(seeds) == [0, 1] and all(sorted(r["methods"]) == ["ga", "npo"] for r in seeds.values())
+    for seed, r in seeds.items():
+        # fresh worlds: each seed its own synthetic data; folds disjoint by author
+        forget = load_split(str(root / f"seed-{seed}" / "data"), "forget10_perturbed")
+        select, report = author_folds(forget)
+        assert not {forget[i].author for i in select} & {forget[i].author for i in report}
+        for method, m in r["methods"].items():
+            # the more-iterations baseline trained twice the epochs UIPE's search could use
+            short = json.loads((root / f"seed-{seed}" / "unlearn" / method / "manifest.json").read_text())
+            long = json.loads((root / f"seed-{seed}" / "longer" / "unlearn" / method / "manifest.json").read_text())
+            assert (len(short["epochs"]), len(long["epochs"]), m["longer_epochs"]) == (2, 4, 4)
+            assert {p["epoch"] for p in m["arms"]["uipe"].values() if p} <= {1, 2}
+    assert (load_split(str(root / "seed-0" / "data"), "forget10")[0].question
+            != load_split(str(root / "seed-1" / "data"), "forget10")[0].question)
+
+    # the interval is the t interval of the per-seed values: recomputed here from study.json's seeds
+    agg = study["aggregate"]["methods"]["ga"]
+    for floor in ("0.95", "0.8"):
+        values = [log10_fq(seeds[s]["methods"]["ga"]["arms"]["uipe"][floor]["forget_quality_report"])
+                  for s in (0, 1) if seeds[s]["methods"]["ga"]["arms"]["uipe"][floor]]
+        assert agg["arms"]["uipe"][floor]["log10_fq_report"] == pytest.approx(t_interval(values))
+        diffs = [log10_fq(seeds[s]["methods"]["ga"]["arms"]["uipe"][floor]["forget_quality_report"])
+                 - log10_fq(seeds[s]["methods"]["ga"]["arms"]["base"][floor]["forget_quality_report"])
+                 for s in (0, 1) if seeds[s]["methods"]["ga"]["arms"]["base"][floor]]
+        got = agg["paired"]["uipe-base"][floor]["log10_fq_report"]
+        assert got["mean"] == pytest.approx(t_interval(diffs)["mean"]) and got["wins"] == sum(d > 0 for d in diffs)
+    assert all((root / f).stat().st_size > 5000 for f in ("fronts.png", "differences.png"))
+    assert "uipe study --run-dir" in (root / "study.md").read_text()
+
+    # MLflow: the study's run, a nested run per seed, and each seed's searches nested under it
+    c = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("uipe-study-tiny")
+    runs = c.search_runs([exp.experiment_id], max_results=500)
+    study_run = next(r for r in runs if r.data.tags.get("uipe.kind") == "study")
+    seed_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study_run.info.run_id]
+    assert sorted(r.info.run_name for r in seed_runs) == ["seed-0", "seed-1"]
+    searches = [r for r in runs if r.data.tags.get("uipe.kind") == "search"]
+    assert len(searches) == 4 and {r.data.tags["mlflow.parentRunId"] for r in searches} == {
+        r.info.run_id for r in seed_runs}
+    assert study_run.info.status == "FINISHED" and "study.json" in {a.path for a in c.list_artifacts(
+        study_run.info.run_id)}

@@ -230,7 +230,7 @@ def run(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None
 
 @app.command()
 def study(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
-          seeds: Annotated[Optional[str], typer.Option("--seeds", help="A count (5: seeds 0-4) or a list (0,3,7); "
+          seeds: Annotated[Optional[str], typer.Option("--seeds", help="A count (5: seeds 0-4) or a list (0,3,7 or [7]); "
                                                         "default study.seeds.")] = None,
           verbose: VerboseOpt = False) -> None:
     """UIPE against the base method and the base method run longer, over seeds, at several utility floors."""
@@ -250,7 +250,7 @@ def _seed_list(text: str) -> list[int]:
         values = [int(x) for x in text.replace(" ", "").strip("[]").split(",") if x]
     except ValueError:
         raise UipeError(f"--seeds {text!r}: expected a count (5) or a comma-separated list of integers") from None
-    if len(values) == 1 and "," not in text:
+    if len(values) == 1 and not {",", "["} & set(text):  # "5": a count; "5," or "[5]": seed 5 alone
         if values[0] < 1:
             raise UipeError(f"--seeds {text!r}: a count must be at least 1")
         return list(range(values[0]))
