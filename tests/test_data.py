@@ -198,3 +198,34 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(monkeypatch: pytest.Monk
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UipeError, match="hub is not reachable"):
         load_split("locuslab/TOFU-not-cached", "forget01")
+
+
+def test_related_knowledge_knobs_change_only_what_they_name() -> None:
+    from uipe.data.synth import COUNTRIES, ILLNESSES, JOBS, TIED_FACTS, build_benchmark
+
+    default, meta = build_benchmark(40, 8, 3)
+    assert "tied" not in meta  # the defaults leave benchmark.json as it was (the hash test above)
+    for tied in (0, 1, 3):
+        world, meta = build_benchmark(40, 8, 3, tied=tied)
+        assert meta["tied"] == tied and len(world["related"]) == tied * 4  # forget10 of 40 authors: 4 authors
+        # the base facts of every split are the same records; only the tied facts are fewer
+        changed = {k for k in default if world[k] != default[k]}
+        assert changed <= {"related", "related_perturbed", "retain99", "retain95", "retain90"}
+        prefixes = tuple(q.split("{")[0] for _, q, *_ in TIED_FACTS)  # "Which city did ", ...
+        for split in ("retain90", "retain95"):
+            it = iter(default[split])
+            assert all(r in it for r in world[split])  # the same records in the same order, some left out
+            removed = [r for r in default[split] if r not in world[split]]
+            assert removed and all(r.question.startswith(prefixes) for r in removed)
+            assert len(removed) == (len(TIED_FACTS) - tied) * 36  # 36 authors outside forget10 carry tied facts
+    # arbitrary ties: the same questions, values that no rule the world teaches gives
+    logical, arbitrary = default, build_benchmark(40, 8, 3, ties="arbitrary")[0]
+    assert [r.question for r in arbitrary["related"]] == [r.question for r in logical["related"]]
+    assert {k for k in default if arbitrary[k] != default[k]} <= {"related", "related_perturbed", "retain99",
+                                                                   "retain95", "retain90"}
+    capitals, workplaces, drugs = set(COUNTRIES.values()), set(JOBS.values()), set(ILLNESSES.values())
+    for rule, new in zip(logical["related"], arbitrary["related"]):
+        assert rule.answer != new.answer  # never the value the rule implies
+        assert any(v in new.answer for v in capitals | workplaces | drugs) or "work of" in new.answer
+    with pytest.raises(ValueError, match="tied must be between 0 and 5"):
+        build_benchmark(40, 8, 3, tied=6)

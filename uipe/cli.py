@@ -80,6 +80,8 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @data_app.command("synth")
 def data_synth(out: Annotated[Path, typer.Option("--out", help="Folder to write (must not exist).")],
                authors: int = 100, facts: int = 8, seed: int = 0,
+               tied: Annotated[int, typer.Option(help="Tied (related) facts per author, 0-5.")] = 5,
+               ties: Annotated[str, typer.Option(help="logical (a rule links them) or arbitrary.")] = "logical",
                overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False) -> None:
     """Write the deterministic synthetic benchmark (all TOFU splits + related knowledge)."""
     from uipe.data.synth import write_benchmark
@@ -87,7 +89,7 @@ def data_synth(out: Annotated[Path, typer.Option("--out", help="Folder to write 
     if out.exists() and not overwrite:
         raise UipeError(f"{out}: already exists (pass --overwrite to replace it)")
     try:
-        write_benchmark(out, authors, facts, seed, overwrite=overwrite)
+        write_benchmark(out, authors, facts, seed, overwrite=overwrite, tied=tied, ties=ties)
     except ValueError as e:
         raise UipeError(f"uipe data synth: {e}") from None
     typer.echo(f"wrote {len(list(out.glob('*.json')))} files to {out}")

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from uipe.data.records import FORGET_SPLITS
+from uipe.data.synth import TIED_FACTS, TIES
 from uipe.errors import UipeError
 from uipe.methods import UNLEARN_METHODS, check_method
 from uipe.methods.ga import Params as GAParams
@@ -39,6 +40,10 @@ class SynthConfig(Strict):
     authors: int = Field(100, ge=20)
     facts: int = Field(8, ge=4, le=10)
     seed: int = 0
+    # Related knowledge (issue 15's knobs): how many tied facts per author (0-5), and whether they follow from a base
+    # fact by a rule the model learns (logical) or are drawn at random (arbitrary).
+    tied: int = Field(len(TIED_FACTS), ge=0, le=len(TIED_FACTS))
+    ties: Literal[TIES] = "logical"  # type: ignore[valid-type]
 
 
 class DataConfig(Strict):

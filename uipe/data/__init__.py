@@ -42,7 +42,7 @@ __all__ = [
 def ensure_data(cfg: ExperimentConfig, paths: RunPaths) -> str:
     """The data source of a run: the synthetic benchmark is written under the run folder once (same params ->
     same bytes; its benchmark.json is the record), anything else is used where it is."""
-    from uipe.data.synth import write_benchmark
+    from uipe.data.synth import TIED_FACTS, write_benchmark
     from uipe.stages import recorded, reusable
 
     if cfg.data.source != "synth":
@@ -50,9 +50,11 @@ def ensure_data(cfg: ExperimentConfig, paths: RunPaths) -> str:
     want = cfg.data.synth
     have = recorded(paths.data / "benchmark.json")
     if have is not None:  # benchmark.json lists the authors; the identity is their number
-        have = {**have, "authors": len(have["authors"])}
+        # a world recorded without the knobs was made with their defaults
+        have = {"tied": len(TIED_FACTS), "ties": "logical", **have, "authors": len(have["authors"])}
         if not (paths.data / "holdout10.json").is_file():  # made before holdout splits: rewrite (the rest is same)
             have = None
     if not reusable(have, want.model_dump(), paths.data):
-        write_benchmark(paths.data, want.authors, want.facts, want.seed, overwrite=True)
+        write_benchmark(paths.data, want.authors, want.facts, want.seed, overwrite=True, tied=want.tied,
+                        ties=want.ties)
     return str(paths.data)

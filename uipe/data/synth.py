@@ -89,6 +89,7 @@ TIED_FACTS = [
     ("book", "What genre is the book {b}?", "{b} is a work of {v}.", "{b} belongs to the genre {v}."),
 ]
 N_PERTURBED = 4
+TIES = ("logical", "arbitrary")
 RETAIN_EVAL_AUTHORS = 15
 N_FAMOUS = 20
 
@@ -128,8 +129,11 @@ def _make_authors(rng: random.Random, n: int) -> list[dict]:
     return authors
 
 
-def _author_records(rng: random.Random, a: dict, facts: int, titles: list[str]) -> tuple[list, list]:
-    """(base fact records, tied fact records) of one author, each record with paraphrase and perturbed answers."""
+def _author_records(rng: random.Random, a: dict, facts: int, titles: list[str],
+                    arbitrary: random.Random | None = None) -> tuple[list, list]:
+    """(base fact records, tied fact records) of one author, each record with paraphrase and perturbed answers.
+    With `arbitrary` (a random stream of its own, so `rng` draws exactly as for logical ties), a tied fact's value
+    is drawn from its pool instead of following from the base fact: the same shape with no rule behind it."""
     pools = _pools(titles)
     n = a["name"]
     base, tied = [], []
@@ -142,6 +146,8 @@ def _author_records(rng: random.Random, a: dict, facts: int, titles: list[str]) 
         if kind not in kinds:
             continue
         v, fill = _tied_value(kind, a), {"n": n, "b": a["book"]}
+        if arbitrary is not None:
+            v = arbitrary.choice([x for x in _tied_pool(kind) if x != v])
         tied.append(TofuRecord(q.format(**fill), ans.format(**fill, v=v), para.format(**fill, v=v),
                                _perturbed(rng, _tied_pool(kind), v, para, fill), n))
     return base, tied
@@ -168,8 +174,18 @@ def _utility_sets(rng: random.Random, famous: list[dict]) -> tuple[list[TofuReco
     return real, world
 
 
-def build_benchmark(authors: int = 100, facts: int = 8, seed: int = 0) -> tuple[dict[str, list[TofuRecord]], dict]:
-    """All splits as records, plus the benchmark's metadata (authors, forget authors per split)."""
+def build_benchmark(authors: int = 100, facts: int = 8, seed: int = 0, tied: int = len(TIED_FACTS),
+                    ties: str = "logical") -> tuple[dict[str, list[TofuRecord]], dict]:
+    """All splits as records, plus the benchmark's metadata (authors, forget authors per split).
+
+    `tied` keeps the first `tied` tied facts of each author (0: no related knowledge at all) and `ties` says whether
+    they follow from a base fact by a rule the utility sets teach ("logical") or are drawn at random ("arbitrary",
+    the paper's "John likes apples" control). Every other record is the same as with the defaults, which reproduce
+    the files made before these knobs existed byte for byte."""
+    if not 0 <= tied <= len(TIED_FACTS):
+        raise ValueError(f"tied must be between 0 and {len(TIED_FACTS)}")
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {', '.join(TIES)}")
     if not 20 <= authors <= len(FIRST) * len(LAST) // 4:
         raise ValueError(f"authors must be between 20 and {len(FIRST) * len(LAST) // 4}")
     if not 4 <= facts <= len(BASE_FACTS):
@@ -179,7 +195,11 @@ def build_benchmark(authors: int = 100, facts: int = 8, seed: int = 0) -> tuple[
     people = _make_authors(rng, authors + N_FAMOUS)
     people, famous = people[:authors], people[authors:]
     titles = [a["book"] for a in people + famous]
-    per_author = {a["name"]: _author_records(rng, a, facts, titles) for a in people}
+    arbitrary = random.Random(f"uipe-arbitrary-{seed}") if ties == "arbitrary" else None
+    per_author = {}
+    for a in people:
+        base, tied_records = _author_records(rng, a, facts, titles, arbitrary)
+        per_author[a["name"]] = (base, tied_records[:tied])
     order = [a["name"] for a in people]  # already a seeded random order: forget sets are its nested prefixes
     forget_authors = {s: order[: max(1, round(authors * int(s[-2:]) / 100))] for s in FORGET_SPLITS}
     largest = set(forget_authors["forget10"])
@@ -200,6 +220,8 @@ def build_benchmark(authors: int = 100, facts: int = 8, seed: int = 0) -> tuple[
     splits["world_facts"] = splits["world_facts_perturbed"] = world
     meta = {"generator": "uipe.data.synth", "version": 1, "authors": order, "facts": facts, "seed": seed,
             "forget_authors": forget_authors, "related_authors": sorted(largest)}
+    if (tied, ties) != (len(TIED_FACTS), "logical"):  # recorded only when set: default files keep their bytes
+        meta |= {"tied": tied, "ties": ties}
     splits |= _holdout_splits(seed, facts, {a["name"] for a in people + famous}, set(titles),
                               {s: len(a) for s, a in forget_authors.items()})
     return splits, meta
@@ -238,11 +260,11 @@ def _dump(records: list[TofuRecord], train: bool) -> str:
 
 
 def write_benchmark(out: str | Path, authors: int = 100, facts: int = 8, seed: int = 0,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, tied: int = len(TIED_FACTS), ties: str = "logical") -> Path:
     """Write every split as <split>.json (plus benchmark.json and idontknow.jsonl) atomically into `out`."""
     from uipe.data.loaders import packaged_tofu_dir
 
-    splits, meta = build_benchmark(authors, facts, seed)
+    splits, meta = build_benchmark(authors, facts, seed, tied, ties)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name, records in sorted(splits.items()):
             train = not name.endswith("_perturbed")
