@@ -149,6 +149,9 @@ class SearchConfig(Strict):
     space_dir: str = "tune_spaces"  # tune_spaces/<method>.yaml
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
+    # A trial's model sharded over this many Ray Train workers (FSDP2), for a model larger than one accelerator; each
+    # worker then takes cpus_per_trial and gpus_per_trial (uipe/search/sharded.py).
+    workers_per_trial: int = Field(1, ge=1)
     seed: int = 0
     num_samples: int | None = Field(None, ge=1)  # overrides the space file's, e.g. for a quick run
     # overrides every space file's objective (and signal), e.g. reference_free for a run without a retain model

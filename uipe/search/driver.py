@@ -257,6 +257,22 @@ def _results(grid: tune.ResultGrid) -> list[TrialResult]:
     return out
 
 
+def _trainable(cfg: ExperimentConfig, paths: RunPaths, method: str, setup: TrialSetup, threshold: float,
+               metric: str, ini: dict[str, float]) -> Any:
+    """The Tune trainable with its resources: an in-process trial, or one that drives a sharded worker group."""
+    common = {"setup": setup, "utility_threshold": threshold, "objective_metric": metric,
+              "fault": os.environ.get(KILL_SWITCH, ""), "start": ini}
+    k = cfg.search.workers_per_trial
+    if k == 1:
+        return tune.with_resources(tune.with_parameters(trial, **common),
+                                   {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial})
+    from uipe.search.sharded import DRIVER_CPUS, sharded_trial, storage_for
+
+    return tune.with_resources(
+        tune.with_parameters(sharded_trial, workers=k, gpus_per_worker=cfg.search.gpus_per_trial,
+                             storage=storage_for(paths.search(method)), **common), {"cpu": DRIVER_CPUS})
+
+
 def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
              setup: TrialSetup, epochs: list[int], resume: bool) -> dict:
     ensure_ray()
@@ -276,10 +292,7 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
     label = {"forget_quality": "FQ", "forget_quality_select": "FQ (selection fold)"}.get(space.objective_metric,
                                                                                          space.objective_metric)
     callbacks = [tracking.TrialLogger(uri, exp_id, parent, method), Progress(method, total, label)]
-    trainable = tune.with_resources(
-        tune.with_parameters(trial, setup=setup, utility_threshold=threshold, objective_metric=space.objective_metric,
-                             fault=os.environ.get(KILL_SWITCH, ""), start=ini),
-        {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial})
+    trainable = _trainable(cfg, paths, method, setup, threshold, space.objective_metric, ini)
     tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume)
     start = time.time()
     grid = tuner.fit()

@@ -52,20 +52,27 @@ def context(setup: TrialSetup) -> tuple:
     if key not in _CONTEXT:
         import torch
 
-        from uipe.eval.evaluate import Evaluator
-        from uipe.eval.reference import load_reference
-        from uipe.models import default_device, load_model, load_tokenizer
+        from uipe.models import default_device, load_model
 
         torch.set_num_threads(setup.threads)
         device = default_device()
         model = load_model(setup.theta_ini, dtype=setup.dtype, device=device)
-        evaluator = Evaluator.from_source(setup.data, setup.forget_split, load_tokenizer(setup.theta_ini),
-                                          setup.template, setup.eval, setup.max_length)
-        if setup.reference:
-            evaluator.set_reference(load_reference(setup.reference))
         _CONTEXT.clear()
-        _CONTEXT[key] = (model, evaluator, device)
+        _CONTEXT[key] = (model, build_evaluator(setup), device)
     return _CONTEXT[key]
+
+
+def build_evaluator(setup: TrialSetup) -> Any:
+    """The trial's Evaluator, its retain reference set when the setup names one."""
+    from uipe.eval.evaluate import Evaluator
+    from uipe.eval.reference import load_reference
+    from uipe.models import load_tokenizer
+
+    evaluator = Evaluator.from_source(setup.data, setup.forget_split, load_tokenizer(setup.theta_ini),
+                                      setup.template, setup.eval, setup.max_length)
+    if setup.reference:
+        evaluator.set_reference(load_reference(setup.reference))
+    return evaluator
 
 
 def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshold: float,
@@ -102,12 +109,12 @@ def trial(config: dict, setup: TrialSetup, utility_threshold: float, objective_m
     from ray import tune
 
     alpha, epoch = float(config["alpha"]), int(config["epoch"])
-    _maybe_die(fault, alpha, epoch)
+    maybe_die(fault, alpha, epoch)
     result = evaluate_point(setup, alpha, epoch, utility_threshold, objective_metric, start)
     tune.report({**result.to_report(), "alpha": alpha, "epoch": epoch})
 
 
-def _maybe_die(fault: str, alpha: float, epoch: int) -> None:
+def maybe_die(fault: str, alpha: float, epoch: int) -> None:
     """Tests only: a trial process killed mid-trial, once (a marker file remembers), at the given alpha."""
     if not fault:
         return

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from uipe.errors import UipeError
+from uipe.extrapolate import extrapolate_into
 from uipe.train.job import Job
 
 
@@ -60,14 +61,20 @@ def load_sharded(job: Job, device: torch.device, mesh: Any, trainable: bool) -> 
 
 
 def build_sharded(model_path: str, device: torch.device, mesh: Any, dtype: torch.dtype, bf16: bool,
-                  reshard_after_forward: bool = True, trust_remote_code: bool = False) -> nn.Module:
+                  reshard_after_forward: bool = True, trust_remote_code: bool = False,
+                  unlearned: str | None = None, alpha: float = 0.0) -> nn.Module:
     """The model of `model_path` (a local HF folder or a hub id), FSDP2-sharded, its parameters in `dtype`, each
-    rank holding and reading only its own shards. A collective: every rank of `mesh` calls it."""
+    rank holding and reading only its own shards. With `unlearned` (theta_un's folder; model_path is theta_ini), the
+    weights are UIPE's theta_un + alpha*(theta_un - theta_ini), each rank extrapolating only its own rows (a sharded
+    search trial). A collective: every rank of `mesh` calls it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from uipe.safetensors_io import read_checkpoint
+    from uipe.safetensors_io import read_checkpoint, validate_pair
 
     ckpt = read_checkpoint(local_weights(model_path))  # headers only; UipeError naming the file if unreadable
+    un_ckpt = read_checkpoint(unlearned) if unlearned else None
+    if un_ckpt is not None:
+        validate_pair(ckpt, un_ckpt)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
@@ -78,7 +85,7 @@ def build_sharded(model_path: str, device: torch.device, mesh: Any, dtype: torch
         first = model.get_parameter(names[0])
         if any(model.get_parameter(n) is not first for n in names[1:]):
             raise UipeError(f"{model_path}: tied parameters {names} came apart when sharded; not supported")
-    load_own_shards(model, ckpt)
+    load_own_shards(model, ckpt, un_ckpt, alpha)
     recompute_non_persistent_buffers(model, device, dtype)
     return model
 
@@ -124,9 +131,10 @@ def dim0_rows(param: Any) -> tuple[int, int] | None:
 
 
 @torch.no_grad()
-def load_own_shards(model: nn.Module, ckpt: Any) -> None:
+def load_own_shards(model: nn.Module, ckpt: Any, unlearned: Any = None, alpha: float = 0.0) -> None:
     """Fill every parameter's local shard and every persistent buffer from the checkpoint, one tensor at a time, in
-    file order. Every key of the model's state_dict must be in the checkpoint (a tied alias may be absent when the
+    file order; with `unlearned` (theta_un's Checkpoint, ckpt being theta_ini's), with theta_un + alpha*(theta_un -
+    theta_ini) of those rows instead (extrapolate_into: the arithmetic of every other form of the operator). Every key of the model's state_dict must be in the checkpoint (a tied alias may be absent when the
     other name is present, as save_pretrained writes it); keys of the checkpoint that the model has no tensor for are
     ignored (e.g. the rotary inv_freq some old checkpoints carry, which the model recomputes), as from_pretrained
     does."""
@@ -147,20 +155,28 @@ def load_own_shards(model: nn.Module, ckpt: Any) -> None:
         if want != got:
             raise UipeError(f"{ckpt.folder}: tensor {key!r} has shape {list(got)}, the model expects {list(want)}")
         wanted.add(key)
-    with ShardReader(ckpt) as reader:
+    with ShardReader(ckpt) as reader, ShardReader(unlearned or ckpt) as un_reader:
+        def fill(out: torch.Tensor, key: str, rows: tuple[int, int] | None = None) -> None:
+            cut = (lambda t: t[rows[0]:rows[1]]) if rows else (lambda t: t)  # mmap views: only these rows are read
+            if unlearned is None:
+                out.copy_(cut(reader.get(key)))
+            else:
+                extrapolate_into(cut(reader.get(key)), cut(un_reader.get(key)), alpha, out)
+
         for shard in ckpt.shards:
             for key in reader.keys(shard):
                 if key not in wanted:
                     continue
-                target, src = state[key], reader.get(key)  # src: an mmap view; pages are read when copied
+                target = state[key]
                 if not isinstance(target, DTensor):
-                    target.copy_(src)
+                    fill(target, key)
                     continue
                 rows = dim0_rows(target)
                 if rows is not None:
-                    target.to_local().copy_(src[rows[0]:rows[1]])
+                    fill(target.to_local(), key, rows)
                 else:  # one whole tensor, cut locally (src_data_rank=None: no communication)
-                    full = src.to(device=target.device, dtype=target.dtype)
+                    full = torch.empty(target.shape, dtype=target.dtype, device=target.device)
+                    fill(full, key)
                     part = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
                     target.to_local().copy_(part.to_local())
                     del full, part

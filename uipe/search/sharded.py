@@ -1,0 +1,96 @@
+"""Search trials over a model sharded across several workers (search.workers_per_trial > 1), for models larger than
+one accelerator (70B in bf16 is 140 GB): a Ray Train worker group inside each Tune trial (Train V2 + Tune).
+
+    uipe search --method npo --set search.workers_per_trial=4 --set search.gpus_per_trial=1   # 4 GPUs per trial
+
+Every rank builds the model on the meta device, shards it with FSDP2 and fills only its own rows of every
+parameter with theta_un + alpha*(theta_un - theta_ini) (UIPE, arXiv 2503.04693), read from both checkpoints
+through mmap views (uipe.train.sharding.build_sharded). Every rank then runs the same evaluation, batch for batch:
+FSDP2 all-gathers each block's weights, so all ranks compute the same logits and greedy generation stops at the
+same step on each. Rank 0's metrics are the trial's. The trial process itself only waits: it holds no model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from uipe.search.result import TrialResult
+from uipe.search.trial import TrialSetup, build_evaluator, maybe_die
+
+# Tune's trial actor only drives the worker group: a token CPU share, so it does not hold back a worker's core.
+DRIVER_CPUS = 0.01
+
+
+def sharded_trial(config: dict, setup: TrialSetup, utility_threshold: float, workers: int, gpus_per_worker: float,
+                  storage: str, objective_metric: str = "forget_quality", fault: str = "",
+                  start: Mapping[str, float] | None = None) -> None:
+    """The Tune function trainable when a trial spans `workers` workers: one TorchTrainer fit, reported once."""
+    from ray import tune
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    alpha, epoch = float(config["alpha"]), int(config["epoch"])
+    maybe_die(fault, alpha, epoch)
+    use_gpu = gpus_per_worker > 0
+    trainer = TorchTrainer(
+        evaluate_on_rank,
+        train_loop_config={"setup": setup, "alpha": alpha, "epoch": epoch, "threshold": utility_threshold,
+                           "metric": objective_metric, "start": dict(start or {}), "use_gpu": use_gpu},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": setup.threads, **({"GPU": gpus_per_worker}
+                                                                                    if use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=f"trial-{tune.get_context().get_trial_id()}", storage_path=storage,
+                             failure_config=FailureConfig(max_failures=0),
+                             worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
+                                                              "OMP_NUM_THREADS": str(setup.threads)}}),
+    )
+    reported = trainer.fit().metrics
+    tune.report({**reported, "alpha": alpha, "epoch": epoch})
+
+
+def evaluate_on_rank(cfg: dict[str, Any]) -> None:
+    """One rank of a sharded trial: its shards of the extrapolated model, the full evaluation, rank 0 reports."""
+    import ray.train
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from uipe.eval.metrics import relative_to_start
+    from uipe.models import peak_memory_bytes, resolve_dtype
+
+    setup: TrialSetup = cfg["setup"]
+    ctx = ray.train.get_context()
+    torch.set_num_threads(setup.threads)
+    device = ray.train.torch.get_device() if cfg["use_gpu"] else torch.device("cpu")
+    mesh = init_device_mesh(device.type, (ctx.get_world_size(),))
+    t0 = time.perf_counter()
+    model = sharded_model(setup, cfg["epoch"], cfg["alpha"], device, mesh, resolve_dtype(setup.dtype, device))
+    metrics = build_evaluator(setup).evaluate(model).aggregates
+    metrics |= relative_to_start(metrics, cfg["start"])
+    bad = [k for k in (cfg["metric"], "model_utility") if not math.isfinite(metrics.get(k, math.nan))]
+    if bad:
+        raise ValueError(f"alpha={cfg['alpha']} epoch={cfg['epoch']}: {bad[0]} is not finite (the extrapolated "
+                         "model broke)")
+    result = TrialResult.scored(cfg["alpha"], cfg["epoch"], metrics, cfg["threshold"], time.perf_counter() - t0,
+                                peak_memory_bytes=peak_memory_bytes(device), objective_metric=cfg["metric"])
+    ray.train.report(result.to_report() if ctx.get_world_rank() == 0 else {})
+
+
+def sharded_model(setup: TrialSetup, epoch: int, alpha: float, device: Any, mesh: Any, dtype: Any) -> Any:
+    """theta_un + alpha*(theta_un - theta_ini) of one epoch, FSDP2-sharded over `mesh`, in eval mode (collective)."""
+    from uipe.train.sharding import build_sharded
+
+    # the weights are made in the compute dtype already: no mixed-precision policy needed
+    model = build_sharded(setup.theta_ini, device, mesh, dtype, bf16=False, reshard_after_forward=True,
+                          unlearned=setup.epoch_dirs[epoch], alpha=alpha)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def storage_for(search_dir: Path) -> str:
+    """Where the trials' worker groups keep their (checkpoint-free) run folders."""
+    return str(search_dir / "sharded")
