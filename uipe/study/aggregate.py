@@ -312,12 +312,7 @@ def plot_fronts(seed_results: list[dict], out: Path, floors: Sequence[float] | N
             ax.axvline(f, color="grey", ls=":", lw=1)
         ax.set(yscale="log", xlabel="utility / theta_ini utility", ylabel="forget quality",
                title=f"{method}: UIPE (solid), more (dashed), base (squares)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = _save_atomic(fig, out)
-    plt.close(fig)
-    return path
+    return _finish(fig, axes[0], out)
 
 
 def plot_differences(agg: dict, out: Path) -> Path:
@@ -347,6 +342,14 @@ def plot_differences(agg: dict, out: Path) -> Path:
         ax.set_xticks(range(len(fks)), fks)
         ax.set(xlabel="utility floor (x theta_ini utility)", ylabel="delta log10 forget quality (report)",
                title=f"{method}: paired differences over seeds")
+    return _finish(fig, axes[0], out)
+
+
+def _finish(fig: Any, axes: Any, out: Path) -> Path:
+    """Legends where there is something to name, then the figure written atomically and closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
