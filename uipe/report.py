@@ -118,6 +118,8 @@ def plot_search(rows: list[TrialResult], method: str, threshold: float, out_dir:
     import matplotlib.pyplot as plt
 
     done = completed(rows)
+    if not done:  # nothing to draw (every trial failed): the caller says so
+        return []
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "alpha_curves.png", out_dir / "pareto.png"]
     fig, (ax_fq, ax_mu) = plt.subplots(1, 2, figsize=(11, 4))

@@ -84,7 +84,7 @@ def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshol
 
     from uipe.models import peak_memory_bytes, reset_peak_memory
 
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     model, evaluator, device = context(setup)
     reset_peak_memory(device)
     cached_update_vector(setup.theta_ini, setup.epoch_dirs[epoch], device=device).apply(model, alpha)
@@ -93,7 +93,7 @@ def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshol
     bad = [k for k in (objective_metric, "model_utility") if not math.isfinite(metrics.get(k, math.nan))]
     if bad:
         raise ValueError(f"alpha={alpha} epoch={epoch}: {bad[0]} is not finite (the extrapolated model broke)")
-    return TrialResult.scored(alpha, epoch, metrics, utility_threshold, time.perf_counter() - start,
+    return TrialResult.scored(alpha, epoch, metrics, utility_threshold, time.perf_counter() - t0,
                               peak_memory_bytes=peak_memory_bytes(device), objective_metric=objective_metric)
 
 
