@@ -209,7 +209,8 @@ def test_tiny_benchmark_separates_target_from_retain(prepared_run, tiny_cfg):
 
 def test_forget_quality_on_each_author_fold(world: dict):
     # forget10 of 20 authors: 2 authors x 8 facts; the first author is the selection fold, the second the report fold
-    ev = Evaluator.from_source(world["data"], "forget10", world["tok"], "llama2", FAST.model_copy(update={"subset": None}))
+    full = FAST.model_copy(update={"subset": None})
+    ev = Evaluator.from_source(world["data"], "forget10", world["tok"], "llama2", full)
     select, report = ev.folds
     assert len(select) == len(report) == 8 and not set(select) & set(report)
     ref = compute_reference(ev, world["a"], "hash-a")

@@ -232,8 +232,8 @@ def run(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None
 
 @app.command()
 def study(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
-          seeds: Annotated[Optional[str], typer.Option("--seeds", help="A count (5: seeds 0-4) or a list (0,3,7 or [7]); "
-                                                        "default study.seeds.")] = None,
+          seeds: Annotated[Optional[str], typer.Option(
+              "--seeds", help="A count (5: seeds 0-4) or a list (0,3,7 or [7]); default study.seeds.")] = None,
           verbose: VerboseOpt = False) -> None:
     """UIPE against the base method and the base method run longer, over seeds, at several utility floors."""
     from uipe.study.driver import check_study, run_study

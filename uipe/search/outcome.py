@@ -35,7 +35,8 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
              "forget_quality_select": "forget quality, selection fold (KS p-value vs the retain model)",
              "holdout_ks": "holdout KS p-value (forget vs holdout truth ratios)",
              "mia_loss_closeness": "1 - 2|MIA AUC - 0.5| (loss attack, forget vs holdout)",
-             "mia_min_k_pp_closeness": "1 - 2|MIA AUC - 0.5| (Min-K%++ attack, forget vs holdout)"}[space.objective_metric]
+             "mia_min_k_pp_closeness": "1 - 2|MIA AUC - 0.5| (Min-K%++ attack, forget vs holdout)",
+             }[space.objective_metric]
     plots = plot_search(results, method, threshold, out, label)
     best, base = choose(results), base_row(results)
     try:

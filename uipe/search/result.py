@@ -18,8 +18,9 @@ CONSTRAINT = "utility_constraint"  # floor * MU(theta_ini) - MU(trial): feasible
 # Tune's own bookkeeping in every reported result: not the trial's metrics.
 TUNE_KEYS = frozenset({"timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid", "time_since_restore",
                        "iterations_since_restore", "done", "alpha", "epoch"})
-HEADLINE = ("forget_quality", "forget_quality_select", "forget_quality_report", "model_utility", "forget_prob", "forget_rougeL", "related_prob", "related_rougeL",
-            "related_forget_quality", "holdout_ks", "mia_loss_auc", "mia_min_k_pp_auc")
+HEADLINE = ("forget_quality", "forget_quality_select", "forget_quality_report", "model_utility", "forget_prob",
+            "forget_rougeL", "related_prob", "related_rougeL", "related_forget_quality", "holdout_ks", "mia_loss_auc",
+            "mia_min_k_pp_auc")
 
 
 @dataclass(frozen=True)
