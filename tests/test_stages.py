@@ -62,3 +62,19 @@ def test_a_cached_value_is_recomputed_only_when_its_inputs_change(tmp_path: Path
     path.write_text("{not json")
     with pytest.raises(UipeError, match="metrics.json: not valid JSON"):
         cached_value(path, {"model": "h2"}, compute(0.9))
+
+
+def test_atomic_files_get_open_s_mode_and_leave_nothing_when_the_write_fails(tmp_path: Path) -> None:
+    import os
+
+    from uipe.io import atomic_file, atomic_write_text
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    out = atomic_write_text(tmp_path / "a" / "x.json", "{}\n")
+    # mkstemp's private 0o600 would keep a results file from the rest of a team on shared storage
+    assert out.read_text() == "{}\n" and out.stat().st_mode & 0o777 == 0o666 & ~mask
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "a" / "y.png") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("the writer died")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.json"]

@@ -38,15 +38,26 @@ def disk_full_error(target: Path, e: BaseException) -> UipeError:
                      f"earlier results are intact: free space and run the same command again ({type(e).__name__})")
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
+def _process_umask() -> int:
+    mask = os.umask(0)  # read it the only way there is, once, at import (no other thread runs yet)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_process_umask()  # what open() would give a new file; mkstemp's is 0o600
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of `path` for the block to write; renamed to `path` (with open()'s mode) only if the
+    block succeeds, else removed. A full disk becomes one line naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
@@ -54,7 +65,14 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         if is_disk_full(e):
             raise disk_full_error(path, e) from e
         raise
-    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:

@@ -9,8 +9,6 @@ feasible point at that utility floor. Pure functions over JSON-shaped dicts (see
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import numpy as np
 from scipy import stats
 
 from uipe.errors import UipeError
+from uipe.io import atomic_file
 from uipe.report import floor_key
 
 ARMS = ("base", "more", "uipe")
@@ -262,18 +261,9 @@ def markdown(agg: dict, command: str) -> str:
 
 def _save_atomic(fig: Any, out: Path) -> Path:
     """savefig to a temporary sibling, then rename: a crash never leaves a half-written PNG under `out`."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_file(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a plot is for people to read
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return Path(out)
 
 
 def _front(points: Any, where: str) -> tuple[list[float], list[float]]:
