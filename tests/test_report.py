@@ -53,7 +53,8 @@ def test_pareto_front_by_hand() -> None:
 
 def test_csv_has_one_line_per_trial_sorted_by_epoch_then_alpha(tmp_path: Path) -> None:
     lines = to_csv(ROWS).splitlines()
-    assert lines[0].startswith("trial_id,status,alpha,epoch,forget_quality,model_utility,feasible")
+    assert lines[0].startswith("trial_id,status,alpha,epoch,forget_quality,forget_quality_select,"
+                               "forget_quality_report,model_utility,feasible")
     assert len(lines) == 1 + len(ROWS)
     assert [ln.split(",")[2:4] for ln in lines[1:3]] == [["0.5", "3"], ["0.5", "4"]]
     pngs = plot_search(ROWS, "ga", 0.76, tmp_path)

@@ -3,6 +3,8 @@ one-process trial measures: the same items, the same numbers up to float noise (
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,7 @@ def _items_loop(cfg: dict) -> None:
     import torch
     from torch.distributed.device_mesh import init_device_mesh
 
+    from uipe.io import atomic_write_json
     from uipe.search.sharded import sharded_model
     from uipe.search.trial import build_evaluator
 
@@ -25,8 +28,10 @@ def _items_loop(cfg: dict) -> None:
     model = sharded_model(setup, EPOCH, ALPHA, torch.device("cpu"), mesh, torch.float32)
     res = build_evaluator(setup).evaluate(model, generate=False)
     local = sum(p.to_local().numel() for p in model.parameters())
-    ray.train.report({"truth_ratio": res.per_item["forget"]["truth_ratio"], "prob": res.per_item["forget"]["prob"],
-                      "local_params": local, "params": sum(p.numel() for p in model.parameters())})
+    if ray.train.get_context().get_world_rank() == 0:  # Train V2 keeps no metrics without a checkpoint: a file
+        atomic_write_json(cfg["out"], {"truth_ratio": res.per_item["forget"]["truth_ratio"],
+                                       "prob": res.per_item["forget"]["prob"], "local_params": local,
+                                       "params": sum(p.numel() for p in model.parameters())})
 
 
 def test_a_two_worker_trial_matches_the_one_process_trial(unlearned_run, tiny_cfg, ray_session, tmp_path) -> None:
@@ -45,10 +50,17 @@ def test_a_two_worker_trial_matches_the_one_process_trial(unlearned_run, tiny_cf
     cached_update_vector(setup.theta_ini, setup.epoch_dirs[EPOCH], device=device).apply(model, ALPHA)
     items = build_evaluator(setup).evaluate(model, generate=False).per_item["forget"]
 
-    # per item: forget quality's inputs from the sharded model, each rank holding about half of every matrix
-    got = TorchTrainer(_items_loop, train_loop_config={"setup": setup},
-                       scaling_config=ScalingConfig(num_workers=2), torch_config=TorchConfig(backend="gloo"),
-                       run_config=RunConfig(name="items", storage_path=str(tmp_path / "items"))).fit().metrics
+    # per item: forget quality's inputs from the sharded model, each rank holding about half of every matrix.
+    # The workers cannot import this test module: its loop travels by value.
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    TorchTrainer(_items_loop, train_loop_config={"setup": setup, "out": str(tmp_path / "items.json")},
+                 scaling_config=ScalingConfig(num_workers=2), torch_config=TorchConfig(backend="gloo"),
+                 run_config=RunConfig(name="items", storage_path=str(tmp_path / "items"))).fit()
+    got = json.loads((tmp_path / "items.json").read_text())
     assert got["local_params"] < 0.6 * got["params"]
     for key in ("truth_ratio", "prob"):
         np.testing.assert_allclose(got[key], items[key], rtol=1e-4)

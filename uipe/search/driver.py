@@ -266,11 +266,11 @@ def _trainable(cfg: ExperimentConfig, paths: RunPaths, method: str, setup: Trial
     if k == 1:
         return tune.with_resources(tune.with_parameters(trial, **common),
                                    {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial})
-    from uipe.search.sharded import DRIVER_CPUS, sharded_trial, storage_for
+    from uipe.search.sharded import DRIVER_RESOURCES, sharded_trial, storage_for
 
     return tune.with_resources(
         tune.with_parameters(sharded_trial, workers=k, gpus_per_worker=cfg.search.gpus_per_trial,
-                             storage=storage_for(paths.search(method)), **common), {"cpu": DRIVER_CPUS})
+                             storage=storage_for(paths.search(method)), **common), DRIVER_RESOURCES)
 
 
 def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,

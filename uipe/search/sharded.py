@@ -12,17 +12,21 @@ same step on each. Rank 0's metrics are the trial's. The trial process itself on
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from uipe.io import atomic_write_json
 from uipe.search.result import TrialResult
 from uipe.search.trial import TrialSetup, build_evaluator, maybe_die
 
-# Tune's trial actor only drives the worker group: a token CPU share, so it does not hold back a worker's core.
-DRIVER_CPUS = 0.01
+# Tune's trial actor only drives the worker group: it asks for no CPU, else k workers of one CPU each would never fit
+# on k CPUs (measured: a 0.01 CPU share left a 2-worker trial waiting forever on a 2-CPU node). Tune refuses an
+# all-zero request, so it holds 1 MiB of Ray's memory resource instead.
+DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
 
 
 def sharded_trial(config: dict, setup: TrialSetup, utility_threshold: float, workers: int, gpus_per_worker: float,
@@ -36,21 +40,26 @@ def sharded_trial(config: dict, setup: TrialSetup, utility_threshold: float, wor
     alpha, epoch = float(config["alpha"]), int(config["epoch"])
     maybe_die(fault, alpha, epoch)
     use_gpu = gpus_per_worker > 0
+    name = f"trial-{tune.get_context().get_trial_id()}"
+    result_file = Path(storage) / name / "result.json"  # rank 0 writes it (Train V2 keeps no metrics without a
+    # checkpoint, and a trial has nothing to checkpoint)
     trainer = TorchTrainer(
         evaluate_on_rank,
         train_loop_config={"setup": setup, "alpha": alpha, "epoch": epoch, "threshold": utility_threshold,
-                           "metric": objective_metric, "start": dict(start or {}), "use_gpu": use_gpu},
+                           "metric": objective_metric, "start": dict(start or {}), "use_gpu": use_gpu,
+                           "result_file": str(result_file)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": setup.threads, **({"GPU": gpus_per_worker}
                                                                                     if use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=f"trial-{tune.get_context().get_trial_id()}", storage_path=storage,
-                             failure_config=FailureConfig(max_failures=0),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             # a worker group that cannot start fails the trial instead of retrying forever
+                             failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
                              worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
                                                               "OMP_NUM_THREADS": str(setup.threads)}}),
     )
-    reported = trainer.fit().metrics
-    tune.report({**reported, "alpha": alpha, "epoch": epoch})
+    trainer.fit()
+    tune.report({**json.loads(result_file.read_text()), "alpha": alpha, "epoch": epoch})
 
 
 def evaluate_on_rank(cfg: dict[str, Any]) -> None:
@@ -77,7 +86,8 @@ def evaluate_on_rank(cfg: dict[str, Any]) -> None:
                          "model broke)")
     result = TrialResult.scored(cfg["alpha"], cfg["epoch"], metrics, cfg["threshold"], time.perf_counter() - t0,
                                 peak_memory_bytes=peak_memory_bytes(device), objective_metric=cfg["metric"])
-    ray.train.report(result.to_report() if ctx.get_world_rank() == 0 else {})
+    if ctx.get_world_rank() == 0:
+        atomic_write_json(cfg["result_file"], result.to_report())
 
 
 def sharded_model(setup: TrialSetup, epoch: int, alpha: float, device: Any, mesh: Any, dtype: Any) -> Any:
