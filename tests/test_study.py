@@ -99,6 +99,16 @@ def test_method_record_keeps_every_arm_and_the_trajectory_from_theta_ini() -> No
     assert rec["longer_epochs"] == 4 and len(rec["fronts"]["more"]) == 4
 
 
+def test_method_record_without_the_more_baseline_leaves_it_empty_not_zero() -> None:
+    # study.more_baseline: false passes no longer run: the arm has no point at any floor and no hypervolume (None,
+    # so the aggregate drops it), while base and UIPE are as with it
+    start = {"model_utility": 0.8, "forget_quality": 1e-4, "forget_prob": 0.9}
+    rec = method_record(SEARCH, [], start, 0.76, [0.95, 0.8], 2, 4)
+    assert rec["arms"]["more"] == {"0.95": None, "0.8": None} and rec["hypervolume"]["more"] is None
+    assert rec["arms"]["base"]["0.8"]["epoch"] == 2 and rec["hypervolume"]["base"] > 0
+    assert rec["matched_utility"] == {"0.95": None, "0.8": None}
+
+
 def test_results_csv_reads_back_as_it_was_written() -> None:
     again = from_csv(to_csv(SEARCH))
     assert to_csv(again) == to_csv(SEARCH)

@@ -178,6 +178,9 @@ class StudyConfig(Strict):
     seeds: list[int] = Field([0, 1, 2, 3, 4], min_length=1)
     floors: list[float] = Field(list(FLOORS), min_length=1)  # fractions of theta_ini's model utility
     longer_factor: int = Field(2, ge=2)
+    # false: only the base method and UIPE (a sweep over worlds that asks only "how much does UIPE add"), saving
+    # the longer unlearning run and its scoring per method and seed
+    more_baseline: bool = True
 
     @field_validator("seeds")
     @classmethod

@@ -116,7 +116,8 @@ def method_record(search: Sequence[TrialResult], longer: Sequence[TrialResult], 
     return {
         "theta_ini": start, "epochs": epochs, "longer_epochs": longer_epochs, "arms": chosen,
         "matched_utility": {k: matched_utility(p, trajectory) for k, p in chosen["uipe"].items()},
-        "hypervolume": {arm: hypervolume(pts, ref) for arm, pts in plane.items()},
+        # an arm that was not run (study.more_baseline: false) has no hypervolume, not an empty one
+        "hypervolume": {arm: hypervolume(pts, ref) if pts else None for arm, pts in plane.items()},
         "fronts": {arm: [[ratio(r.model_utility, mu), r.forget_quality] for r in rows]
                    for arm, rows in (("uipe", pareto_front(arms["uipe"])), ("base", arms["base"]),
                                      ("more", arms["more"]))},

@@ -106,7 +106,7 @@ def run_seed(cfg: ExperimentConfig, root: Path, seed: int) -> dict:
     for s in summaries:
         method = s["method"]
         search = from_csv((paths.search(method) / "results.csv").read_text())
-        longer = longer_trajectory(cfg, paths, method)
+        longer = longer_trajectory(cfg, paths, method) if cfg.study.more_baseline else []
         methods[method] = method_record(search, longer, s["theta_ini"], s["utility_threshold"], cfg.study.floors,
                                         cfg.unlearn.epochs, cfg.unlearn.epochs * cfg.study.longer_factor)
     return {"seed": seed, "run_dir": str(root), "methods": methods}
