@@ -7,6 +7,8 @@ runs/<name>) and --set key=value overrides, and writes only under its run folder
     uipe unlearn --method npo                  # one base method, a checkpoint per epoch
     uipe search --method npo                   # Ray Tune + Optuna over alpha and epoch
     uipe study --seeds 5                       # UIPE vs fair baselines over 5 seeds, with intervals (runs/<name>-study)
+    uipe experiment reconstruction --seeds 3   # does related knowledge rebuild forgotten facts?
+    uipe experiment sweep --vary data.synth.tied=0,1,3,5 --seeds 3   # UIPE's gain as the world varies
     uipe extrapolate --init A --unlearned B --alpha 1.0 --out C
     uipe evaluate --model C --data D --forget-split forget05 --retain-reference R --out metrics.json
 
@@ -32,8 +34,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="UIPE unlearning with automatic alpha selection (Ray Train, Ray Tune + Optuna, MLflow).")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the experiment configuration.")
 data_app = typer.Typer(no_args_is_help=True, help="TOFU-format data.")
+experiment_app = typer.Typer(no_args_is_help=True, help="The paper's mechanism, measured (docs/RESULTS.md).")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+app.add_typer(experiment_app, name="experiment")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Experiment YAML (default: tiny preset).")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default: runs/<name>).")]
@@ -231,20 +235,53 @@ def run(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None
 
 
 @app.command()
-def study(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
-          seeds: Annotated[Optional[str], typer.Option(
-              "--seeds", help="A count (5: seeds 0-4) or a list (0,3,7 or [7]); default study.seeds.")] = None,
+def study(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None, seeds: SeedsOpt = None,
           verbose: VerboseOpt = False) -> None:
     """UIPE against the base method and the base method run longer, over seeds, at several utility floors."""
     from uipe.study.driver import check_study, run_study
 
-    overrides = list(set_ or []) + ([f"study.seeds={_seed_list(seeds)}"] if seeds else [])
-    cfg, paths = _setup(config, run_dir, overrides)
-    if run_dir is None:  # not runs/<name>: a study's seeds are run folders of their own
-        paths = type(paths).of(Path("runs") / f"{cfg.name}-study")
+    cfg, paths = _seeded(config, run_dir, set_, seeds, "study")
     check_study(cfg, paths.root)  # before the log folder: a refused study writes nothing
     with _quiet(paths, "study", verbose):
         run_study(cfg, paths.root, " ".join(["uipe", *sys.argv[1:]]))
+
+
+SeedsOpt = Annotated[Optional[str], typer.Option(
+    "--seeds", help="A count (5: seeds 0-4) or a list (0,3,7 or [7]); default study.seeds.")]
+
+
+def _seeded(config: Path | None, run_dir: Path | None, set_: list[str] | None, seeds: str | None, default: str):
+    """The configuration with --seeds applied, and the paths (runs/<name>-<default> unless --run-dir)."""
+    overrides = list(set_ or []) + ([f"study.seeds={_seed_list(seeds)}"] if seeds else [])
+    cfg, paths = _setup(config, run_dir, overrides)
+    if run_dir is None:  # not runs/<name>: each seed is a run folder of its own
+        paths = type(paths).of(Path("runs") / f"{cfg.name}-{default}")
+    return cfg, paths
+
+
+@experiment_app.command("reconstruction")
+def experiment_reconstruction(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+                              seeds: SeedsOpt = None, verbose: VerboseOpt = False) -> None:
+    """Targets trained with and without the forget authors' related facts, unlearned alike, over seeds."""
+    from uipe.study.reconstruction import run_reconstruction
+
+    cfg, paths = _seeded(config, run_dir, set_, seeds, "reconstruction")
+    with _quiet(paths, "reconstruction", verbose):
+        run_reconstruction(cfg, paths.root, " ".join(["uipe", *sys.argv[1:]]))
+
+
+@experiment_app.command("sweep")
+def experiment_sweep(vary: Annotated[str, typer.Option("--vary", help="key=v1,v2,... e.g. data.synth.tied=0,1,3,5")],
+                     config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+                     seeds: SeedsOpt = None, verbose: VerboseOpt = False) -> None:
+    """A study per value of one setting; UIPE - base per value and floor, with intervals over seeds."""
+    from uipe.study.sweep import check_sweep, parse_vary, run_sweep
+
+    key, values = parse_vary(vary)
+    cfg, paths = _seeded(config, run_dir, set_, seeds, f"sweep-{key.rsplit('.', 1)[-1]}")
+    check_sweep(cfg, paths.root, key, values)  # before the log folder: a refused sweep writes nothing
+    with _quiet(paths, "sweep", verbose):
+        run_sweep(cfg, paths.root, key, values, " ".join(["uipe", *sys.argv[1:]]))
 
 
 def _seed_list(text: str) -> list[int]:

@@ -44,12 +44,14 @@ class TrialSetup:
 
 
 _CONTEXT: dict[str, tuple] = {}  # per worker process: (model, evaluator, device), kept across trials by reuse_actors
+_EXTRAPOLATED: set[str] = set()  # context keys whose model holds an extrapolated point, not theta_ini
 
 
-def context(setup: TrialSetup) -> tuple:
-    """The loaded model, evaluator (retain reference set) and device for this setup, built once per process."""
+def context(setup: TrialSetup, pristine: bool = False) -> tuple:
+    """The loaded model, evaluator (retain reference set) and device for this setup, built once per process;
+    `pristine`: the model must be theta_ini itself (reloaded if a trial in this process has extrapolated it)."""
     key = json.dumps(setup.identity(), sort_keys=True, default=str)
-    if key not in _CONTEXT:
+    if key not in _CONTEXT or (pristine and key in _EXTRAPOLATED):
         import torch
 
         from uipe.models import default_device, load_model
@@ -58,7 +60,10 @@ def context(setup: TrialSetup) -> tuple:
         device = default_device()
         model = load_model(setup.theta_ini, dtype=setup.dtype, device=device)
         _CONTEXT.clear()
+        _EXTRAPOLATED.clear()
         _CONTEXT[key] = (model, build_evaluator(setup), device)
+    if not pristine:  # the caller is about to extrapolate into it
+        _EXTRAPOLATED.add(key)
     return _CONTEXT[key]
 
 
@@ -99,7 +104,7 @@ def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshol
 
 def theta_ini_metrics(setup: TrialSetup) -> dict[str, float]:
     """The start model's evaluation: the utility the search's floor refers to."""
-    model, evaluator, _ = context(setup)
+    model, evaluator, _ = context(setup, pristine=True)
     return evaluator.evaluate(model).aggregates
 
 

@@ -17,8 +17,8 @@ import numpy as np
 from scipy import stats
 
 from uipe.errors import UipeError
-from uipe.io import atomic_file
 from uipe.report import floor_key
+from uipe.study.render import ci, diff, finish_figure, geo, label, md_table
 
 ARMS = ("base", "more", "uipe")
 PAIRS = {"uipe-base": ("uipe", "base"), "uipe-more": ("uipe", "more")}
@@ -170,61 +170,6 @@ def aggregate(seed_results: list[dict], floors: Sequence[float]) -> dict:
 
 # ---------------------------------------------------------------- Markdown
 
-def _num(x: float | None, spec: str = "") -> str:
-    if x is None:
-        return "-"
-    if spec:
-        return format(x, spec)
-    return f"{x:.2e}" if x != 0 and abs(x) < 1e-2 else f"{x:.3f}"
-
-
-def _ci(t: dict, spec: str = "") -> str:
-    """mean [low, high], or the mean alone for one seed."""
-    if t["mean"] is None:
-        return "-"
-    if t["low"] is None:
-        return _num(t["mean"], spec)
-    return f"{_num(t['mean'], spec)} [{_num(t['low'], spec)}, {_num(t['high'], spec)}]"
-
-
-def _pow10(x: float) -> str:
-    """10**x as "3.1e-03", formatted from x itself: a wide interval's 10**high can overflow a float."""
-    e = math.floor(x)
-    m = round(10 ** (x - e), 1)
-    if m >= 10:
-        m, e = m / 10, e + 1
-    return f"{m:.1f}e{e:+03d}"
-
-
-def _geo(t: dict, feasible: int, n_seeds: int) -> str:
-    """Geometric mean of forget quality [interval] = 10**mean, 10**low, 10**high of log10; (k/n) when not all
-    seeds had a feasible point."""
-    if t["mean"] is None:
-        text = "-"
-    elif t["low"] is None:
-        text = _pow10(t["mean"])
-    else:
-        text = f"{_pow10(t['mean'])} [{_pow10(t['low'])}, {_pow10(t['high'])}]"
-    return text if feasible == n_seeds else f"{text} ({feasible}/{n_seeds})"
-
-
-def _diff(t: dict, unit: str = " log10", spec: str = "+.2f") -> str:
-    """mean [interval] of a paired difference, wins (and ties, if any) out of the seeds compared."""
-    if t["mean"] is None:
-        return "-"
-    ties = f", ties {t['ties']}" if t.get("ties") else ""
-    return f"{_ci(t, spec)}{unit}, wins {t['wins']}/{t['n']}{ties}"
-
-
-def _label(name: str) -> str:
-    """"uipe-base" -> "UIPE - base"."""
-    return name.replace("uipe", "UIPE").replace("-", " - ")
-
-
-def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def markdown(agg: dict, command: str) -> str:
     """The study as Markdown: per method, forget quality per floor and arm (report fold), paired differences,
     hypervolume, matched utility, the winner's curse and the reference-free signals."""
@@ -240,31 +185,24 @@ def markdown(agg: dict, command: str) -> str:
         lines += [f"## {method} ({n} seed{'s' * (n != 1)})", ""]
         rows = []
         for fk in (floor_key(f) for f in agg["floors"]):
-            arms = [_geo(m["arms"][a][fk]["log10_fq_report"], m["arms"][a][fk]["feasible_seeds"], n) for a in ARMS]
-            rows.append([fk, *arms, *(_diff(m["paired"][p][fk]["log10_fq_report"]) for p in PAIRS)])
-        lines += _table(["floor", "base", "more", "UIPE", "UIPE - base", "UIPE - more"], rows) + [""]
-        hv = [[_label(a), _ci(m["hypervolume"][a], ".3f")] for a in ARMS]
-        hv += [[_label(p), _diff(m["hypervolume_paired"][p], "", "+.3f")] for p in PAIRS]
-        lines += _table(["hypervolume", "mean [95% interval]"], hv) + [""]
-        rows = [[fk, _diff(m["matched_utility"][fk] | {"ties": 0}, "", "+.3f"),
-                 _ci(m["winners_curse"][fk], "+.2f") + " log10" * (m["winners_curse"][fk]["mean"] is not None)]
+            arms = [geo(m["arms"][a][fk]["log10_fq_report"], m["arms"][a][fk]["feasible_seeds"], n) for a in ARMS]
+            rows.append([fk, *arms, *(diff(m["paired"][p][fk]["log10_fq_report"]) for p in PAIRS)])
+        lines += md_table(["floor", "base", "more", "UIPE", "UIPE - base", "UIPE - more"], rows) + [""]
+        hv = [[label(a), ci(m["hypervolume"][a], ".3f")] for a in ARMS]
+        hv += [[label(p), diff(m["hypervolume_paired"][p], "", "+.3f")] for p in PAIRS]
+        lines += md_table(["hypervolume", "mean [95% interval]"], hv) + [""]
+        rows = [[fk, diff(m["matched_utility"][fk] | {"ties": 0}, "", "+.3f"),
+                 ci(m["winners_curse"][fk], "+.2f") + " log10" * (m["winners_curse"][fk]["mean"] is not None)]
                 for fk in (floor_key(f) for f in agg["floors"])]
-        lines += _table(["floor", "matched utility (UIPE - base at equal forget prob.)",
+        lines += md_table(["floor", "matched utility (UIPE - base at equal forget prob.)",
                          "winner's curse (UIPE, log10 select - report)"], rows) + [""]
         if m["signals"]:
-            rows = [[s, _ci(v["spearman"], "+.2f"), _ci(v["regret"])] for s, v in m["signals"].items()]
-            lines += _table(["signal", "Spearman", "regret"], rows) + [""]
+            rows = [[s, ci(v["spearman"], "+.2f"), ci(v["regret"])] for s, v in m["signals"].items()]
+            lines += md_table(["signal", "Spearman", "regret"], rows) + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 
 # ---------------------------------------------------------------- plots
-
-def _save_atomic(fig: Any, out: Path) -> Path:
-    """savefig to a temporary sibling, then rename: a crash never leaves a half-written PNG under `out`."""
-    with atomic_file(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    return Path(out)
-
 
 def _front(points: Any, where: str) -> tuple[list[float], list[float]]:
     """(x, y) sorted by x, y clipped at 1e-300 for the log scale."""
@@ -302,7 +240,7 @@ def plot_fronts(seed_results: list[dict], out: Path, floors: Sequence[float] | N
             ax.axvline(f, color="grey", ls=":", lw=1)
         ax.set(yscale="log", xlabel="utility / theta_ini utility", ylabel="forget quality",
                title=f"{method}: UIPE (solid), more (dashed), base (squares)")
-    return _finish(fig, axes[0], out)
+    return finish_figure(fig, axes[0], out)
 
 
 def plot_differences(agg: dict, out: Path) -> Path:
@@ -318,7 +256,7 @@ def plot_differences(agg: dict, out: Path) -> Path:
     fig, axes = plt.subplots(1, max(1, len(methods)), figsize=(5 * max(1, len(methods)), 4), squeeze=False)
     for ax, (method, m) in zip(axes[0], methods.items()):
         for j, (pair, marker) in enumerate(zip(PAIRS, ("o", "s"))):
-            label = _label(pair)
+            name = label(pair)
             for i, fk in enumerate(fks):
                 t = m["paired"][pair][fk]["log10_fq_report"]
                 if t["mean"] is None:
@@ -326,23 +264,12 @@ def plot_differences(agg: dict, out: Path) -> Path:
                 err = None if t["low"] is None else [[t["mean"] - t["low"]], [t["high"] - t["mean"]]]
                 # the two pairs side by side at each floor, so their error bars do not overlap
                 ax.errorbar([i + (j - 0.5) * 0.2], [t["mean"]], yerr=err, fmt=marker, color=f"C{j}", capsize=4,
-                            label=label)
-                label = None
+                            label=name)
+                name = None
         ax.axhline(0.0, color="grey", lw=1)
         ax.set_xticks(range(len(fks)), fks)
         ax.set(xlabel="utility floor (x theta_ini utility)", ylabel="delta log10 forget quality (report)",
                title=f"{method}: paired differences over seeds")
-    return _finish(fig, axes[0], out)
+    return finish_figure(fig, axes[0], out)
 
 
-def _finish(fig: Any, axes: Any, out: Path) -> Path:
-    """Legends where there is something to name, then the figure written atomically and closed."""
-    import matplotlib.pyplot as plt
-
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = _save_atomic(fig, out)
-    plt.close(fig)
-    return path
