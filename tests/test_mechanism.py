@@ -43,6 +43,9 @@ def test_derived_worlds_differ_from_the_target_world_only_in_the_forget_authors_
     assert {k for k, v in _files(both).items() if _files(world)[k] != v} == {"forget05.json"}
     assert load_split(both, "forget05") == load_split(world, "forget05") + mine
     assert load_split(both, "forget05_perturbed") == load_split(world, "forget05_perturbed")
+    # forget10's authors hold every related fact: `without` then has no related training file at all
+    emptied = derive_data(world, tmp_path / "without10", "forget10", "without")
+    assert not (emptied / "related.json").exists() and (emptied / "related_perturbed.json").is_file()
     # built once: a second call reuses the folder (same bytes, same record)
     stamp = (without / "related.json").stat().st_mtime_ns
     derive_data(world, tmp_path / "without", "forget05", "without")
