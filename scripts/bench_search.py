@@ -9,6 +9,13 @@ a scratch folder beside it (symlinks to its models and checkpoints), never touch
 - Optuna (TPE, the method's space file): how many trials until the best feasible forget quality so far comes within
   5% of the grid's (goal: at most a third of the grid's trials).
 - Tune overhead: (search wall time - sum of trial work) / search wall time on the grid run (goal: <= 15%).
+
+    python scripts/bench_search.py --run-dir runs/tiny --method ga --seeds 0 1 --fidelity --trials 32
+
+--fidelity instead compares, per seed and in alternating order, the same TPE search (the method's space file,
+--trials trials, 2 at a time) at full fidelity and with search.screening (uipe/search/screening.py): trial work,
+its split between scoring passes and full evaluations, and the chosen point (goal: screened work <= 50% of full,
+the same point or one with forget quality at least as high at the same floor).
 """
 
 from __future__ import annotations
@@ -73,12 +80,49 @@ def trials_to_reach(rows: list[dict], target: float) -> int | None:
     return None
 
 
+def compare_fidelity(cfg, run_dir: Path, method: str, seeds: list[int], trials: int) -> None:
+    from uipe.search.space import default_space_path
+
+    space_text = default_space_path(method).read_text() + f"\nnum_samples: {trials}\n"
+    for seed in seeds:
+        order = [False, True] if seed % 2 == 0 else [True, False]  # alternate which runs first
+        out = {}
+        for screening in order:
+            search = cfg.search.model_copy(update={"seed": seed, "screening": screening})
+            name = f"{'screened' if screening else 'full'}-{seed}"
+            summary, wall, _ = run_one(cfg.model_copy(update={"search": search}), scratch_run(run_dir, name), method,
+                                       _without_num_samples(space_text))
+            out[screening] = (summary, wall)
+        (full, full_wall), (scr, scr_wall) = out[False], out[True]
+        f, c = full["fidelity"], scr["fidelity"]
+        print(f"seed {seed}: full {full['trials']} trials, work {full['trial_work_seconds']:.1f}s, wall {full_wall:.0f}s "
+              f"| screened: {c['full']} in full + {c['screened_only']} screened only, work "
+              f"{scr['trial_work_seconds']:.1f}s (screening {c['screening_seconds']:.1f}s, full "
+              f"{c['full_seconds']:.1f}s), wall {scr_wall:.0f}s | work ratio "
+              f"{scr['trial_work_seconds'] / full['trial_work_seconds']:.2f} (goal <= 0.50)")
+        for label, s in (("full", full), ("screened", scr)):
+            ch = s["chosen"]
+            print(f"  {label:8s} chose alpha {ch['alpha']:.3f} epoch {ch['epoch']}: FQ {ch['forget_quality']:.4g}, "
+                  f"utility {ch['model_utility']:.4f}; floors " + ", ".join(
+                      f"{k}: {(v['uipe'] or {}).get('forget_quality', float('nan')):.3g}" for k, v in s["floors"].items()))
+        assert f["screened_only"] == 0
+
+
+def _without_num_samples(text: str) -> str:
+    """The space file with only the last num_samples line (the one this bench appends)."""
+    lines = text.splitlines()
+    last = max(i for i, ln in enumerate(lines) if ln.startswith("num_samples:"))
+    return "\n".join(ln for i, ln in enumerate(lines) if not ln.startswith("num_samples:") or i == last) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", type=Path, default=Path("runs/tiny"))
     ap.add_argument("--config", type=Path, default=None)
     ap.add_argument("--method", default="ga")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--fidelity", action="store_true", help="full vs screened trials instead of TPE vs the grid")
+    ap.add_argument("--trials", type=int, default=32)
     args = ap.parse_args()
 
     from uipe.config import load_config
@@ -87,6 +131,8 @@ def main() -> None:
     cfg = load_config(args.config, ["tracking.register_model=false"])
     if not (args.run_dir / "unlearn" / args.method / "manifest.json").is_file():
         raise SystemExit(f"{args.run_dir}: run `uipe run` (or prepare + unlearn --method {args.method}) first")
+    if args.fidelity:
+        return compare_fidelity(cfg, args.run_dir, args.method, args.seeds, args.trials)
     space = load_space(default_space_path(args.method), args.method)
     epochs = sorted(json.loads((args.run_dir / "unlearn" / args.method / "manifest.json").read_text())["epochs"],
                     key=lambda e: e["epoch"])

@@ -246,3 +246,15 @@ def test_min_k_plus_plus_scores_match_an_unbatched_forward(world: dict):
     direct = z[: max(1, int(len(z) * MIN_K))].mean().item()
     assert res.per_item["holdout"]["min_k_pp"][3] == pytest.approx(direct, abs=1e-4)
     assert 0.0 <= res.aggregates["mia_min_k_pp_auc"] <= 1.0 and "mia_min_k_pp_closeness" in res.aggregates
+
+
+def test_a_screening_pass_scores_exactly_what_the_full_evaluation_scores(world: dict):
+    # search.screening relies on it: a screened trial's forget quality, probabilities and truth ratios are the full
+    # trial's, bit for bit; only ROUGE-L and model utility (which needs it) are missing
+    ev = _evaluator(world)
+    ev.set_reference(compute_reference(ev, world["b"], "hash-b"))
+    screen = ev.evaluate(world["a"], generate=False).aggregates
+    full = ev.evaluate(world["a"]).aggregates
+    assert set(full) - set(screen) == {"model_utility"} | {k for k in full if k.endswith("_rougeL")}
+    assert {k: screen[k] for k in screen} == {k: full[k] for k in screen}
+    assert screen["forget_quality"] == full["forget_quality"] and 0 < screen["scored_utility"] <= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -199,3 +200,26 @@ def test_broken_weights_and_a_killed_trial_fail_their_trials_and_the_search_goes
     assert len(failed) == s["failed"] and all("uipe.error" in r.data.tags for r in failed)
     rows = (paths.search("ga") / "results.csv").read_text().splitlines()
     assert sum(",failed," in row for row in rows) == s["failed"]
+
+
+def test_a_screened_search_evaluates_in_full_only_what_could_matter_and_chooses_among_those(unlearned_run, tiny_cfg,
+                                                                                          tmp_path) -> None:
+    from uipe.report import from_csv
+
+    paths = copy_run(unlearned_run, tmp_path / "screened", methods=("npo",))
+    cfg = tiny_cfg.model_copy(update={"search": tiny_cfg.search.model_copy(update={"screening": True,
+                                                                                    "num_samples": 12})})
+    s = run_search(cfg, paths, "npo")
+    rows = {r.trial_id: r for r in from_csv((paths.search("npo") / "results.csv").read_text())}
+    split = s["fidelity"]
+    assert len(rows) == s["trials"] == 12 and split["full"] + split["screened_only"] == 12
+    assert split["full"] == sum(r.fidelity == "full" for r in rows.values())
+    assert all(r.fidelity == "full" for r in rows.values() if r.alpha == 0.0)  # the base points: always in full
+    for r in rows.values():  # a screened-only trial has every scoring metric and no utility
+        assert math.isfinite(r.forget_quality) and math.isnan(r.model_utility) == (r.fidelity == "screen")
+    chosen = [r for r in rows.values() if (r.alpha, r.epoch) == (s["chosen"]["alpha"], s["chosen"]["epoch"])]
+    assert chosen and all(r.fidelity == "full" for r in chosen)
+    assert split["screening_seconds"] + split["full_seconds"] == pytest.approx(s["trial_work_seconds"])
+    for run in _children(cfg, paths, s["parent_run_id"]):  # each child run says how it was evaluated
+        r = rows[run.data.tags["uipe.trial_id"]]
+        assert run.data.tags["uipe.fidelity"] == r.fidelity and ("model_utility" in run.data.metrics) == r.full

@@ -158,6 +158,10 @@ class SearchConfig(Strict):
     objective: Literal["forget_quality", "pareto", "reference_free"] | None = None
     signal: Signal | None = None
     select_on: Literal["all", "selection_fold"] | None = None  # overrides the space files' (uipe study: the fold)
+    # Two-fidelity trials (uipe/search/screening.py): a sampled point is scored without generation first and gets the
+    # full evaluation (greedy generation, ROUGE-L, model utility) only when it is on or near the front so far; the
+    # base method's points always get it, and only fully evaluated points can be chosen.
+    screening: bool = False
 
 
 class TrackingConfig(Strict):

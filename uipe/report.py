@@ -44,14 +44,16 @@ def from_csv(text: str) -> list[TrialResult]:
             out.append(TrialResult.failed(cells["trial_id"], alpha, epoch, cells["error"]))
             continue
         numbers = {k: float(v) if v != "" else math.nan for k, v in cells.items()
-                   if k not in ("trial_id", "status", "alpha", "epoch", "feasible", "error")}
+                   if k not in ("trial_id", "status", "alpha", "epoch", "feasible", "error", "fidelity")}
         out.append(TrialResult(cells["trial_id"], "ok", alpha, epoch, feasible=cells["feasible"] == "True",
-                               error=cells["error"], **numbers))
+                               error=cells["error"], fidelity=cells.get("fidelity") or "full", **numbers))
     return out
 
 
 def completed(rows: list[TrialResult]) -> list[TrialResult]:
-    return [r for r in rows if r.ok]
+    """Trials completed at full fidelity: what every choice, front, floor and plot uses (a screened-only trial has no
+    model utility, so it can never be chosen)."""
+    return [r for r in rows if r.full]
 
 
 def pareto_front(rows: list[TrialResult]) -> list[TrialResult]:

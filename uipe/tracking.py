@@ -195,7 +195,8 @@ def log_trial(uri: str, experiment_id: str, parent_id: str, method: str, record:
         return None
     c = client(uri)
     run = c.create_run(experiment_id, run_name=f"{method}-a{record.alpha:.3f}-e{record.epoch}",
-                       tags={"mlflow.parentRunId": parent_id, TRIAL_TAG: record.trial_id, "uipe.method": method})
+                       tags={"mlflow.parentRunId": parent_id, TRIAL_TAG: record.trial_id, "uipe.method": method,
+                             "uipe.fidelity": record.fidelity})
     run_id = run.info.run_id
     params = {"alpha": record.alpha, "epoch": record.epoch}
     if record.ok:

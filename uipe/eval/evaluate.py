@@ -224,6 +224,7 @@ class Evaluator:
                                             items["perturbed_nll"], rouge)
             aggregates.update({f"{role}_{k}": v for k, v in summary.items()})
             per_item[role] = items
+        aggregates["scored_utility"] = metrics.scored_utility(aggregates)
         if generate:
             aggregates["model_utility"] = metrics.model_utility(aggregates)
         if "holdout" in per_item:

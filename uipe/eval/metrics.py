@@ -165,6 +165,16 @@ def model_utility(components: Mapping[str, float]) -> float:
     return float(hmean(values))
 
 
+def scored_utility(components: Mapping[str, float]) -> float:
+    """Harmonic mean of the six model-utility numbers a scoring pass gives (probability and truth ratio of each
+    utility split; no ROUGE-L): what a screening trial, which generates nothing, knows of model utility. It ranks
+    screened points against fully evaluated ones and is never reported as model utility."""
+    values = np.array([components[k] for k in UTILITY_KEYS if not k.endswith("_rougeL")], dtype=np.float64)
+    if np.any(values <= 0):
+        return 0.0
+    return float(hmean(values))
+
+
 def split_summary(kind: SplitKind, answer_nll: Sequence[float], paraphrase_nll: Sequence[float],
                   perturbed_nll: Sequence[Sequence[float]], rouge: Sequence[float] | None) -> dict[str, float]:
     """One split's prob / rougeL / truth_ratio, as TOFU reports them for that kind of split.

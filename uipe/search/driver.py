@@ -28,6 +28,7 @@ from uipe.paths import RunPaths
 from uipe.ray_session import ensure_ray
 from uipe.search.outcome import RESULT_FILE, finish
 from uipe.search.result import TrialResult
+from uipe.search.screening import ScreeningScheduler
 from uipe.search.space import SearchSpace, build_searcher, default_space_path, load_space
 from uipe.search.trial import KILL_SWITCH, TrialSetup, theta_ini_metrics, trial
 from uipe.stages import cached_value, recorded, reusable
@@ -39,6 +40,9 @@ def run_search(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: 
                resume: bool = False) -> dict:
     """Validate, run (or resume) the Tune search, then report, choose, write and register the chosen model."""
     path, space = resolve_space(cfg, method, space_path)
+    if cfg.search.screening and (space.objective == "pareto" or cfg.search.workers_per_trial > 1):
+        raise UipeError("search.screening: needs a single objective (pareto ranks every trial by model utility) and "
+                        "search.workers_per_trial 1 (sharded trials evaluate in full)")
     setup = make_setup(cfg, paths, method, reference_free=space.objective == "reference_free")
     epochs = space.candidate_epochs(sorted(setup.epoch_dirs))
     with exclusive(paths.search(method), f"a search of {method}"):
@@ -149,8 +153,11 @@ class Progress(tune.Callback):
         return {**self.__dict__, "task": None}
 
 
-def _identity(space: SearchSpace, setup: TrialSetup, epochs: list[int], threshold: float) -> str:
+def _identity(space: SearchSpace, setup: TrialSetup, epochs: list[int], threshold: float,
+              screening: bool = False) -> str:
     doc = {"space": space.model_dump(), "setup": setup.identity(), "epochs": epochs, "utility_threshold": threshold}
+    if screening:  # only when on: the searches made before the option keep their identity
+        doc["screening"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -221,7 +228,7 @@ def _previous(paths: RunPaths, method: str, identity: str, resume: bool) -> dict
 
 
 def _tuner(paths: RunPaths, method: str, space: SearchSpace, trainable: Any, epochs: list[int], seed: int,
-           callbacks: list, resume: bool) -> tune.Tuner:
+           callbacks: list, resume: bool, screening: bool = False) -> tune.Tuner:
     tune_dir = paths.search(method) / "tune"
     if resume and tune_dir.exists() and tune.Tuner.can_restore(str(tune_dir)):
         # resume_errored=False: a trial that raised stays failed (and Ray 2.60's restart_errored breaks Optuna).
@@ -230,7 +237,8 @@ def _tuner(paths: RunPaths, method: str, space: SearchSpace, trainable: Any, epo
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=space.trials_needed(epochs),
-                                    max_concurrent_trials=space.max_concurrent_trials, reuse_actors=True),
+                                    max_concurrent_trials=space.max_concurrent_trials, reuse_actors=True,
+                                    scheduler=ScreeningScheduler() if screening else None),
         run_config=tune.RunConfig(name="tune", storage_path=str(paths.search(method)), callbacks=callbacks,
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -264,7 +272,7 @@ def _trainable(cfg: ExperimentConfig, paths: RunPaths, method: str, setup: Trial
               "fault": os.environ.get(KILL_SWITCH, ""), "start": ini}
     k = cfg.search.workers_per_trial
     if k == 1:
-        return tune.with_resources(tune.with_parameters(trial, **common),
+        return tune.with_resources(tune.with_parameters(trial, screening=cfg.search.screening, **common),
                                    {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial})
     from uipe.search.sharded import DRIVER_RESOURCES, sharded_trial, storage_for
 
@@ -282,7 +290,7 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
     out = paths.search(method)
     ini = _start_metrics(setup, paths.root / "search" / "theta_ini_metrics.json")
     threshold = space.utility_floor * ini["model_utility"]
-    identity = _identity(space, setup, epochs, threshold)
+    identity = _identity(space, setup, epochs, threshold, cfg.search.screening)
     previous = _previous(paths, method, identity, resume)
     if previous is not None:
         say(f"[search {method}] finished before with the same space and checkpoints: reusing {out / RESULT_FILE}")
@@ -293,7 +301,7 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
                                                                                          space.objective_metric)
     callbacks = [tracking.TrialLogger(uri, exp_id, parent, method), Progress(method, total, label)]
     trainable = _trainable(cfg, paths, method, setup, threshold, space.objective_metric, ini)
-    tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume)
+    tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, cfg.search.screening)
     start = time.time()
     grid = tuner.fit()
     return finish(cfg, paths, method, space, setup, _results(grid), ini, threshold, uri, parent, time.time() - start)

@@ -16,7 +16,7 @@ from uipe.config import ExperimentConfig
 from uipe.errors import UipeError
 from uipe.io import atomic_write_json, atomic_write_text
 from uipe.paths import RunPaths
-from uipe.report import base_row, best_at_floors, choose, completed, pareto_front, plot_search, to_csv
+from uipe.report import base_row, best_at_floors, choose, pareto_front, plot_search, to_csv
 from uipe.search.result import TrialResult
 from uipe.search.space import SearchSpace
 from uipe.search.trial import TrialSetup
@@ -50,7 +50,7 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
                         "to log them") from None
     if best is None:
         raise UipeError(f"search {method}: every trial failed; see {out / 'results.csv'} and the MLflow runs")
-    work = sum(r.trial_seconds for r in completed(results))
+    work = sum(r.trial_seconds for r in results if r.ok)  # screened-only trials' work too
     summary = {
         "method": method, "objective": space.objective_metric, "chosen": best.summary(),
         "base": base.summary() if base else None,
@@ -60,7 +60,7 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
         "trials": len(results), "failed": sum(not r.ok for r in results),
         "pareto_front": [r.summary() for r in pareto_front(results)], "search_seconds": wall,
         "floors": best_at_floors(results, ini["model_utility"]),
-        "trial_work_seconds": work,
+        "trial_work_seconds": work, "fidelity": fidelity_split(results),
         # (wall - trial work) / wall, with wall counted once per concurrent trial slot
         "tune_overhead": 1 - work / (wall * space.max_concurrent_trials) if wall > 0 else None,
         "max_concurrent_trials": space.max_concurrent_trials, "parent_run_id": parent,
@@ -80,6 +80,15 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
     c.set_terminated(parent, "FINISHED")
     atomic_write_json(out / RESULT_FILE, summary)
     return summary
+
+
+def fidelity_split(results: list[TrialResult]) -> dict:
+    """How many trials were evaluated in full and how many stopped after screening, and the trial work spent
+    screening (scoring passes) against full evaluation."""
+    done = [r for r in results if r.ok]
+    screen = sum(r.trial_seconds if not r.full else r.metrics.get("screen_seconds", 0.0) for r in done)
+    return {"full": sum(r.full for r in done), "screened_only": sum(not r.full for r in done),
+            "screening_seconds": screen, "full_seconds": sum(r.trial_seconds for r in done) - screen}
 
 
 def reconcile_children(uri: str, parent: str, method: str, results: list[TrialResult]) -> None:

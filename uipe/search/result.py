@@ -18,6 +18,7 @@ CONSTRAINT = "utility_constraint"  # floor * MU(theta_ini) - MU(trial): feasible
 # Tune's own bookkeeping in every reported result: not the trial's metrics.
 TUNE_KEYS = frozenset({"timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid", "time_since_restore",
                        "iterations_since_restore", "done", "alpha", "epoch"})
+FULL_FIDELITY = "full_fidelity"  # reported 1.0 by a full evaluation, 0.0 by a screening pass
 HEADLINE = ("forget_quality", "forget_quality_select", "forget_quality_report", "model_utility", "forget_prob",
             "forget_rougeL", "related_prob", "related_rougeL", "related_forget_quality", "holdout_ks", "mia_loss_auc",
             "mia_min_k_pp_auc")
@@ -49,6 +50,9 @@ class TrialResult:
     trial_seconds: float = NAN
     peak_memory_bytes: float = NAN  # the trial process's: CUDA allocated peak of this trial, else peak RSS
     error: str = ""
+    # "full": every metric, ROUGE-L and model utility included; "screen": a scoring pass only (search.screening), so
+    # no model utility and never feasible: such a point is never chosen nor reported at a floor
+    fidelity: str = "full"
     metrics: Mapping[str, float] = field(default_factory=dict)  # the evaluator's other aggregates (retain_prob, ...)
 
     def __post_init__(self) -> None:
@@ -59,14 +63,22 @@ class TrialResult:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def full(self) -> bool:
+        """Completed at full fidelity: the only trials a choice, a front or a floor may use."""
+        return self.ok and self.fidelity == "full"
+
     @classmethod
     def scored(cls, alpha: float, epoch: int, aggregates: Mapping[str, float], threshold: float,
                seconds: float, trial_id: str = "", peak_memory_bytes: float = NAN,
                objective_metric: str = "forget_quality") -> TrialResult:
-        """A completed trial from the evaluator's aggregates and the utility threshold (floor x MU(theta_ini))."""
-        constraint = threshold - aggregates["model_utility"]
+        """A completed trial from the evaluator's aggregates and the utility threshold (floor x MU(theta_ini)); without
+        model utility (a screening pass generates nothing) a screened trial, infeasible until evaluated in full."""
+        screened = "model_utility" not in aggregates
+        constraint = NAN if screened else threshold - aggregates["model_utility"]
         named = {k: float(aggregates[k]) for k in HEADLINE if k in aggregates}
         return cls(trial_id, "ok", float(alpha), int(epoch), feasible=constraint <= 0, utility_constraint=constraint,
+                   fidelity="screen" if screened else "full",
                    objective=float(aggregates.get(objective_metric, NAN)),
                    trial_seconds=seconds, peak_memory_bytes=peak_memory_bytes,
                    metrics={k: float(v) for k, v in aggregates.items() if k not in named},
@@ -77,8 +89,9 @@ class TrialResult:
         return cls(trial_id, "failed", float(alpha), int(epoch), error=error)
 
     def to_report(self) -> dict[str, float]:
-        """What the trial reports to Tune: every number (Tune, Optuna and the MLflow child run read these)."""
-        return {**self.metrics, **self.numbers()}
+        """What the trial reports to Tune: every number (Tune, Optuna and the MLflow child run read these), the
+        fidelity as `full_fidelity` 1/0."""
+        return {**self.metrics, **self.numbers(), FULL_FIDELITY: float(self.fidelity == "full")}
 
     def numbers(self) -> dict[str, float]:
         """The record's own numeric fields (feasible as 0/1), for CSV, MLflow and summary.json."""
@@ -100,7 +113,8 @@ class TrialResult:
                  if k in numeric}
         return cls(trial_id, "ok", float(config["alpha"]), int(config["epoch"]),
                    feasible=numeric.get("feasible", 0.0) > 0,
-                   metrics={k: v for k, v in numeric.items() if k not in own and k not in TUNE_KEYS},
+                   fidelity="full" if numeric.get(FULL_FIDELITY, 1.0) else "screen",
+                   metrics={k: v for k, v in numeric.items() if k not in own and k not in TUNE_KEYS | {FULL_FIDELITY}},
                    **named)
 
     def summary(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from uipe.config import MethodName, Signal
 from uipe.errors import UipeError
 from uipe.methods import check_method
 from uipe.schema import Strict, one_line
+from uipe.search.result import FULL_FIDELITY
 
 CONSTRAINT = "utility_constraint"  # reported by each trial: floor * MU(theta_ini) - MU(trial); feasible when <= 0
 
@@ -112,7 +113,10 @@ class ConstrainedOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None and result and CONSTRAINT in result:
-            ot_trial.set_constraint(CONSTRAINT, float(result[CONSTRAINT]))
+            # a trial stopped after its screening pass has no utility: infeasible to the sampler (a point evaluated
+            # in full dominates it), while its objective, exact at screening, still informs the model
+            screened = not result.get(FULL_FIDELITY, 1.0)
+            ot_trial.set_constraint(CONSTRAINT, 1.0 if screened else float(result[CONSTRAINT]))
         super().on_trial_complete(trial_id, result=result, error=error)
 
 

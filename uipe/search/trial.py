@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace, dataclass
 from typing import Any
 
 from uipe.config import EvalConfig
@@ -81,9 +81,11 @@ def build_evaluator(setup: TrialSetup) -> Any:
 
 
 def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshold: float,
-                   objective_metric: str = "forget_quality", start: Mapping[str, float] | None = None) -> TrialResult:
+                   objective_metric: str = "forget_quality", start: Mapping[str, float] | None = None,
+                   generate: bool = True) -> TrialResult:
     """Extrapolate in memory and evaluate (with `start`, theta_ini's aggregates, also forgetting relative to it);
-    raise when the extrapolated model's metrics are not finite."""
+    raise when the extrapolated model's metrics are not finite. generate=False: a screening pass, every scoring
+    metric (forget quality, probabilities, truth ratios) without greedy generation, ROUGE-L or model utility."""
     from uipe.eval.metrics import relative_to_start
     from uipe.update_vector import cached_update_vector
 
@@ -93,9 +95,10 @@ def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshol
     model, evaluator, device = context(setup)
     reset_peak_memory(device)
     cached_update_vector(setup.theta_ini, setup.epoch_dirs[epoch], device=device).apply(model, alpha)
-    metrics = evaluator.evaluate(model).aggregates
+    metrics = evaluator.evaluate(model, generate=generate).aggregates
     metrics |= relative_to_start(metrics, start or {})
-    bad = [k for k in (objective_metric, "model_utility") if not math.isfinite(metrics.get(k, math.nan))]
+    bad = [k for k in (objective_metric, "model_utility" if generate else "scored_utility")
+           if not math.isfinite(metrics.get(k, math.nan))]
     if bad:
         raise ValueError(f"alpha={alpha} epoch={epoch}: {bad[0]} is not finite (the extrapolated model broke)")
     return TrialResult.scored(alpha, epoch, metrics, utility_threshold, time.perf_counter() - t0,
@@ -109,13 +112,23 @@ def theta_ini_metrics(setup: TrialSetup) -> dict[str, float]:
 
 
 def trial(config: dict, setup: TrialSetup, utility_threshold: float, objective_metric: str = "forget_quality",
-          fault: str = "", start: Mapping[str, float] | None = None) -> None:
-    """The Tune function trainable: one (alpha, epoch) point, reported once."""
+          fault: str = "", start: Mapping[str, float] | None = None, screening: bool = False) -> None:
+    """The Tune function trainable: one (alpha, epoch) point, reported once at full fidelity. With `screening`, a
+    point other than the base method's (alpha 0) is first reported from a scoring pass; the search's
+    ScreeningScheduler (uipe/search/screening.py) then stops it there, or lets it go on to the full evaluation."""
     from ray import tune
 
     alpha, epoch = float(config["alpha"]), int(config["epoch"])
     maybe_die(fault, alpha, epoch)
+    screened_seconds = 0.0
+    if screening and alpha != 0.0:
+        screen = evaluate_point(setup, alpha, epoch, utility_threshold, objective_metric, start, generate=False)
+        tune.report({**screen.to_report(), "alpha": alpha, "epoch": epoch})
+        screened_seconds = screen.trial_seconds
     result = evaluate_point(setup, alpha, epoch, utility_threshold, objective_metric, start)
+    # the trial's work is both passes; the screening part is kept apart for the search's time split
+    result = replace(result, trial_seconds=result.trial_seconds + screened_seconds,
+                     metrics={**result.metrics, "screen_seconds": screened_seconds})
     tune.report({**result.to_report(), "alpha": alpha, "epoch": epoch})
 
 
