@@ -13,7 +13,7 @@ from uipe.config import load_config
 from uipe.data import load_split
 from uipe.data.synth import write_benchmark
 from uipe.errors import UipeError
-from uipe.study.aggregate import aggregate
+from uipe.study.aggregate import aggregate, markdown as study_markdown
 from uipe.study.mechanism_report import compare, markdown, plot
 from uipe.study.reconstruction import arm_configs, derive_data, prepare_workers
 from uipe.study.sweep import gains, markdown as sweep_markdown, parse_vary, plot as sweep_plot, setting_configs
@@ -159,3 +159,6 @@ def test_the_sweep_tabulates_uipe_minus_base_per_setting(tmp_path: Path) -> None
     assert "| tied-5 | +1.50 [" in text and "wins 2/2" in text
     assert sweep_plot(result, tmp_path / "s.png").stat().st_size > 5000
     assert json.loads(json.dumps(g)) == g  # JSON-shaped, as sweep.json stores it
+    # each setting's study.md leaves out the arm it did not run (study.more_baseline: false)
+    study_md = study_markdown(studies["tied-5"], "uipe study")
+    assert "| floor | base | UIPE | UIPE - base |" in study_md and "more" not in study_md

@@ -183,13 +183,16 @@ def markdown(agg: dict, command: str) -> str:
     for method, m in agg["methods"].items():
         n = len(m["seeds"])
         lines += [f"## {method} ({n} seed{'s' * (n != 1)})", ""]
+        # an arm no seed ran (study.more_baseline: false) gets no column
+        arms_run = [a for a in ARMS if a != "more" or m["hypervolume"]["more"]["n"]]
+        pairs_run = [p for p in PAIRS if PAIRS[p][1] in arms_run]
         rows = []
         for fk in (floor_key(f) for f in agg["floors"]):
-            arms = [geo(m["arms"][a][fk]["log10_fq_report"], m["arms"][a][fk]["feasible_seeds"], n) for a in ARMS]
-            rows.append([fk, *arms, *(diff(m["paired"][p][fk]["log10_fq_report"]) for p in PAIRS)])
-        lines += md_table(["floor", "base", "more", "UIPE", "UIPE - base", "UIPE - more"], rows) + [""]
-        hv = [[label(a), ci(m["hypervolume"][a], ".3f")] for a in ARMS]
-        hv += [[label(p), diff(m["hypervolume_paired"][p], "", "+.3f")] for p in PAIRS]
+            arms = [geo(m["arms"][a][fk]["log10_fq_report"], m["arms"][a][fk]["feasible_seeds"], n) for a in arms_run]
+            rows.append([fk, *arms, *(diff(m["paired"][p][fk]["log10_fq_report"]) for p in pairs_run)])
+        lines += md_table(["floor", *(label(a) for a in arms_run), *(label(p) for p in pairs_run)], rows) + [""]
+        hv = [[label(a), ci(m["hypervolume"][a], ".3f")] for a in arms_run]
+        hv += [[label(p), diff(m["hypervolume_paired"][p], "", "+.3f")] for p in pairs_run]
         lines += md_table(["hypervolume", "mean [95% interval]"], hv) + [""]
         rows = [[fk, diff(m["matched_utility"][fk] | {"ties": 0}, "", "+.3f"),
                  ci(m["winners_curse"][fk], "+.2f") + " log10" * (m["winners_curse"][fk]["mean"] is not None)]
