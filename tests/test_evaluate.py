@@ -253,8 +253,10 @@ def test_a_screening_pass_scores_exactly_what_the_full_evaluation_scores(world: 
     # trial's, bit for bit; only ROUGE-L and model utility (which needs it) are missing
     ev = _evaluator(world)
     ev.set_reference(compute_reference(ev, world["b"], "hash-b"))
-    screen = ev.evaluate(world["a"], generate=False).aggregates
-    full = ev.evaluate(world["a"]).aggregates
+    screened = ev.evaluate(world["a"], generate=False)
+    screen, full = screened.aggregates, ev.evaluate(world["a"]).aggregates
+    # a full pass that starts from the screening pass's scores (the search's promoted trial) is the full evaluation
+    assert ev.evaluate(world["a"], scores=screened.scores).aggregates == full
     assert set(full) - set(screen) == {"model_utility"} | {k for k in full if k.endswith("_rougeL")}
     assert {k: screen[k] for k in screen} == {k: full[k] for k in screen}
     assert screen["forget_quality"] == full["forget_quality"] and 0 < screen["scored_utility"] <= 1

@@ -50,6 +50,8 @@ class EvalResult:
     aggregates: dict[str, float]  # forget_quality, model_utility, <role>_prob/_rougeL/_truth_ratio, ...
     per_item: dict[str, dict[str, list]]  # role -> metric -> one value per item
     fidelity: str  # "full" or "subset:N" (lower fidelity: fewer items per split)
+    # the scoring pass's raw (NLL, Min-K%++) tables: a full evaluation of the same weights may start from them
+    scores: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
         return {**self.aggregates, "fidelity": self.fidelity, "per_item": self.per_item}
@@ -196,11 +198,13 @@ class Evaluator:
 
         self.reference = check_reference(reference, self)
 
-    def evaluate(self, model: PreTrainedModel, generate: bool = True) -> EvalResult:
-        """All aggregates and per-item values; forget quality only once a retain reference is set."""
+    def evaluate(self, model: PreTrainedModel, generate: bool = True,
+                 scores: tuple[np.ndarray, np.ndarray] | None = None) -> EvalResult:
+        """All aggregates and per-item values; forget quality only once a retain reference is set. `scores`: the
+        `scores` of an earlier evaluation of these very weights (a screening pass), so only generation runs."""
         roles = list(self._plans)
         with _eval_mode(model):
-            nll, mink = self._score(model, roles)
+            nll, mink = scores if scores is not None else self._score(model, roles)
             texts: list[str] = []
             if generate:
                 texts = scoring.greedy_generate(model, self.tokenizer, self._tables.prompts, self.cfg.batch_size,
@@ -238,7 +242,7 @@ class Evaluator:
             if "related" in per_item and self.reference.related_truth_ratios is not None:
                 aggregates["related_forget_quality"] = metrics.forget_quality(
                     per_item["related"]["truth_ratio"], self.reference.related_truth_ratios)
-        return EvalResult(aggregates, per_item, self.fidelity)
+        return EvalResult(aggregates, per_item, self.fidelity, (nll, mink))
 
 
 def reference_free_signals(forget: Mapping[str, list], holdout: Mapping[str, list]) -> dict[str, float]:

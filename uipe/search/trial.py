@@ -45,6 +45,7 @@ class TrialSetup:
 
 _CONTEXT: dict[str, tuple] = {}  # per worker process: (model, evaluator, device), kept across trials by reuse_actors
 _EXTRAPOLATED: set[str] = set()  # context keys whose model holds an extrapolated point, not theta_ini
+_SCREENED: dict[tuple, tuple] = {}  # (context key, alpha, epoch) -> the scoring pass's scores, for its full pass
 
 
 def context(setup: TrialSetup, pristine: bool = False) -> tuple:
@@ -95,7 +96,14 @@ def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshol
     model, evaluator, device = context(setup)
     reset_peak_memory(device)
     cached_update_vector(setup.theta_ini, setup.epoch_dirs[epoch], device=device).apply(model, alpha)
-    metrics = evaluator.evaluate(model, generate=generate).aggregates
+    # the full pass of a point this process has just screened reuses its scores (same weights: the extrapolation
+    # depends only on alpha and the epoch), so it pays only for generation
+    point = (json.dumps(setup.identity(), sort_keys=True, default=str), float(alpha), int(epoch))
+    result = evaluator.evaluate(model, generate=generate, scores=None if not generate else _SCREENED.pop(point, None))
+    _SCREENED.clear()
+    if not generate:
+        _SCREENED[point] = result.scores
+    metrics = result.aggregates
     metrics |= relative_to_start(metrics, start or {})
     bad = [k for k in (objective_metric, "model_utility" if generate else "scored_utility")
            if not math.isfinite(metrics.get(k, math.nan))]
