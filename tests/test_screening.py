@@ -22,7 +22,7 @@ def test_scored_utility_is_the_harmonic_mean_of_the_six_scoring_numbers() -> Non
 
 
 def test_a_screened_point_is_evaluated_in_full_unless_a_full_point_dominates_it() -> None:
-    full = [(0.02, 0.60), (0.10, 0.50)]  # (objective, scored utility) of points evaluated in full
+    full = [(0.02, 0.60), (0.10, 0.50)]  # (objective, scored utility) of points seen
     assert dominated((0.01, 0.55), full)  # (0.02, 0.60) is better on both, by more than the 0.005 margin
     assert not dominated((0.03, 0.55), full)  # better objective than any point with more utility: on the front
     assert not dominated((0.01, 0.597), full)  # within the margin of (0.02, 0.60): near the front, kept
@@ -33,14 +33,17 @@ def _report(objective: float, scored: float, full: bool) -> dict:
     return {"objective": objective, "scored_utility": scored, FULL_FIDELITY: float(full)}
 
 
-def test_the_scheduler_stops_dominated_screening_reports_and_learns_from_full_ones() -> None:
+def test_the_scheduler_continues_only_screening_reports_on_the_running_front() -> None:
     s = ScreeningScheduler()
     assert s.on_trial_result(None, None, _report(0.02, 0.60, True)) == TrialScheduler.CONTINUE  # base point
     assert s.on_trial_result(None, None, _report(0.01, 0.50, False)) == TrialScheduler.STOP
-    assert s.on_trial_result(None, None, _report(0.05, 0.50, False)) == TrialScheduler.CONTINUE
-    s.on_trial_result(None, None, _report(0.05, 0.52, True))  # that point, now in full
-    assert s.on_trial_result(None, None, _report(0.04, 0.51, False)) == TrialScheduler.STOP
-    assert (s.stopped, s.promoted, len(s.full)) == (2, 1, 2)
+    assert s.on_trial_result(None, None, _report(0.05, 0.50, False)) == TrialScheduler.CONTINUE  # a new front point
+    s.on_trial_result(None, None, _report(0.05, 0.50, True))  # that point, now in full
+    assert s.on_trial_result(None, None, _report(0.04, 0.49, False)) == TrialScheduler.STOP  # 0.05 has more of both
+    # a screened-only point counts too: (0.01, 0.50) was stopped, yet it dominates this one
+    assert s.on_trial_result(None, None, _report(0.009, 0.49, False)) == TrialScheduler.STOP
+    assert s.on_trial_result(None, None, _report(0.30, 0.40, False)) == TrialScheduler.CONTINUE
+    assert (s.stopped, s.promoted, len(s.seen)) == (3, 2, 7)
 
 
 def _row(alpha: float, fq: float, mu: float | None, seconds: float = 2.0, screen_seconds: float = 0.0) -> TrialResult:
