@@ -208,11 +208,11 @@ def test_a_screened_search_evaluates_in_full_only_what_could_matter_and_chooses_
 
     paths = copy_run(unlearned_run, tmp_path / "screened", methods=("npo",))
     cfg = tiny_cfg.model_copy(update={"search": tiny_cfg.search.model_copy(update={"screening": True,
-                                                                                    "num_samples": 12})})
+                                                                                    "num_samples": 10})})
     s = run_search(cfg, paths, "npo")
     rows = {r.trial_id: r for r in from_csv((paths.search("npo") / "results.csv").read_text())}
     split = s["fidelity"]
-    assert len(rows) == s["trials"] == 12 and split["full"] + split["screened_only"] == 12
+    assert len(rows) == s["trials"] == 10 and split["full"] + split["screened_only"] == 10
     assert split["full"] == sum(r.fidelity == "full" for r in rows.values())
     assert all(r.fidelity == "full" for r in rows.values() if r.alpha == 0.0)  # the base points: always in full
     for r in rows.values():  # a screened-only trial has every scoring metric and no utility
