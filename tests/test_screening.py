@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from ray.tune.schedulers import TrialScheduler
 
 from uipe.eval.metrics import scored_utility
 from uipe.report import best_at_floors, choose, completed, from_csv, pareto_front, to_csv
 from uipe.search.outcome import fidelity_split
 from uipe.search.result import FULL_FIDELITY, TrialResult
-from uipe.search.screening import ScreeningScheduler, dominated
+from uipe.search.screening import UTILITY_TOLERANCE, ScreeningScheduler, could_matter, utility_predictor
 
 
 def test_scored_utility_is_the_harmonic_mean_of_the_six_scoring_numbers() -> None:
@@ -21,29 +22,45 @@ def test_scored_utility_is_the_harmonic_mean_of_the_six_scoring_numbers() -> Non
     assert scored_utility({**parts, "retain_prob": 0.0}) == 0.0
 
 
-def test_a_screened_point_is_evaluated_in_full_unless_a_full_point_dominates_it() -> None:
-    full = [(0.02, 0.60), (0.10, 0.50)]  # (objective, scored utility) of points seen
-    assert dominated((0.01, 0.55), full)  # (0.02, 0.60) is better on both, by more than the 0.005 margin
-    assert not dominated((0.03, 0.55), full)  # better objective than any point with more utility: on the front
-    assert not dominated((0.01, 0.597), full)  # within the margin of (0.02, 0.60): near the front, kept
-    assert not dominated((0.01, math.nan), full) and not dominated((0.5, 0.9), [])
+def test_utility_is_predicted_from_scored_utility_by_a_line_through_the_full_points() -> None:
+    # (scored, model): (0.5, 0.6), (0.6, 0.7), (0.7, 0.8): exactly model = 0.1 + scored, no residual
+    a, b, tol = utility_predictor([(0.5, 0.6), (0.6, 0.7), (0.7, 0.8)])
+    assert (a, b, tol) == (pytest.approx(0.1), pytest.approx(1.0), pytest.approx(UTILITY_TOLERANCE))
+    # residuals +0.01, -0.02, +0.01 around model = 0.1 + scored: sd = sqrt(0.0006 / 2) = 0.017321
+    a, b, tol = utility_predictor([(0.5, 0.61), (0.6, 0.68), (0.7, 0.81)])
+    assert tol == pytest.approx(2 * math.sqrt(0.0003) + UTILITY_TOLERANCE)
+    assert utility_predictor([(0.5, 0.6), (0.6, 0.7)]) is None  # too few to fit
 
 
-def _report(objective: float, scored: float, full: bool) -> dict:
-    return {"objective": objective, "scored_utility": scored, FULL_FIDELITY: float(full)}
+FULL = [(0.01, 0.7, 0.80), (0.05, 0.6, 0.70), (0.20, 0.5, 0.60)]  # (objective, scored, model): model = 0.1 + scored
 
 
-def test_the_scheduler_continues_only_screening_reports_on_the_running_front() -> None:
-    s = ScreeningScheduler()
-    assert s.on_trial_result(None, None, _report(0.02, 0.60, True)) == TrialScheduler.CONTINUE  # base point
-    assert s.on_trial_result(None, None, _report(0.01, 0.50, False)) == TrialScheduler.STOP
-    assert s.on_trial_result(None, None, _report(0.05, 0.50, False)) == TrialScheduler.CONTINUE  # a new front point
-    s.on_trial_result(None, None, _report(0.05, 0.50, True))  # that point, now in full
-    assert s.on_trial_result(None, None, _report(0.04, 0.49, False)) == TrialScheduler.STOP  # 0.05 has more of both
-    # a screened-only point counts too: (0.01, 0.50) was stopped, yet it dominates this one
-    assert s.on_trial_result(None, None, _report(0.009, 0.49, False)) == TrialScheduler.STOP
-    assert s.on_trial_result(None, None, _report(0.30, 0.40, False)) == TrialScheduler.CONTINUE
-    assert (s.stopped, s.promoted, len(s.seen)) == (3, 2, 7)
+def test_a_screened_point_goes_on_only_if_it_could_beat_the_best_at_some_threshold() -> None:
+    # thresholds 0.75 (best there: 0.01) and 0.65 (best: 0.05)
+    assert could_matter(0.03, 0.66, FULL, [0.75, 0.65])  # predicted 0.76 >= 0.75 and 0.03 > 0.01
+    assert not could_matter(0.03, 0.60, FULL, [0.75, 0.65])  # predicted 0.70: only 0.65, where 0.05 is better
+    assert could_matter(0.06, 0.60, FULL, [0.75, 0.65])  # ... unless it beats 0.05 there
+    assert not could_matter(0.9, 0.40, FULL, [0.75, 0.65])  # best forgetting, hopeless utility (0.50)
+    assert could_matter(0.9, 0.40, FULL, [0.75, 0.65, 0.5])  # a floor low enough to reach
+    assert could_matter(0.06, 0.547, FULL, [0.65])  # predicted 0.647 is within the tolerance (0.005) of 0.65
+    assert not could_matter(0.06, 0.54, FULL, [0.65])  # predicted 0.64 is not
+    assert could_matter(0.0, 0.1, FULL[:2], [0.75])  # two full points: no prediction yet, evaluate in full
+
+
+def _report(objective: float, scored: float, model: float | None) -> dict:
+    out = {"objective": objective, "scored_utility": scored, FULL_FIDELITY: float(model is not None)}
+    return out | ({} if model is None else {"model_utility": model})
+
+
+def test_the_scheduler_stops_screened_points_that_could_not_matter_and_learns_from_full_ones() -> None:
+    s = ScreeningScheduler([0.75, 0.65])
+    for o, sc, m in FULL:
+        assert s.on_trial_result(None, None, _report(o, sc, m)) == TrialScheduler.CONTINUE
+    assert s.on_trial_result(None, None, _report(0.03, 0.60, None)) == TrialScheduler.STOP
+    assert s.on_trial_result(None, None, _report(0.03, 0.66, None)) == TrialScheduler.CONTINUE
+    s.on_trial_result(None, None, _report(0.03, 0.66, 0.76))  # that point in full: now the best at 0.75
+    assert s.on_trial_result(None, None, _report(0.02, 0.70, None)) == TrialScheduler.STOP
+    assert (s.stopped, s.promoted, len(s.full)) == (2, 1, 4)
 
 
 def _row(alpha: float, fq: float, mu: float | None, seconds: float = 2.0, screen_seconds: float = 0.0) -> TrialResult:

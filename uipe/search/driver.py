@@ -27,6 +27,7 @@ from uipe.io import atomic_write_json, code_version, exclusive
 from uipe.paths import RunPaths
 from uipe.ray_session import ensure_ray
 from uipe.search.outcome import RESULT_FILE, finish
+from uipe.report import FLOORS
 from uipe.search.result import TrialResult
 from uipe.search.screening import ScreeningScheduler
 from uipe.search.space import SearchSpace, build_searcher, default_space_path, load_space
@@ -228,7 +229,9 @@ def _previous(paths: RunPaths, method: str, identity: str, resume: bool) -> dict
 
 
 def _tuner(paths: RunPaths, method: str, space: SearchSpace, trainable: Any, epochs: list[int], seed: int,
-           callbacks: list, resume: bool, screening: bool = False) -> tune.Tuner:
+           callbacks: list, resume: bool, screening: list[float] | None = None) -> tune.Tuner:
+    """`screening`: the utility thresholds the ScreeningScheduler weighs screened points at (None: every trial is
+    evaluated in full)."""
     tune_dir = paths.search(method) / "tune"
     if resume and tune_dir.exists() and tune.Tuner.can_restore(str(tune_dir)):
         # resume_errored=False: a trial that raised stays failed (and Ray 2.60's restart_errored breaks Optuna).
@@ -238,7 +241,7 @@ def _tuner(paths: RunPaths, method: str, space: SearchSpace, trainable: Any, epo
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=space.trials_needed(epochs),
                                     max_concurrent_trials=space.max_concurrent_trials, reuse_actors=True,
-                                    scheduler=ScreeningScheduler() if screening else None),
+                                    scheduler=ScreeningScheduler(screening) if screening else None),
         run_config=tune.RunConfig(name="tune", storage_path=str(paths.search(method)), callbacks=callbacks,
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -301,7 +304,9 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
                                                                                          space.objective_metric)
     callbacks = [tracking.TrialLogger(uri, exp_id, parent, method), Progress(method, total, label)]
     trainable = _trainable(cfg, paths, method, setup, threshold, space.objective_metric, ini)
-    tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, cfg.search.screening)
+    # screening weighs a point at the space's floor and at every floor a result reports (uipe.report.FLOORS)
+    thresholds = [threshold, *(f * ini["model_utility"] for f in FLOORS)] if cfg.search.screening else None
+    tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, thresholds)
     start = time.time()
     grid = tuner.fit()
     return finish(cfg, paths, method, space, setup, _results(grid), ini, threshold, uri, parent, time.time() - start)
