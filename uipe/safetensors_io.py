@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,11 +48,22 @@ def readable(path: Path) -> Iterator[None]:
         raise unreadable(path, e) from e
 
 
-def read_header(path: Path) -> tuple[dict[str, Spec], int]:
-    """The tensors' specs and the file's size, from the header parsed here (u64 little-endian length, then JSON).
+@dataclass(frozen=True)
+class Header:
+    """What one safetensors file's header says: each tensor's spec and absolute byte span in the file, the file's
+    size, and its text metadata (None when it has none, as safe_open's metadata() gives it)."""
+
+    specs: dict[str, Spec]
+    spans: dict[str, tuple[int, int]]
+    size: int
+    metadata: dict[str, str] | None
+
+
+def read_header(path: Path) -> Header:
+    """The header, parsed here (u64 little-endian length, then JSON), and the file's size.
 
     The size must be exactly 8 + header length + the largest data end offset: a file cut short in its data part
-    is refused here, before any mmap read (reading a mapped page past the end of a file raises SIGBUS).
+    is refused here, before any read (reading a mapped page past the end of a file raises SIGBUS).
     """
     try:
         with open(path, "rb") as f:
@@ -68,7 +79,7 @@ def read_header(path: Path) -> tuple[dict[str, Spec], int]:
     if not isinstance(header, dict):
         raise unreadable(path, "header is not a JSON object")
     specs: dict[str, Spec] = {}
-    end = 0
+    spans: dict[str, tuple[int, int]] = {}
     for key, entry in header.items():
         if key == "__metadata__":
             continue
@@ -77,10 +88,12 @@ def read_header(path: Path) -> tuple[dict[str, Spec], int]:
             specs[key] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
         except (KeyError, TypeError, ValueError) as e:
             raise unreadable(path, f"bad header entry for tensor {key!r}: {e!r}") from e
-        end = max(end, begin, stop)
-    if size != 8 + n + end:
-        raise unreadable(path, f"{size} bytes, but its header describes {8 + n + end}: truncated or padded")
-    return specs, size
+        spans[key] = (8 + n + begin, 8 + n + stop)
+    end = max((max(span) for span in spans.values()), default=8 + n)
+    if size != end:
+        raise unreadable(path, f"{size} bytes, but its header describes {end}: truncated or padded")
+    metadata = header.get("__metadata__")
+    return Header(specs, spans, size, metadata if isinstance(metadata, dict) else None)
 
 
 def open_safetensors(path: Path, expected_size: int | None = None) -> safe_open:
@@ -106,6 +119,8 @@ class Checkpoint:
     weight_map: dict[str, str]
     specs: dict[str, Spec]
     sizes: dict[str, int]
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> absolute byte range in its shard
+    metadata: dict[str, dict[str, str] | None] = field(default_factory=dict)  # shard -> header metadata
 
 
 def _weight_map(folder: Path) -> dict[str, str]:
@@ -116,7 +131,7 @@ def _weight_map(folder: Path) -> dict[str, str]:
         except (ValueError, KeyError, TypeError) as e:
             raise UipeError(f"{index}: not a safetensors index with a weight_map ({e})") from e
     if (folder / SINGLE_FILE).is_file():
-        return {k: SINGLE_FILE for k in read_header(folder / SINGLE_FILE)[0]}
+        return {k: SINGLE_FILE for k in read_header(folder / SINGLE_FILE).specs}
     found = ", ".join(sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)) or "no weights"
     raise UipeError(f"{folder}: safetensors weights are required ({SINGLE_FILE} or {INDEX_FILE}); found {found}")
 
@@ -128,19 +143,19 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
         raise UipeError(f"{folder}: not a model folder")
     weight_map = _weight_map(folder)
     shards = tuple(dict.fromkeys(sorted(weight_map.values())))
-    specs: dict[str, Spec] = {}
-    sizes: dict[str, int] = {}
+    ckpt = Checkpoint(folder, shards, weight_map, {}, {})
     for shard in shards:
         if not (folder / shard).is_file():
             raise UipeError(f"{folder / shard}: shard listed in {INDEX_FILE} is missing")
-        present, sizes[shard] = read_header(folder / shard)
-        with open_safetensors(folder / shard, sizes[shard]):
+        header = read_header(folder / shard)
+        ckpt.sizes[shard], ckpt.metadata[shard] = header.size, header.metadata
+        with open_safetensors(folder / shard, header.size):
             pass  # safetensors' own checks too (offsets, dtype sizes): every file is refused before any writing
         for key in (k for k, s in weight_map.items() if s == shard):
-            if key not in present:
+            if key not in header.specs:
                 raise UipeError(f"{folder / shard}: tensor {key!r} listed in the index is not in the shard")
-            specs[key] = present[key]
-    return Checkpoint(folder, shards, weight_map, specs, sizes)
+            ckpt.specs[key], ckpt.spans[key] = header.specs[key], header.spans[key]
+    return ckpt
 
 
 def validate_pair(ini: Checkpoint, un: Checkpoint) -> None:
