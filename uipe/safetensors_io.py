@@ -9,15 +9,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from uipe.errors import UipeError
 from uipe.stages import META_FILE
+
+if TYPE_CHECKING:  # torch is not imported here: `uipe extrapolate` reads headers and warms the cache before it
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -96,14 +100,15 @@ def read_header(path: Path) -> Header:
     return Header(specs, spans, size, metadata if isinstance(metadata, dict) else None)
 
 
-def open_safetensors(path: Path, expected_size: int | None = None) -> safe_open:
+def open_safetensors(path: Path, expected_size: int | None = None, framework: str = "pt") -> safe_open:
     """Open with the default mmap backend: get_tensor gives a read-only view of the page cache, no copy, so every
     process reading the same file shares one copy in memory. `expected_size` (from `read_header`) guards against a
-    file rewritten or truncated since its header was checked."""
+    file rewritten or truncated since its header was checked. framework="numpy" runs the same header checks
+    without importing torch."""
     with readable(path):
         if expected_size is not None and path.stat().st_size != expected_size:
             raise unreadable(path, f"{path.stat().st_size} bytes, {expected_size} when its header was checked")
-        return safe_open(path, framework="pt")
+        return safe_open(path, framework=framework)
 
 
 def keys_in_file_order(f: safe_open) -> list[str]:
@@ -149,7 +154,7 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
             raise UipeError(f"{folder / shard}: shard listed in {INDEX_FILE} is missing")
         header = read_header(folder / shard)
         ckpt.sizes[shard], ckpt.metadata[shard] = header.size, header.metadata
-        with open_safetensors(folder / shard, header.size):
+        with open_safetensors(folder / shard, header.size, framework="numpy"):
             pass  # safetensors' own checks too (offsets, dtype sizes): every file is refused before any writing
         for key in (k for k, s in weight_map.items() if s == shard):
             if key not in header.specs:
@@ -171,6 +176,24 @@ def validate_pair(ini: Checkpoint, un: Checkpoint) -> None:
             raise UipeError(f"tensor {key!r}: shape {list(si)} in init, {list(su)} in unlearned ({both})")
         if di != du:
             raise UipeError(f"tensor {key!r}: dtype {di} in init, {du} in unlearned ({both})")
+
+
+def warm_page_cache(folders: list[Path], stop: threading.Event, chunk: int = 1 << 24) -> None:
+    """Read the folders' safetensors files, shard by shard in turn, into the OS page cache until `stop` is set.
+
+    Run in a thread while something slow and CPU-bound happens first (importing torch takes seconds): the disk works
+    meanwhile, and the real reads then come from memory. posix_fadvise(WILLNEED) was tried instead and read far
+    less. Errors are ignored: the real reads report them.
+    """
+    files = [sorted(Path(f).glob("*.safetensors")) for f in folders]
+    buf = bytearray(chunk)
+    for group in zip(*files):  # unequal counts: the rest is left to the real reads
+        for path in group:
+            with contextlib.suppress(OSError), open(path, "rb", buffering=0) as f:
+                while not stop.is_set() and f.readinto(buf):
+                    pass
+            if stop.is_set():
+                return
 
 
 class ShardReader:
