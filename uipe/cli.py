@@ -136,8 +136,16 @@ def extrapolate(init: Annotated[Path, typer.Option("--init", help="theta_ini mod
                 out: Annotated[Path, typer.Option("--out", help="Output model folder.")],
                 overwrite: bool = False) -> None:
     """theta = theta_un + alpha * (theta_un - theta_ini), streamed shard by shard (UIPE, arXiv 2503.04693)."""
+    import threading
+
+    from uipe.safetensors_io import warm_page_cache
+
+    # Importing torch takes seconds of one core; the disk reads the first shards meanwhile.
+    importing = threading.Event()
+    threading.Thread(target=warm_page_cache, args=([unlearned, init], importing), daemon=True).start()
     from uipe.extrapolate import extrapolate_folder
 
+    importing.set()
     typer.echo(str(extrapolate_folder(init, unlearned, alpha, out, overwrite=overwrite)))
 
 

@@ -5,26 +5,26 @@ removes the related knowledge the model could use to rebuild forgotten facts:
     theta_uipe = theta_un + alpha * v = theta_ini + (1 + alpha) * v.
 
 Two forms share one chunked kernel, `extrapolate_into`, so they agree bit for bit:
-- `extrapolate_folder`: Hugging Face safetensors folder -> new folder, streamed one output shard at a time
-  (peak memory about one shard, never the whole model);
+- `extrapolate_folder`: Hugging Face safetensors folder -> new folder, streamed shard by shard with reads, arithmetic
+  and writes overlapped (peak memory about three shards, never the whole model);
 - `uipe.update_vector.UpdateVector`: streams both mmap'ed checkpoints into a live model's weights per search trial.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
-import time
-from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from uipe.errors import UipeError
 from uipe.io import atomic_dir, atomic_write_json
-from uipe.safetensors_io import INDEX_FILE, Checkpoint, ShardReader, Spec, carried_files, read_checkpoint, validate_pair
+from uipe.safetensors_io import INDEX_FILE, Spec, carried_files, read_checkpoint, validate_pair
+from uipe.shard_pipeline import Shard, ShardPipeline, ShardPlan
 from uipe.stages import META_FILE
 
 OPERATOR = "theta_un + alpha*(theta_un - theta_ini)"
@@ -145,75 +145,42 @@ def extrapolate_tensor(
     return extrapolate_into(theta_ini, theta_un, alpha, out)
 
 
-class _OutputPool:
-    """Output buffers reused from shard to shard: fresh allocations cost page faults (~20 ms per 32 MiB here)."""
-
-    def __init__(self) -> None:
-        self.free: dict[Spec, list[torch.Tensor]] = {}
-
-    def keep_only(self, needs: Counter[Spec]) -> None:
-        """Free what the next shard will not use, so live outputs never exceed one shard."""
-        self.free = {k: bufs[: needs[k]] for k, bufs in self.free.items() if needs[k]}
-
-    def take(self, spec: Spec, like: torch.Tensor) -> torch.Tensor:
-        bufs = self.free.get(spec)
-        return bufs.pop() if bufs else torch.empty(like.shape, dtype=like.dtype, device=like.device)
-
-    def give_back(self, spec: Spec, t: torch.Tensor) -> None:
-        self.free.setdefault(spec, []).append(t)
-
-
 def _copy_other_files(src: Path, dst: Path) -> None:
     """Config, tokenizer, ... and theta_un's index (the output keeps theta_un's shard names)."""
     for p in carried_files(src) + [p for p in [src / INDEX_FILE] if p.is_file()]:
         shutil.copy2(p, dst / p.name)
 
 
-def _progress_line(i: int, n: int, shard: str, nbytes: int, seconds: float) -> None:
-    mbs = nbytes / 1e6 / max(seconds, 1e-9)
-    print(f"uipe extrapolate: shard {i}/{n} {shard} {nbytes / 1e6:.1f} MB read+written in {seconds:.2f} s "
-          f"({mbs:.0f} MB/s)", file=sys.stderr, flush=True)
+def _progress_line(shard: Shard, n: int, seconds: float) -> None:
+    mbs = shard.moved / 1e6 / max(seconds, 1e-9)
+    print(f"uipe extrapolate: shard {shard.index + 1}/{n} {shard.plan.name} {shard.moved / 1e6:.1f} MB read+written "
+          f"in {seconds:.2f} s ({mbs:.0f} MB/s)", file=sys.stderr, flush=True)
 
 
 def _is_float(spec: Spec) -> bool:
     return spec[0].startswith(("F", "BF"))  # safetensors dtype names: F64, F32, F16, BF16, F8_E4M3, ...
 
 
-def _write_shard(ini: Checkpoint, un: Checkpoint, shard: str, alpha: float, dst: Path, pool: _OutputPool,
-                 scratch: Scratch) -> int:
-    """Extrapolate every tensor of one theta_un shard into dst/shard; returns bytes read + written."""
-    keys = [k for k, s in un.weight_map.items() if s == shard]
-    computed = {k for k in keys if alpha != 0 and _is_float(un.specs[k])}
-    pool.keep_only(Counter(un.specs[k] for k in computed))
-    tensors: dict[str, torch.Tensor] = {}
-    moved = 0
-    # mmap: theta_un's tensors are views of the page cache; copied ones are written straight from it, so the
-    # file stays open until save_file is done.
-    with ShardReader(un) as un_reader, ShardReader(ini) as ini_reader:
-        for key in un_reader.keys(shard):
-            t_un = un_reader.get(key)
-            if key in computed:
-                t_ini = ini_reader.get(key)
-                tensors[key] = extrapolate_into(t_ini, t_un, alpha, pool.take(un.specs[key], t_un), scratch)
-                moved += t_ini.nbytes
-                del t_ini
-            else:
-                tensors[key] = t_un
-            moved += 2 * t_un.nbytes
-            del t_un
-        save_file(tensors, dst / shard, metadata=un_reader.file(shard).metadata())
-    for key in computed:
-        pool.give_back(un.specs[key], tensors.pop(key))
-    return moved
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to n for the block, then put back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def extrapolate_folder(
     init: str | Path, unlearned: str | Path, alpha: float, out: str | Path,
-    overwrite: bool = False, progress: bool = True,
+    overwrite: bool = False, progress: bool = True, overlap: bool = True,
 ) -> Path:
     """Write theta_un + alpha*(theta_un - theta_ini) as a model folder at `out` (shards and index as theta_un's).
 
-    Everything is validated before anything is written; the folder appears at `out` only when complete.
+    Everything is validated before anything is written; the folder appears at `out` only when complete. Shards are
+    read, computed and written by overlapped stages (`uipe.shard_pipeline`); overlap=False runs them one after the
+    other, with the same result bit for bit.
     """
     alpha = check_alpha(alpha)
     init, unlearned, out = Path(init), Path(unlearned), Path(out)
@@ -223,13 +190,16 @@ def extrapolate_folder(
         raise UipeError(f"{out}: already exists (use --overwrite to replace it)")
     ini, un = read_checkpoint(init), read_checkpoint(unlearned)
     validate_pair(ini, un)
-    pool, scratch = _OutputPool(), Scratch()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        for i, shard in enumerate(un.shards, start=1):
-            t0 = time.perf_counter()
-            moved = _write_shard(ini, un, shard, alpha, tmp, pool, scratch)
-            if progress:
-                _progress_line(i, len(un.shards), shard, moved, time.perf_counter() - t0)
+    plans = [ShardPlan.of(un, shard, lambda k: alpha != 0 and _is_float(un.specs[k])) for shard in un.shards]
+    scratch = Scratch()
+    # One torch thread: the reader and writer threads keep the other core busy copying bytes; a second intra-op
+    # thread on 1 MB chunks only fights them (measured: docs/BENCHMARKS.md, "Extrapolation").
+    with atomic_dir(out, overwrite=overwrite) as tmp, torch_threads(1), \
+            ShardPipeline(ini, un, plans, tmp, overlap, _progress_line if progress else None) as pipe:
+        for tensors in pipe:
+            for _, t_out, t_un in tensors:
+                if t_un is not None:  # t_out holds theta_ini; each chunk is read before its result is written
+                    extrapolate_into(t_out, t_un, alpha, t_out, scratch)
         _copy_other_files(un.folder, tmp)
         atomic_write_json(tmp / META_FILE, {
             "init": str(init.resolve()), "unlearned": str(unlearned.resolve()), "alpha": alpha, "operator": OPERATOR,

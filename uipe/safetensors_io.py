@@ -9,15 +9,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from uipe.errors import UipeError
 from uipe.stages import META_FILE
+
+if TYPE_CHECKING:  # torch is not imported here: `uipe extrapolate` reads headers and warms the cache before it
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -48,11 +52,22 @@ def readable(path: Path) -> Iterator[None]:
         raise unreadable(path, e) from e
 
 
-def read_header(path: Path) -> tuple[dict[str, Spec], int]:
-    """The tensors' specs and the file's size, from the header parsed here (u64 little-endian length, then JSON).
+@dataclass(frozen=True)
+class Header:
+    """What one safetensors file's header says: each tensor's spec and absolute byte span in the file, the file's
+    size, and its text metadata (None when it has none, as safe_open's metadata() gives it)."""
+
+    specs: dict[str, Spec]
+    spans: dict[str, tuple[int, int]]
+    size: int
+    metadata: dict[str, str] | None
+
+
+def read_header(path: Path) -> Header:
+    """The header, parsed here (u64 little-endian length, then JSON), and the file's size.
 
     The size must be exactly 8 + header length + the largest data end offset: a file cut short in its data part
-    is refused here, before any mmap read (reading a mapped page past the end of a file raises SIGBUS).
+    is refused here, before any read (reading a mapped page past the end of a file raises SIGBUS).
     """
     try:
         with open(path, "rb") as f:
@@ -68,7 +83,7 @@ def read_header(path: Path) -> tuple[dict[str, Spec], int]:
     if not isinstance(header, dict):
         raise unreadable(path, "header is not a JSON object")
     specs: dict[str, Spec] = {}
-    end = 0
+    spans: dict[str, tuple[int, int]] = {}
     for key, entry in header.items():
         if key == "__metadata__":
             continue
@@ -77,20 +92,23 @@ def read_header(path: Path) -> tuple[dict[str, Spec], int]:
             specs[key] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
         except (KeyError, TypeError, ValueError) as e:
             raise unreadable(path, f"bad header entry for tensor {key!r}: {e!r}") from e
-        end = max(end, begin, stop)
-    if size != 8 + n + end:
-        raise unreadable(path, f"{size} bytes, but its header describes {8 + n + end}: truncated or padded")
-    return specs, size
+        spans[key] = (8 + n + begin, 8 + n + stop)
+    end = max((max(span) for span in spans.values()), default=8 + n)
+    if size != end:
+        raise unreadable(path, f"{size} bytes, but its header describes {end}: truncated or padded")
+    metadata = header.get("__metadata__")
+    return Header(specs, spans, size, metadata if isinstance(metadata, dict) else None)
 
 
-def open_safetensors(path: Path, expected_size: int | None = None) -> safe_open:
+def open_safetensors(path: Path, expected_size: int | None = None, framework: str = "pt") -> safe_open:
     """Open with the default mmap backend: get_tensor gives a read-only view of the page cache, no copy, so every
     process reading the same file shares one copy in memory. `expected_size` (from `read_header`) guards against a
-    file rewritten or truncated since its header was checked."""
+    file rewritten or truncated since its header was checked. framework="numpy" runs the same header checks
+    without importing torch."""
     with readable(path):
         if expected_size is not None and path.stat().st_size != expected_size:
             raise unreadable(path, f"{path.stat().st_size} bytes, {expected_size} when its header was checked")
-        return safe_open(path, framework="pt")
+        return safe_open(path, framework=framework)
 
 
 def keys_in_file_order(f: safe_open) -> list[str]:
@@ -106,6 +124,8 @@ class Checkpoint:
     weight_map: dict[str, str]
     specs: dict[str, Spec]
     sizes: dict[str, int]
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # key -> absolute byte range in its shard
+    metadata: dict[str, dict[str, str] | None] = field(default_factory=dict)  # shard -> header metadata
 
 
 def _weight_map(folder: Path) -> dict[str, str]:
@@ -116,7 +136,7 @@ def _weight_map(folder: Path) -> dict[str, str]:
         except (ValueError, KeyError, TypeError) as e:
             raise UipeError(f"{index}: not a safetensors index with a weight_map ({e})") from e
     if (folder / SINGLE_FILE).is_file():
-        return {k: SINGLE_FILE for k in read_header(folder / SINGLE_FILE)[0]}
+        return {k: SINGLE_FILE for k in read_header(folder / SINGLE_FILE).specs}
     found = ", ".join(sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)) or "no weights"
     raise UipeError(f"{folder}: safetensors weights are required ({SINGLE_FILE} or {INDEX_FILE}); found {found}")
 
@@ -128,19 +148,19 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
         raise UipeError(f"{folder}: not a model folder")
     weight_map = _weight_map(folder)
     shards = tuple(dict.fromkeys(sorted(weight_map.values())))
-    specs: dict[str, Spec] = {}
-    sizes: dict[str, int] = {}
+    ckpt = Checkpoint(folder, shards, weight_map, {}, {})
     for shard in shards:
         if not (folder / shard).is_file():
             raise UipeError(f"{folder / shard}: shard listed in {INDEX_FILE} is missing")
-        present, sizes[shard] = read_header(folder / shard)
-        with open_safetensors(folder / shard, sizes[shard]):
+        header = read_header(folder / shard)
+        ckpt.sizes[shard], ckpt.metadata[shard] = header.size, header.metadata
+        with open_safetensors(folder / shard, header.size, framework="numpy"):
             pass  # safetensors' own checks too (offsets, dtype sizes): every file is refused before any writing
         for key in (k for k, s in weight_map.items() if s == shard):
-            if key not in present:
+            if key not in header.specs:
                 raise UipeError(f"{folder / shard}: tensor {key!r} listed in the index is not in the shard")
-            specs[key] = present[key]
-    return Checkpoint(folder, shards, weight_map, specs, sizes)
+            ckpt.specs[key], ckpt.spans[key] = header.specs[key], header.spans[key]
+    return ckpt
 
 
 def validate_pair(ini: Checkpoint, un: Checkpoint) -> None:
@@ -156,6 +176,24 @@ def validate_pair(ini: Checkpoint, un: Checkpoint) -> None:
             raise UipeError(f"tensor {key!r}: shape {list(si)} in init, {list(su)} in unlearned ({both})")
         if di != du:
             raise UipeError(f"tensor {key!r}: dtype {di} in init, {du} in unlearned ({both})")
+
+
+def warm_page_cache(folders: list[Path], stop: threading.Event, chunk: int = 1 << 24) -> None:
+    """Read the folders' safetensors files, shard by shard in turn, into the OS page cache until `stop` is set.
+
+    Run in a thread while something slow and CPU-bound happens first (importing torch takes seconds): the disk works
+    meanwhile, and the real reads then come from memory. posix_fadvise(WILLNEED) was tried instead and read far
+    less. Errors are ignored: the real reads report them.
+    """
+    files = [sorted(Path(f).glob("*.safetensors")) for f in folders]
+    buf = bytearray(chunk)
+    for group in zip(*files):  # unequal counts: the rest is left to the real reads
+        for path in group:
+            with contextlib.suppress(OSError), open(path, "rb", buffering=0) as f:
+                while not stop.is_set() and f.readinto(buf):
+                    pass
+            if stop.is_set():
+                return
 
 
 class ShardReader:
