@@ -173,16 +173,22 @@ class Evaluator:
     # -- scoring -------------------------------------------------------------------------------------------------
     def _score(self, model: PreTrainedModel, roles: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """NLL of each distinct pair the roles use (NaN for pairs no role here needs) and, where the data has a
-        holdout split, each pair's Min-K%++ score from the same forward pass (else all NaN)."""
+        holdout split, the Min-K%++ score of the forget and holdout answers (NaN elsewhere): the attack reads no
+        other pair's score, and its per-token mean and variance over the vocabulary cost more the larger the
+        vocabulary (32k for Llama-2)."""
         plans = [self._plans[r] for r in roles]
         needed = sorted({i for p in plans for i in (*p.answer, *p.para, *(j for row in p.pert for j in row))})
         nll, mink = np.full(len(self._tables.pairs), np.nan), np.full(len(self._tables.pairs), np.nan)
         pad = self.tokenizer.pad_token_id
-        k = MIN_K if "holdout" in roles else None
-        nll[needed], scores = scoring.score_answers(model, [self._tables.pairs[i] for i in needed], pad,
-                                                    self.cfg.batch_size, k)
-        if scores is not None:
-            mink[needed] = scores
+        attacked = sorted({i for r in MIA_ROLES if r in roles for i in self._plans[r].answer}) \
+            if "holdout" in roles else []
+        for group, k in ((sorted(set(needed) - set(attacked)), None), (attacked, MIN_K)):
+            if not group:
+                continue
+            nll[group], scores = scoring.score_answers(model, [self._tables.pairs[i] for i in group], pad,
+                                                       self.cfg.batch_size, k)
+            if scores is not None:
+                mink[group] = scores
         return nll, mink
 
     def truth_ratios(self, model: PreTrainedModel, roles: Sequence[str]) -> dict[str, np.ndarray]:
