@@ -95,7 +95,8 @@ def compare_fidelity(cfg, run_dir: Path, method: str, seeds: list[int], trials: 
             out[screening] = (summary, wall)
         (full, full_wall), (scr, scr_wall) = out[False], out[True]
         f, c = full["fidelity"], scr["fidelity"]
-        print(f"seed {seed}: full {full['trials']} trials, work {full['trial_work_seconds']:.1f}s, wall {full_wall:.0f}s "
+        print(f"seed {seed}: full {full['trials']} trials, work {full['trial_work_seconds']:.1f}s, "
+              f"wall {full_wall:.0f}s "
               f"| screened: {c['full']} in full + {c['screened_only']} screened only, work "
               f"{scr['trial_work_seconds']:.1f}s (screening {c['screening_seconds']:.1f}s, full "
               f"{c['full_seconds']:.1f}s), wall {scr_wall:.0f}s | work ratio "

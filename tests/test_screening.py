@@ -66,7 +66,9 @@ def test_the_scheduler_stops_screened_points_that_could_not_matter_and_learns_fr
 def _row(alpha: float, fq: float, mu: float | None, seconds: float = 2.0, screen_seconds: float = 0.0) -> TrialResult:
     aggregates = {"forget_quality": fq, "scored_utility": 0.5, **({} if mu is None else {"model_utility": mu})}
     r = TrialResult.scored(alpha, 3, aggregates, 0.7, seconds, trial_id=f"t{alpha}")
-    return r if mu is None else TrialResult(**{**r.__dict__, "metrics": {**r.metrics, "screen_seconds": screen_seconds}})
+    if mu is None:
+        return r
+    return TrialResult(**{**r.__dict__, "metrics": {**r.metrics, "screen_seconds": screen_seconds}})
 
 
 def test_a_point_screened_only_is_never_chosen_nor_on_a_front_nor_at_a_floor() -> None:
