@@ -235,7 +235,7 @@ def test_study_of_two_seeds_resumes_after_a_kill_and_aggregates_per_seed_values(
     seed_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study_run.info.run_id]
     assert sorted(r.info.run_name for r in seed_runs) == ["seed-0", "seed-1"]
     searches = [r for r in runs if r.data.tags.get("uipe.kind") == "search"]
-    assert len(searches) == 4 and {r.data.tags["mlflow.parentRunId"] for r in searches} == {
+    assert len(searches) == 2 and {r.data.tags["mlflow.parentRunId"] for r in searches} == {
         r.info.run_id for r in seed_runs}
     assert study_run.info.status == "FINISHED" and "study.json" in {a.path for a in c.list_artifacts(
         study_run.info.run_id)}
