@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, replace, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from uipe.config import EvalConfig
@@ -48,10 +48,14 @@ _EXTRAPOLATED: set[str] = set()  # context keys whose model holds an extrapolate
 _SCREENED: dict[tuple, tuple] = {}  # (context key, alpha, epoch) -> the scoring pass's scores, for its full pass
 
 
+def _key(setup: TrialSetup) -> str:
+    return json.dumps(setup.identity(), sort_keys=True, default=str)
+
+
 def context(setup: TrialSetup, pristine: bool = False) -> tuple:
     """The loaded model, evaluator (retain reference set) and device for this setup, built once per process;
     `pristine`: the model must be theta_ini itself (reloaded if a trial in this process has extrapolated it)."""
-    key = json.dumps(setup.identity(), sort_keys=True, default=str)
+    key = _key(setup)
     if key not in _CONTEXT or (pristine and key in _EXTRAPOLATED):
         import torch
 
@@ -98,7 +102,7 @@ def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshol
     cached_update_vector(setup.theta_ini, setup.epoch_dirs[epoch], device=device).apply(model, alpha)
     # the full pass of a point this process has just screened reuses its scores (same weights: the extrapolation
     # depends only on alpha and the epoch), so it pays only for generation
-    point = (json.dumps(setup.identity(), sort_keys=True, default=str), float(alpha), int(epoch))
+    point = (_key(setup), float(alpha), int(epoch))
     result = evaluator.evaluate(model, generate=generate, scores=None if not generate else _SCREENED.pop(point, None))
     _SCREENED.clear()
     if not generate:
