@@ -200,6 +200,19 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(monkeypatch: pytest.Monk
         load_split("locuslab/TOFU-not-cached", "forget01")
 
 
+def test_a_tie_free_world_has_no_related_split_and_still_trains_and_evaluates(tmp_path: Path) -> None:
+    from uipe.data import has_split, related_records, target_training_records
+    from uipe.data.synth import write_benchmark
+    from uipe.eval.evaluate import eval_records
+
+    world = write_benchmark(tmp_path / "w", authors=40, seed=3, tied=0)
+    assert not has_split(world, "related") and not has_split(world, "related_perturbed")
+    tied = write_benchmark(tmp_path / "t", authors=40, seed=3, tied=1)
+    # the target learns the same base facts; the tied world adds one fact for each of its 40 authors
+    assert len(target_training_records(tied, "forget05")) - len(target_training_records(world, "forget05")) == 40
+    assert related_records(world, "forget05") == [] and "related" not in eval_records(world, "forget05")
+
+
 def test_related_knowledge_knobs_change_only_what_they_name() -> None:
     from uipe.data.synth import COUNTRIES, ILLNESSES, JOBS, TIED_FACTS, build_benchmark
 

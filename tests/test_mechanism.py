@@ -54,7 +54,8 @@ def test_derived_worlds_differ_from_the_target_world_only_in_the_forget_authors_
 
 def test_a_world_without_related_facts_cannot_run_the_experiment(tmp_path: Path) -> None:
     world = write_benchmark(tmp_path / "w", authors=40, seed=3, tied=0)
-    with pytest.raises(UipeError, match="related.json: no related facts of the forget05 authors"):
+    assert not list(world.glob("related*"))  # no tied facts: no related split at all, not an empty one
+    with pytest.raises(UipeError, match="no related.json; the reconstruction experiment needs"):
         derive_data(world, tmp_path / "out", "forget05", "without")
     assert not (tmp_path / "out").exists()
 

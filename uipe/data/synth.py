@@ -267,6 +267,8 @@ def write_benchmark(out: str | Path, authors: int = 100, facts: int = 8, seed: i
     splits, meta = build_benchmark(authors, facts, seed, tied, ties)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name, records in sorted(splits.items()):
+            if not records:  # tied=0: no related knowledge, so no related split (as TOFU itself), not an empty one
+                continue
             train = not name.endswith("_perturbed")
             (tmp / f"{name}.json").write_text(_dump(records, train), encoding="utf-8")
         (tmp / "benchmark.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
