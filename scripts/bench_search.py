@@ -244,7 +244,8 @@ def main() -> None:
     ap.add_argument("--replay", type=int, default=0, metavar="N",
                     help="replay sampler settings on the grid's results with N sampler seeds each (no new trials)")
     ap.add_argument("--column", default="objective",
-                    help="the grid column a replay maximises (objective, or forget_quality over the whole split)")
+                    help="the grid column the target is taken from: objective (what the grid's search maximised), or "
+                         "forget_quality (the whole split: what a search with search.select_on=all maximises)")
     ap.add_argument("--fresh-grid", action="store_true", help="evaluate the grid again even if its results exist")
     args = ap.parse_args()
 
@@ -259,10 +260,11 @@ def main() -> None:
     if args.fidelity:
         return compare_fidelity(cfg, args.run_dir, args.method, args.seeds, args.trials)
     grid_rows, grid_wall, work = grid_table(cfg, args.run_dir, args.method, args.fresh_grid)
+    grid_rows = [{**r, "objective": r[args.column]} for r in grid_rows]
     best, n_grid = grid_best(grid_rows), len(grid_rows)
     print(f"grid: {n_grid} trials, best feasible FQ {best:.4g}, wall {grid_wall:.0f}s, trial work {work:.0f}s")
     if args.replay:
-        return replay_all([{**r, "objective": r[args.column]} for r in grid_rows], args.method, args.replay)
+        return replay_all(grid_rows, args.method, args.replay)
     budget = n_grid // 3
     space_text = default_space_path(args.method).read_text() + f"\nnum_samples: {budget}\n"
     for seed in args.seeds:
@@ -271,7 +273,7 @@ def main() -> None:
                                       _without_num_samples(space_text))
         need = trials_to_reach(rows, 0.95 * best)
         ratio = f"{need / n_grid:.2f} of the grid" if need else "not reached"
-        print(f"optuna seed {seed}: {len(rows)} trials, best feasible FQ {summary['chosen']['forget_quality']:.4g}, "
+        print(f"optuna seed {seed}: {len(rows)} trials, chosen objective {summary['chosen']['objective']:.4g}, "
               f"within 5% of the grid after {need} trials ({ratio}; goal <= 0.33), wall {wall:.0f}s, Tune overhead "
               f"{summary['tune_overhead']:.1%}")
 
