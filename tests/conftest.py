@@ -143,6 +143,12 @@ def mlflow_server(backend_store_uri: str, *extra: str, log: Path | None = None, 
                 if proc.poll() is not None:
                     raise RuntimeError(f"mlflow server exited with {proc.returncode}")
                 time.sleep(1)
+        # /health answers before the store is open: the first real request can take seconds more (schema checks on
+        # a loaded machine), which a client with a short timeout would take for a dead server
+        body = json.dumps({"max_results": 1}).encode()
+        urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search", data=body,
+            headers={"Content-Type": "application/json"}), timeout=120)
         yield f"http://127.0.0.1:{port}"
     finally:
         if proc.poll() is None:
