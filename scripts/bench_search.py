@@ -139,11 +139,11 @@ def grid_table(cfg, run_dir: Path, method: str, fresh: bool) -> tuple[list[dict]
     space = load_space(default_space_path(method), method)
     done = run_dir.parent / f"{run_dir.name}-bench" / "grid" / "search" / method / "results.csv"
     if done.is_file() and not fresh:
-        rows = _read_csv(done)
-        return rows, float("nan"), sum(r["trial_seconds"] for r in rows if r["status"] == "ok")
-    text = (f"method: {method}\nalpha: {{low: {space.alpha.low}, high: {space.alpha.high}}}\nsampler: grid\n"
-            f"grid_step: {space.grid_step}\nmax_concurrent_trials: 2\nutility_floor: {space.utility_floor}\n")
-    _, wall, rows = run_one(cfg, scratch_run(run_dir, "grid"), method, text)
+        rows, wall = _read_csv(done), float("nan")  # reused: no wall time of this run
+    else:
+        text = (f"method: {method}\nalpha: {{low: {space.alpha.low}, high: {space.alpha.high}}}\nsampler: grid\n"
+                f"grid_step: {space.grid_step}\nmax_concurrent_trials: 2\nutility_floor: {space.utility_floor}\n")
+        _, wall, rows = run_one(cfg, scratch_run(run_dir, "grid"), method, text)
     return rows, wall, sum(r["trial_seconds"] for r in rows if r["status"] == "ok")
 
 
@@ -166,7 +166,7 @@ VARIANTS = {
 
 
 def replay(rows: list[dict], space, epochs: list[int], variant: dict, seed: int, budget: int) -> list[float]:
-    """Best feasible forget quality after each trial (nan while none is feasible) of one replayed search."""
+    """Best feasible objective after each trial (nan while none is feasible) of one replayed search."""
     import math
 
     import optuna
@@ -177,14 +177,13 @@ def replay(rows: list[dict], space, epochs: list[int], variant: dict, seed: int,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     table = {(round(r["alpha"], 6), int(r["epoch"])): r for r in rows if r["status"] == "ok"}
     alphas = sorted({a for a, _ in table})
-    startup = variant.get("startup", space.startup_trials)
     kind = variant.get("sampler", space.sampler)
     if kind == "gp":
-        sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+        sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=space.startup_trials)
     elif kind == "random":
         sampler = optuna.samplers.RandomSampler(seed=seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=space.startup_trials, constant_liar=True)
     step = space.grid_step if variant.get("step") else None
     dists = {"alpha": FloatDistribution(space.alpha.low, space.alpha.high, step=step),
              "epoch": CategoricalDistribution(epochs)}
@@ -198,9 +197,9 @@ def replay(rows: list[dict], space, epochs: list[int], variant: dict, seed: int,
             a = min(alphas, key=lambda x: abs(x - t.params["alpha"]))
             r = table[(a, t.params["epoch"])]
             fq = r["objective"]
-            value = math.log10(max(fq, 1e-300)) if variant.get("log") else fq
+            value = math.log10(max(fq, 1e-300)) if variant.get("log") or variant.get("ties") else fq
             if variant.get("ties"):  # equal forget quality: the point that keeps more utility ranks higher
-                value = math.log10(max(fq, 1e-300)) + 1e-3 * r["model_utility"]
+                value += 1e-3 * r["model_utility"]
             t.set_constraint(CONSTRAINT, float(r["utility_constraint"]))
             study.tell(t, value)
             if r["feasible"] > 0:
