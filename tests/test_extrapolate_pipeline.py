@@ -100,15 +100,17 @@ def _truncate_after_validation(monkeypatch: pytest.MonkeyPatch, victim: Path) ->
 
 
 @pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("victim", ["un", "ini"])  # a shard of theta_un, or theta_ini's single file
 def test_reader_error_is_the_same_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             overlap: bool) -> None:
+                                                             overlap: bool, victim: str) -> None:
     ini, un = _pair(tmp_path)
-    _truncate_after_validation(monkeypatch, un / SHARDS[2])
+    bad = un / SHARDS[2] if victim == "un" else ini / "model.safetensors"
+    _truncate_after_validation(monkeypatch, bad)
     before = threading.active_count()
     with pytest.raises(UipeError) as e:
         extrapolate_folder(ini, un, 1.5, tmp_path / "out", progress=False, overlap=overlap)
-    assert str(e.value) == f"{un / SHARDS[2]}: not a readable safetensors file ({(un / SHARDS[2]).stat().st_size} " \
-                           f"bytes, {(un / SHARDS[2]).stat().st_size + 8} when its header was checked)"
+    assert str(e.value) == f"{bad}: not a readable safetensors file ({bad.stat().st_size} " \
+                           f"bytes, {bad.stat().st_size + 8} when its header was checked)"
     assert "\n" not in str(e.value)
     assert threading.active_count() == before  # reader and writer joined
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ini", "un"]  # no out, no .out.*.tmp
