@@ -88,3 +88,41 @@ def test_several_processes_log_at_once_and_nothing_is_lost(pg_server: str | None
         history = rest(pg_server, f"metrics/get-history?run_id={run['info']['run_id']}&metric_key=m")["metrics"]
         assert sorted(m["value"] for m in history) == [float(k * 1000 + s) for s in range(200)]
         assert len(run["data"]["params"]) == 20
+
+
+def test_the_trial_logger_logs_off_tunes_loop_pickles_meanwhile_and_drains_at_the_end(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real sqlite store: each child run is logged by the logger's own thread (Tune's loop only hands it over),
+    the logger pickles while that thread is alive (Tune checkpoints its callbacks after every step), and the end
+    of the experiment waits until every trial is in MLflow, once, with its own alpha."""
+    import pickle
+    import threading
+    from types import SimpleNamespace
+
+    from uipe import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    exp = c.create_experiment("logger")
+    parent = c.create_run(exp, run_name="search-ga").info.run_id
+    logger = tracking.TrialLogger(uri, exp, parent, "ga")
+    threads = []
+    real = tracking.log_trial
+
+    def spy(*args: object) -> object:  # the real logging, noting which thread does it
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(tracking, "log_trial", spy)
+    for i in range(3):
+        trial = SimpleNamespace(trial_id=f"t{i}", config={"alpha": 0.5 * i, "epoch": 2}, last_result={})
+        logger.on_trial_result(0, [], trial, {"objective": 0.1 * i, "model_utility": 0.7, "feasible": 1.0})
+        logger.on_trial_complete(0, [], trial)
+    restored = pickle.loads(pickle.dumps(logger))
+    logger.on_experiment_end([])
+    runs = tracking.child_runs(uri, exp, parent)
+    assert sorted(runs) == ["t0", "t1", "t2"]
+    assert {k: r.data.params["alpha"] for k, r in runs.items()} == {"t0": "0.0", "t1": "0.5", "t2": "1.0"}
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    assert threads == ["uipe-trial-logger"] * 3
+    assert logger._worker is None and restored._worker is None and not restored.offline
