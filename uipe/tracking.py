@@ -8,7 +8,6 @@ Tune callback below pickles with the experiment state and survives `uipe search 
 from __future__ import annotations
 
 import math
-import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -152,10 +151,6 @@ def child_runs(uri: str, experiment_id: str, parent_id: str) -> dict[str, Any]:
 class TrialLogger(tune.Callback):
     """One nested MLflow child run per finished or failed trial, logged from the driver as the search goes.
 
-    A thread of its own does the logging: a child run is several requests to the tracking server (40-60 ms on
-    sqlite, more to a remote server), and Tune's loop, which starts the next trial, would otherwise wait for them.
-    The thread is drained when the experiment ends (Tune calls on_experiment_end whether it finished or was stopped),
-    before uipe.search.outcome reconciles MLflow with Tune's results.
     When the tracking server cannot be reached the search goes on: the logger stops trying (one warning) and
     uipe.search.outcome back-fills the missing runs from Tune's results when the search finishes or is resumed.
     """
@@ -164,8 +159,6 @@ class TrialLogger(tune.Callback):
         self.uri, self.experiment_id, self.parent_id, self.method = uri, experiment_id, parent_id, method
         self._last: dict[str, dict] = {}
         self.offline = False
-        self._pending: queue.Queue | None = None  # (record, error file), then None to stop
-        self._worker: threading.Thread | None = None
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._last[trial.trial_id] = result
@@ -178,41 +171,20 @@ class TrialLogger(tune.Callback):
         record = TrialResult.failed(trial.trial_id, trial.config["alpha"], trial.config["epoch"], _error_text(trial))
         self._log(record, str(getattr(trial, "error_file", "") or ""))
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.flush()
-
-    def flush(self) -> None:
-        """Wait until every trial handed over so far is logged (or dropped, once the server is unreachable)."""
-        if self._worker is not None and self._pending is not None:
-            self._pending.put(None)
-            self._worker.join()
-        self._pending, self._worker = None, None
-
     def _log(self, record: TrialResult, error_file: str = "") -> None:
         if self.offline:
             return
-        if self._worker is None or self._pending is None:
-            self._pending = queue.Queue()
-            self._worker = threading.Thread(target=self._drain, args=(self._pending,), name="uipe-trial-logger",
-                                            daemon=True)
-            self._worker.start()
-        self._pending.put((record, error_file))
+        try:
+            log_trial(self.uri, self.experiment_id, self.parent_id, self.method, record, error_file)
+        except unreachable_errors() as e:
+            from uipe.console import warn
 
-    def _drain(self, pending: queue.Queue) -> None:
-        while (item := pending.get()) is not None:
-            if self.offline:
-                continue
-            try:
-                log_trial(self.uri, self.experiment_id, self.parent_id, self.method, *item)
-            except unreachable_errors() as e:
-                from uipe.console import warn
+            self.offline = True
+            warn(f"tracking server {self.uri} unreachable ({type(e).__name__}); the search goes on, and its trials "
+                 "are logged to MLflow when it finishes (or on --resume)")
 
-                self.offline = True
-                warn(f"tracking server {self.uri} unreachable ({type(e).__name__}); the search goes on, and its "
-                     "trials are logged to MLflow when it finishes (or on --resume)")
-
-    def __getstate__(self) -> dict:  # a restored search tries the server again, with a thread of its own
-        return {**self.__dict__, "offline": False, "_pending": None, "_worker": None}
+    def __getstate__(self) -> dict:  # a restored search tries the server again
+        return {**self.__dict__, "offline": False}
 
 
 def log_trial(uri: str, experiment_id: str, parent_id: str, method: str, record: TrialResult,
