@@ -28,7 +28,8 @@ import torch  # noqa: E402
 from uipe.config import EvalConfig, TinyModelConfig  # noqa: E402
 from uipe.data.synth import write_benchmark  # noqa: E402
 from uipe.eval import Evaluator  # noqa: E402
-from uipe.models import build_tiny, corpus_from_data, load_model, load_tokenizer  # noqa: E402
+from uipe.models import load_model, load_tokenizer  # noqa: E402
+from uipe.tiny_model import build_tiny, corpus_from_data  # noqa: E402
 
 SHAPES = {
     "tiny": TinyModelConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),

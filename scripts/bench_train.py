@@ -26,8 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def build(root: Path, hidden: int, layers: int, items: int, micro: int, workers: int, reshard: bool = True) -> tuple:
     from uipe.config import load_config
     from uipe.data import ensure_data, target_training_records
-    from uipe.models import prepare_base_model
     from uipe.paths import RunPaths
+    from uipe.tiny_model import prepare_base_model
 
     heads = max(1, hidden // 64)
     cfg = load_config(None, [
@@ -51,7 +51,8 @@ def plain_loop(base: str, records: tuple, cfg, batch: int, epochs: int, threads:
     import torch
 
     from uipe.methods import OBJECTIVES, Batch
-    from uipe.models import collate, encode_qa, load_model, load_tokenizer
+    from uipe.models import load_model, load_tokenizer
+    from uipe.prompts import collate, encode_qa
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

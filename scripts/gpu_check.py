@@ -27,7 +27,7 @@ def build_model(out: Path, data: Path, smoke: bool) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from uipe.models import corpus_from_data, train_tokenizer
+    from uipe.tiny_model import corpus_from_data, train_tokenizer
 
     tokenizer = train_tokenizer(corpus_from_data(data), 1200)
     hidden, layers, inter, heads = (256, 4, 1024, 4) if smoke else (2048, 20, 5632, 16)

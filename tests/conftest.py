@@ -42,7 +42,7 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_base(synth_dir: Path) -> Path:
     """theta_0 of the tiny preset: a locally trained tokenizer and a random-init Llama."""
     from uipe.config import load_config
-    from uipe.models import build_tiny, corpus_from_data
+    from uipe.tiny_model import build_tiny, corpus_from_data
 
     cfg = load_config()
     return build_tiny(synth_dir.parent / "base", corpus_from_data(synth_dir), cfg.model.tiny, seed=0)

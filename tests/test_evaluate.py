@@ -29,7 +29,8 @@ FAST = EvalConfig(batch_size=16, max_new_tokens=6, subset=6)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from uipe.data.synth import write_benchmark
-    from uipe.models import build_tiny, corpus_from_data, load_model, load_tokenizer
+    from uipe.models import load_model, load_tokenizer
+    from uipe.tiny_model import build_tiny, corpus_from_data
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("eval")
@@ -59,7 +60,7 @@ def test_each_distinct_pair_is_tokenised_once(world: dict):
 
 
 def test_answer_nll_matches_an_unbatched_forward(world: dict):
-    from uipe.models import encode_qa
+    from uipe.prompts import encode_qa
 
     ev = _evaluator(world)
     res = ev.evaluate(world["a"], generate=False)
@@ -227,7 +228,7 @@ def test_forget_quality_on_each_author_fold(world: dict):
 
 def test_min_k_plus_plus_scores_match_an_unbatched_forward(world: dict):
     from uipe.eval.evaluate import MIN_K
-    from uipe.models import encode_qa
+    from uipe.prompts import encode_qa
 
     ev = _evaluator(world)
     res = ev.evaluate(world["a"], generate=False)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from uipe.errors import UipeError
-from uipe.models import IGNORE, collate, encode_qa, format_prompt, load_model, load_tokenizer, prompt_token_ids
+from uipe.models import load_model, load_tokenizer
+from uipe.prompts import IGNORE, collate, encode_qa, format_prompt, prompt_token_ids
 
 
 def test_tiny_model_and_tokenizer_round_trip_offline(tiny_base: Path) -> None:

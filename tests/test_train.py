@@ -153,7 +153,8 @@ def prepared(ray_session: object, tmp_path_factory: pytest.TempPathFactory) -> t
 def _nll(folder: Path, records: list) -> float:
     """Mean answer-token NLL of a saved model folder on records (the TOFU loss, question masked)."""
     from uipe.methods.common import nll_of
-    from uipe.models import collate, encode_qa, load_model, load_tokenizer
+    from uipe.models import load_model, load_tokenizer
+    from uipe.prompts import collate, encode_qa
 
     model, tok = load_model(folder), load_tokenizer(folder)
     batch = collate([encode_qa(tok, r.question, r.answer, "llama2", 48) for r in records], tok.pad_token_id)

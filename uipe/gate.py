@@ -40,7 +40,7 @@ def split_rouge(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 max_new_tokens: int) -> dict[str, float]:
     """Mean greedy ROUGE-L recall per split; every split's prompts generated in one batched pass."""
     from uipe.eval.scoring import greedy_generate, rouge_l_recall
-    from uipe.models import prompt_token_ids
+    from uipe.prompts import prompt_token_ids
 
     flat = [(name, r) for name, records in splits.items() for r in records]
     prompts = [prompt_token_ids(tokenizer, r.question, template) for _, r in flat]

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from uipe.data import TofuRecord
-    from uipe.eval.reference import RetainReference
 
 # role -> split kind (metrics.split_summary). "related": facts tied to the forget facts (UIPE's related
 # knowledge), scored like the forget split since the aim is to forget them too.
@@ -43,6 +42,21 @@ MIN_K = 0.4
 REQUIRED_ROLES = ("forget", "retain", "real_authors", "world_facts")
 # Forget quality on the selection and the report author fold (uipe study chooses on one, reports the other).
 FOLD_KEYS = ("forget_quality_select", "forget_quality_report")
+
+
+class ForgetReference(Protocol):
+    """What forget quality reads of a retain reference (eval.reference.RetainReference). A Protocol, so imports
+    flow one way: reference.py builds references with an Evaluator, and this module never imports it."""
+
+    @property
+    def forget_truth_ratios(self) -> Sequence[float]: ...
+
+    @property
+    def related_truth_ratios(self) -> Sequence[float] | None: ...
+
+    def fitted_to(self, forget_split: str, data_hash: str, n_forget: int, n_related: int) -> ForgetReference:
+        """The reference cut to an evaluation's items; UipeError when it does not fit them."""
+        ...
 
 
 @dataclass
@@ -116,7 +130,7 @@ class Evaluator:
         self.splits = {role: recs[:n] if n else recs for role, recs in self.all_splits.items()}
         cut = any(len(self.splits[r]) < len(self.all_splits[r]) for r in self.splits)
         self.fidelity = f"subset:{n}" if cut else "full"
-        self.reference: RetainReference | None = None
+        self.reference: ForgetReference | None = None
         self._tables = _Tables()
         self._plans = {role: self._plan(role, recs) for role, recs in self.splits.items()}
         self.folds = _folds(self.splits["forget"])
@@ -135,7 +149,7 @@ class Evaluator:
 
     # -- pre-tokenisation --------------------------------------------------------------------------------------
     def _pair(self, role: str, row: int, question: str, answer: str) -> int:
-        from uipe.models import encode_qa
+        from uipe.prompts import encode_qa
 
         key = (question, answer)
         if key not in self._tables.pair_index:
@@ -147,7 +161,7 @@ class Evaluator:
         return self._tables.pair_index[key]
 
     def _prompt(self, question: str) -> int:
-        from uipe.models import prompt_token_ids
+        from uipe.prompts import prompt_token_ids
 
         if question not in self._tables.prompt_index:
             self._tables.prompt_index[question] = len(self._tables.prompts)
@@ -199,10 +213,9 @@ class Evaluator:
         return {r: metrics.truth_ratios(nll[list(self._plans[r].para)],
                                         [nll[list(row)] for row in self._plans[r].pert]) for r in roles}
 
-    def set_reference(self, reference: RetainReference) -> None:
-        from uipe.eval.reference import check_reference
-
-        self.reference = check_reference(reference, self)
+    def set_reference(self, reference: ForgetReference) -> None:
+        self.reference = reference.fitted_to(self.forget_split, self.data_hash, self.n_items("forget"),
+                                             self.n_items("related"))
 
     def evaluate(self, model: PreTrainedModel, generate: bool = True,
                  scores: tuple[np.ndarray, np.ndarray] | None = None) -> EvalResult:

@@ -8,7 +8,7 @@ so a user of the published TOFU models can plug in the benchmark's own logs.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +43,27 @@ class RetainReference:
                 "data_hash": self.data_hash, "origin": self.origin, "subset": None,
                 "forget_truth_ratios": list(self.forget_truth_ratios),
                 "related_truth_ratios": None if self.related_truth_ratios is None else list(self.related_truth_ratios)}
+
+    def fitted_to(self, forget_split: str, data_hash: str, n_forget: int, n_related: int) -> RetainReference:
+        """The reference cut to an evaluation's first n items; UipeError when it is for other data or too few items.
+
+        A subset evaluation takes the first N items of each split, so a full reference restricted to its first N
+        truth ratios is exactly the reference of that subset.
+        """
+        where = f"retain reference ({self.origin})"
+        if self.forget_split != forget_split:
+            raise UipeError(f"{where}: made for {self.forget_split}, evaluation is on {forget_split}")
+        if self.data_hash is not None and self.data_hash != data_hash:
+            raise UipeError(f"{where}: made from other evaluation data (data hash {self.data_hash[:12]} != "
+                            f"{data_hash[:12]}); {HOW_TO}")
+        if len(self.forget_truth_ratios) < n_forget:
+            hint = f"; set eval.subset={len(self.forget_truth_ratios)} to use it"
+            raise UipeError(f"{where}: {len(self.forget_truth_ratios)} forget items, evaluation has {n_forget}{hint}")
+        related = self.related_truth_ratios
+        if related is not None and n_related and len(related) < n_related:
+            raise UipeError(f"{where}: {len(related)} related items, evaluation has {n_related}")
+        return replace(self, forget_truth_ratios=self.forget_truth_ratios[:n_forget],
+                       related_truth_ratios=related[:n_related] if related is not None and n_related else None)
 
 
 def model_hash(model_dir: str | Path) -> str:
@@ -98,31 +119,6 @@ def load_reference(path: str | Path) -> RetainReference:
     if not path.is_file():
         raise UipeError(f"{path}: retain reference not found; {HOW_TO}")
     return _from_json(path)
-
-
-def check_reference(reference: RetainReference, evaluator: Evaluator) -> RetainReference:
-    """The reference cut to the evaluator's items; UipeError when it is for other data or too few items.
-
-    A subset evaluation takes the first N items of each split, so a full reference restricted to its first N
-    truth ratios is exactly the reference of that subset.
-    """
-    where = f"retain reference ({reference.origin})"
-    if reference.forget_split != evaluator.forget_split:
-        raise UipeError(f"{where}: made for {reference.forget_split}, evaluation is on {evaluator.forget_split}")
-    if reference.data_hash is not None and reference.data_hash != evaluator.data_hash:
-        raise UipeError(f"{where}: made from other evaluation data (data hash {reference.data_hash[:12]} != "
-                        f"{evaluator.data_hash[:12]}); {HOW_TO}")
-    n = evaluator.n_items("forget")
-    if len(reference.forget_truth_ratios) < n:
-        hint = f"; set eval.subset={len(reference.forget_truth_ratios)} to use it"
-        raise UipeError(f"{where}: {len(reference.forget_truth_ratios)} forget items, evaluation has {n}{hint}")
-    related = reference.related_truth_ratios
-    n_rel = evaluator.n_items("related")
-    if related is not None and n_rel and len(related) < n_rel:
-        raise UipeError(f"{where}: {len(related)} related items, evaluation has {n_rel}")
-    return RetainReference(reference.forget_split, reference.forget_truth_ratios[:n],
-                           related[:n_rel] if related is not None and n_rel else None,
-                           reference.model_hash, reference.data_hash, reference.origin)
 
 
 def load_or_compute_reference(path: str | Path, evaluator: Evaluator, retain_model_dir: str | Path,

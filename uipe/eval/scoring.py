@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from uipe.errors import UipeError
 from uipe.eval import metrics
-from uipe.models import IGNORE, collate
+from uipe.prompts import IGNORE, collate
 
 if TYPE_CHECKING:
     from rouge_score.rouge_scorer import RougeScorer

@@ -1,6 +1,6 @@
 """What every objective shares: the batch it sees, answer-token log-probabilities, and the Protocol.
 
-Losses count answer tokens only: labels are -100 on the prompt and on padding (uipe.models.encode_qa / collate),
+Losses count answer tokens only: labels are IGNORE on the prompt and on padding (uipe.prompts.encode_qa / collate),
 and a causal LM predicts token t+1 from position t, so logits[:, :-1] are scored against labels[:, 1:].
 """
 
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from uipe.prompts import IGNORE
 from uipe.schema import Strict
 
-IGNORE = -100
 TensorDict = dict[str, Tensor]
 
 

@@ -43,7 +43,7 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
     from uipe.data import ensure_data, training_parts
     from uipe.eval.evaluate import eval_records
     from uipe.gate import gate_sample
-    from uipe.models import prepare_base_model
+    from uipe.tiny_model import prepare_base_model
 
     paths = RunPaths.of(run_dir)
     ensure_ray()

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from uipe.methods import Batch
-from uipe.models import collate, encode_qa
+from uipe.prompts import collate, encode_qa
 from uipe.train.job import Job
 
 
