@@ -1,7 +1,8 @@
 """Faults a running service meets, each injected for real: a full disk (a file-size limit, RLIMIT_FSIZE, on the
 writing process) and two writers on one run folder. Nothing may be lost or left half-written.
 (A truncated safetensors file: tests/test_extrapolate.py and test_search.py; a killed trial and a tracking server
-that stops mid-search: test_search.py.)
+that stops mid-search: test_search.py; a failing training rank: test_train.py and test_console.py. Those inject
+their faults in Ray workers through uipe/faults.py, whose spec and fault points are tested at the end of this file.)
 """
 
 from __future__ import annotations
@@ -124,3 +125,67 @@ def test_the_cli_refuses_a_second_search_on_the_same_run_folder(unlearned_run, t
     finally:
         holder.kill()
         holder.wait()
+
+
+# ---- uipe/faults.py: the fault points tests use to fail a trial or a training rank inside Ray workers ----
+
+def test_the_fault_spec_parses_sites_actions_conditions_and_markers_and_refuses_a_malformed_one() -> None:
+    from uipe import faults
+
+    spec = faults.parse("trial:kill,alpha=0.5,marker=/tmp/m; train.step:raise,epoch=2,rank=1")
+    assert spec == faults.Faults((faults.Fault("trial", "kill", (("alpha", "0.5"),), "/tmp/m"),
+                                  faults.Fault("train.step", "raise", (("epoch", "2"), ("rank", "1")))))
+    assert faults.parse("") == faults.NONE and not faults.NONE.faults
+    for bad in ("trial", "trial:explode", ":kill", "trial:kill,alpha", "trial:raise,=1"):
+        with pytest.raises(ValueError, match="UIPE_FAULTS"):
+            faults.parse(bad)
+
+
+def test_the_environment_is_read_only_when_asked_and_no_spec_means_no_fault(monkeypatch) -> None:
+    from uipe import faults
+
+    monkeypatch.delenv(faults.ENV, raising=False)
+    assert faults.from_env() == faults.NONE
+    faults.NONE.point("trial", alpha=0.5, epoch=2)  # inert: returns
+    monkeypatch.setenv(faults.ENV, "train.step:raise,epoch=1")
+    assert faults.from_env().faults[0].site == "train.step"
+
+
+def test_a_fault_point_fires_where_its_conditions_hold_and_once_with_a_marker(tmp_path: Path) -> None:
+    from uipe import faults
+
+    marker = tmp_path / "failed_once"
+    spec = faults.parse(f"train.step:raise,epoch=2,rank=1,marker={marker}")
+    spec.point("train.step", epoch=1, rank=1)  # another epoch
+    spec.point("train.step", epoch=2, rank=0)  # another rank
+    spec.point("trial", epoch=2, rank=1)  # another site
+    spec.point("train.step", epoch=2)  # a condition the point has no value for never holds
+    assert not marker.exists()
+    with pytest.raises(RuntimeError, match="^injected test fault in epoch 2 on rank 1$"):
+        spec.point("train.step", epoch=2, rank=1)
+    assert faults.fired(marker) == {"epoch": "2", "rank": "1"}
+    spec.point("train.step", epoch=2, rank=1)  # the marker disarmed it
+    again = faults.parse("trial:raise,alpha=0.25")  # no marker: every time
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="in alpha 0.25000000001 on epoch 3$"):
+            again.point("trial", alpha=0.25000000001, epoch=3)
+
+
+def test_a_kill_fault_ends_the_process_with_status_137_once(tmp_path: Path) -> None:
+    """As the OOM killer would: no exception, no clean-up, the process is gone (run in a child process here)."""
+    from uipe import faults
+
+    marker = tmp_path / "killed"
+    code = textwrap.dedent(f"""
+        from uipe import faults
+        spec = faults.parse("trial:kill,alpha=0.5,marker={marker}")
+        spec.point("trial", alpha=1.0, epoch=2)
+        spec.point("trial", alpha=0.5, epoch=3)
+        print("survived", flush=True)
+    """)
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert first.returncode == 137 and "survived" not in first.stdout, first.stderr
+    assert faults.fired(marker) == {"alpha": "0.5", "epoch": "3"}
+    # the marker remembers: it fires once across processes
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and second.stdout.strip() == "survived", second.stderr

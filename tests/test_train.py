@@ -312,7 +312,7 @@ def test_worker_failure_resumes_exactly(prepared: tuple[Path, dict], ga_manifest
     other = tmp_path / "run2"  # same data and theta_ini, another run folder
     cfg = small_cfg(f"data.source={paths.data}", f"model.target={paths.target_model}")
     marker = tmp_path / "failed_once"
-    monkeypatch.setenv("UIPE_TEST_FAULT", f"epoch=2,rank=1,marker={marker}")
+    monkeypatch.setenv("UIPE_FAULTS", f"train.step:raise,epoch=2,rank=1,marker={marker}")
     manifest = json.loads(unlearn(cfg, other, "ga").read_text())
     assert marker.is_file()  # it did fail once
     assert [e["epoch"] for e in manifest["epochs"]] == [1, 2, 3]

@@ -5,7 +5,6 @@ and reading results back (epoch rows, epoch folders restored from Ray checkpoint
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import ray
 
+from uipe import faults
 from uipe.checkpoint import latest_run_state
 from uipe.config import ExperimentConfig, TrainConfig
 from uipe.errors import UipeError
@@ -20,8 +20,6 @@ from uipe.io import atomic_dir
 from uipe.paths import RunPaths
 from uipe.stages import reusable
 from uipe.train.job import Job, Runtime
-
-FAULT_ENV = "UIPE_TEST_FAULT"  # tests only: see Job.fault
 
 
 def use_gpu(train: TrainConfig) -> bool:
@@ -141,7 +139,7 @@ class FitWatcher:
 
 
 def runtime(cfg: ExperimentConfig, paths: RunPaths) -> Runtime:
-    return Runtime(use_gpu=use_gpu(cfg.train), fault=os.environ.get(FAULT_ENV, ""))
+    return Runtime(use_gpu=use_gpu(cfg.train), faults=faults.from_env())
 
 
 def epoch_row(history: list[dict[str, Any]], epoch: int) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from uipe.config import EvalConfig, ModelConfig, TrainConfig
 from uipe.data import TofuRecord
+from uipe.faults import NONE, Faults
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class Runtime:
 
     use_gpu: bool
     board: Any = None  # uipe.progress.Board: rank 0 posts metrics and progress there; the driver logs them
-    fault: str = ""  # tests only: "epoch=E,rank=R,marker=PATH" raises once in epoch E on rank R
+    faults: Faults = NONE  # tests only: see uipe/faults.py
     run_storage: str = ""  # <storage>/<run name>: where Ray keeps this fit's checkpoints (a path or a URI)
 
 

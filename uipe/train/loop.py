@@ -85,7 +85,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             tokens += step_tokens
-            maybe_fail(job.runtime.fault, epoch, rank)
+            job.runtime.faults.point("train.step", epoch=epoch, rank=rank)  # tests only: see uipe/faults.py
             if report is not None:  # the last micro-batch's terms; tokens/s counts every rank's tokens
                 report.step(state["step"], {**{k: float(v) for k, v in metrics.items()},
                                             "lr": scheduler.get_last_lr()[0], "grad_norm": float(full_value(grad_norm)),
@@ -147,16 +147,3 @@ def accumulation_groups(micro_batches: int, accum: int) -> list[int]:
     """Micro-batches per optimizer step; a last, shorter group still steps (its loss is scaled by its own size)."""
     full, rest = divmod(micro_batches, accum)
     return [accum] * full + ([rest] if rest else [])
-
-
-
-
-def maybe_fail(fault: str, epoch: int, rank: int) -> None:
-    """Tests only: raise once (a marker file remembers) in the given epoch on the given rank."""
-    if not fault:
-        return
-    spec = dict(item.split("=", 1) for item in fault.split(","))
-    marker = Path(spec["marker"])
-    if int(spec["epoch"]) == epoch and int(spec["rank"]) == rank and not marker.exists():
-        marker.write_text(f"failed once in epoch {epoch} on rank {rank}\n")
-        raise RuntimeError(f"injected test fault in epoch {epoch} on rank {rank}")
