@@ -172,7 +172,7 @@ def replay(rows: list[dict], space, epochs: list[int], variant: dict, seed: int,
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    from uipe.search.space import CONSTRAINT
+    from uipe.results import CONSTRAINT
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     table = {(round(r["alpha"], 6), int(r["epoch"])): r for r in rows if r["status"] == "ok"}

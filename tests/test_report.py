@@ -7,16 +7,17 @@ from pathlib import Path
 import pytest
 
 from uipe.errors import UipeError
-from uipe.search.result import TrialResult
-from uipe.report import base_row, choose, pareto_front, plot_search, to_csv
+from uipe.results import TrialResult
+from uipe.decisions import base_row, choose, pareto_front
+from uipe.report import plot_search, to_csv
 from uipe.search.space import SearchSpace, default_space_path, load_space
 
 
 def _row(alpha: float, epoch: int, fq: float, mu: float, feasible: bool, status: str = "ok") -> TrialResult:
     if status != "ok":
         return TrialResult.failed(f"t{alpha}-{epoch}", alpha, epoch, "boom")
-    return TrialResult(f"t{alpha}-{epoch}", status, alpha, epoch, forget_quality=fq, model_utility=mu,
-                       feasible=feasible, trial_seconds=1.0)
+    return TrialResult(f"t{alpha}-{epoch}", status, alpha, epoch, objective=fq, utility=mu, feasible=feasible,
+                       trial_seconds=1.0, metrics={"forget_quality": fq, "model_utility": mu})
 
 
 ROWS = [
@@ -33,7 +34,7 @@ def test_choice_is_the_best_feasible_trial_not_the_best_overall() -> None:
     # Feasible completed trials: FQ 0.01, 0.30, 0.20, 0.10 -> alpha 1.0 at epoch 5 wins; alpha 1.5 (FQ 0.90) is
     # infeasible, which is exactly what Ray's get_best_result would have picked.
     assert (choose(ROWS).alpha, choose(ROWS).epoch) == (1.0, 5)
-    assert base_row(ROWS).forget_quality == 0.01
+    assert base_row(ROWS).metric("forget_quality") == 0.01
 
 
 def test_with_no_feasible_trial_the_highest_utility_one_is_flagged() -> None:
@@ -47,17 +48,17 @@ def test_pareto_front_by_hand() -> None:
     # (FQ, MU): (0.01, 0.80) (0.30, 0.78) (0.90, 0.60) (0.20, 0.79) (0.10, 0.70)
     # (0.10, 0.70) is beaten by (0.30, 0.78) on both; every other point is best on one side of some pair.
     front = pareto_front(ROWS)
-    assert [(r.forget_quality, r.model_utility) for r in front] == [(0.90, 0.60), (0.30, 0.78), (0.20, 0.79),
+    assert [(r.metric("forget_quality"), r.utility) for r in front] == [(0.90, 0.60), (0.30, 0.78), (0.20, 0.79),
                                                                          (0.01, 0.80)]
 
 
 def test_csv_has_one_line_per_trial_sorted_by_epoch_then_alpha(tmp_path: Path) -> None:
     lines = to_csv(ROWS).splitlines()
-    assert lines[0].startswith("trial_id,status,alpha,epoch,forget_quality,forget_quality_select,"
-                               "forget_quality_report,model_utility,feasible")
+    assert lines[0].startswith("trial_id,status,alpha,epoch,objective,utility,feasible")
+    assert lines[0].endswith(",error,forget_quality,model_utility")  # core fields, then metrics by catalogue
     assert len(lines) == 1 + len(ROWS)
     assert [ln.split(",")[2:4] for ln in lines[1:3]] == [["0.5", "3"], ["0.5", "4"]]
-    pngs = plot_search(ROWS, "ga", 0.76, tmp_path)
+    pngs = plot_search(ROWS, "ga", 0.76, tmp_path, "forget_quality", "model_utility")
     assert all(p.stat().st_size > 10_000 and p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
@@ -84,13 +85,14 @@ def test_default_spaces_ship_inside_the_package(tmp_path: Path, monkeypatch: pyt
 def test_a_trial_result_survives_the_trip_through_tune() -> None:
     # MU 0.60 against a threshold of 0.95 x 0.60 = 0.57: constraint 0.57 - 0.60 = -0.03 <= 0, feasible.
     agg = {"forget_quality": 0.25, "model_utility": 0.60, "forget_prob": 0.5, "retain_prob": 0.9}
-    r = TrialResult.scored(1.5, 3, agg, 0.57, seconds=2.0)
+    r = TrialResult.scored(1.5, 3, agg, 0.57, 2.0, "forget_quality", "model_utility")
     assert r.feasible and r.utility_constraint == pytest.approx(-0.03) and r.metrics["retain_prob"] == 0.9
     reported = {**r.to_report(), "alpha": 1.5, "epoch": 3, "time_total_s": 7.0, "training_iteration": 1}
     back = TrialResult.from_report("t1", {"alpha": 1.5, "epoch": 3}, reported)
     assert (back.trial_id, back.summary(), back.metrics, back.utility_constraint, back.trial_seconds) == (
         "t1", r.summary(), r.metrics, r.utility_constraint, r.trial_seconds)  # Tune's own keys left out
-    assert not TrialResult.scored(1.5, 3, {**agg, "model_utility": 0.56}, 0.57, seconds=1.0).feasible
+    assert not TrialResult.scored(1.5, 3, {**agg, "model_utility": 0.56}, 0.57, 1.0, "forget_quality",
+                                  "model_utility").feasible
     assert back.summary()["related_prob"] is None  # not measured: null in summary.json, not NaN
 
 

@@ -9,9 +9,10 @@ import pytest
 from ray.tune.schedulers import TrialScheduler
 
 from uipe.eval.metrics import scored_utility
-from uipe.report import best_at_floors, choose, completed, from_csv, pareto_front, to_csv
+from uipe.decisions import best_at_floors, choose, completed, pareto_front
+from uipe.report import from_csv, to_csv
 from uipe.search.outcome import fidelity_split
-from uipe.search.result import FULL_FIDELITY, TrialResult
+from uipe.results import FULL_FIDELITY, TrialResult
 from uipe.search.screening import UTILITY_TOLERANCE, ScreeningScheduler, could_matter, utility_predictor
 
 
@@ -49,11 +50,11 @@ def test_a_screened_point_goes_on_only_if_it_could_beat_the_best_at_some_thresho
 
 def _report(objective: float, scored: float, model: float | None) -> dict:
     out = {"objective": objective, "scored_utility": scored, FULL_FIDELITY: float(model is not None)}
-    return out | ({} if model is None else {"model_utility": model})
+    return out | ({} if model is None else {"utility": model, "model_utility": model})
 
 
 def test_the_scheduler_stops_screened_points_that_could_not_matter_and_learns_from_full_ones() -> None:
-    s = ScreeningScheduler([0.75, 0.65])
+    s = ScreeningScheduler([0.75, 0.65], "scored_utility")
     for o, sc, m in FULL:
         assert s.on_trial_result(None, None, _report(o, sc, m)) == TrialScheduler.CONTINUE
     assert s.on_trial_result(None, None, _report(0.03, 0.60, None)) == TrialScheduler.STOP
@@ -65,16 +66,16 @@ def test_the_scheduler_stops_screened_points_that_could_not_matter_and_learns_fr
 
 def _row(alpha: float, fq: float, mu: float | None, seconds: float = 2.0, screen_seconds: float = 0.0) -> TrialResult:
     aggregates = {"forget_quality": fq, "scored_utility": 0.5, **({} if mu is None else {"model_utility": mu})}
-    r = TrialResult.scored(alpha, 3, aggregates, 0.7, seconds, trial_id=f"t{alpha}")
+    r = TrialResult.scored(alpha, 3, aggregates, 0.7, seconds, "forget_quality", "model_utility", trial_id=f"t{alpha}")
     if mu is None:
         return r
-    return TrialResult(**{**r.__dict__, "metrics": {**r.metrics, "screen_seconds": screen_seconds}})
+    return TrialResult(**{**r.__dict__, "screen_seconds": screen_seconds})
 
 
 def test_a_point_screened_only_is_never_chosen_nor_on_a_front_nor_at_a_floor() -> None:
     rows = [_row(0.0, 0.01, 0.80), _row(1.0, 0.05, 0.75, 3.0, 1.0), _row(2.0, 0.90, None, 1.0)]
     screened = rows[2]
-    assert screened.fidelity == "screen" and not screened.feasible and math.isnan(screened.model_utility)
+    assert screened.fidelity == "screen" and not screened.feasible and math.isnan(screened.utility)
     assert completed(rows) == rows[:2] and screened not in pareto_front(rows)
     assert choose(rows).alpha == 1.0  # not alpha 2, whose forget quality is the highest
     floors = best_at_floors(rows, 0.8, (0.9,))

@@ -17,7 +17,8 @@ import pytest
 from conftest import copy_run, mlflow_server, rest
 from uipe.errors import UipeError
 from uipe.search.driver import run_search
-from uipe.tracking import CHAMPION, client, experiment_name, tracking_uri
+from uipe.model_registry import CHAMPION
+from uipe.tracking import client, experiment_name, tracking_uri
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -182,7 +183,7 @@ def test_broken_weights_and_a_killed_trial_fail_their_trials_and_the_search_goes
                                                                                     monkeypatch) -> None:
     # A copy of the run whose GA epoch 2 weights are all NaN (the files are whole, so the search starts): every
     # epoch-2 trial raises. And one trial's process is killed mid-trial (as by the OOM killer). The others finish.
-    from uipe.search.trial import KILL_SWITCH
+    from uipe import faults
 
     paths = copy_run(unlearned_run, tmp_path / "broken")
     weights = next(Path(paths.epoch_dir("ga", 2)).glob("*.safetensors"))
@@ -191,14 +192,14 @@ def test_broken_weights_and_a_killed_trial_fail_their_trials_and_the_search_goes
     raw[start:] = b"\xff" * (len(raw) - start)  # 0xffffffff is a NaN in fp32
     weights.write_bytes(bytes(raw))
     marker = tmp_path / "killed"
-    monkeypatch.setenv(KILL_SWITCH, f"alpha=0.5,marker={marker}")
+    monkeypatch.setenv(faults.ENV, f"trial:kill,alpha=0.5,marker={marker}")
     space = tmp_path / "ga.yaml"
     space.write_text("method: ga\nalpha: {low: 0.0, high: 1.0}\nepochs: [2, 3]\nsampler: grid\ngrid_step: 0.5\n"
                      "max_concurrent_trials: 1\n")
     cfg = tiny_cfg.model_copy(update={"tracking": tiny_cfg.tracking.model_copy(update={"register_model": False}),
                                       "search": tiny_cfg.search.model_copy(update={"num_samples": None})})
     s = run_search(cfg, paths, "ga", space)
-    killed_epoch = int(marker.read_text())  # one trial did die: at epoch 3 it adds a failure to epoch 2's three
+    killed_epoch = int(faults.fired(marker)["epoch"])  # one trial did die: at epoch 3, a failure beside epoch 2's three
     assert s["trials"] == 6 and s["failed"] == 3 + (killed_epoch == 3) and s["chosen"]["epoch"] == 3
     failed = [r for r in _children(cfg, paths, s["parent_run_id"]) if r.info.status == "FAILED"]
     assert len(failed) == s["failed"] and all("uipe.error" in r.data.tags for r in failed)
@@ -220,10 +221,39 @@ def test_a_screened_search_evaluates_in_full_only_what_could_matter_and_chooses_
     assert split["full"] == sum(r.fidelity == "full" for r in rows.values())
     assert all(r.fidelity == "full" for r in rows.values() if r.alpha == 0.0)  # the base points: always in full
     for r in rows.values():  # a screened-only trial has every scoring metric and no utility
-        assert math.isfinite(r.forget_quality) and math.isnan(r.model_utility) == (r.fidelity == "screen")
+        assert math.isfinite(r.metric("forget_quality")) and math.isnan(r.utility) == (r.fidelity == "screen")
     chosen = [r for r in rows.values() if (r.alpha, r.epoch) == (s["chosen"]["alpha"], s["chosen"]["epoch"])]
     assert chosen and all(r.fidelity == "full" for r in chosen)
     assert split["screening_seconds"] + split["full_seconds"] == pytest.approx(s["trial_work_seconds"])
     for run in _children(cfg, paths, s["parent_run_id"]):  # each child run says how it was evaluated
         r = rows[run.data.tags["uipe.trial_id"]]
         assert run.data.tags["uipe.fidelity"] == r.fidelity and ("model_utility" in run.data.metrics) == r.full
+
+
+def test_an_objective_registered_in_the_catalogue_is_searched_with_no_other_change(unlearned_run, tiny_cfg,
+                                                                                     tmp_path) -> None:
+    """Adding an objective is one catalogue entry: a toy one (how much forget probability dropped, derived from what
+    the evaluator reports) names the search's objective, and every trial reports it, computed in the trial process
+    from the catalogue the driver sent."""
+    from uipe import metrics
+    from uipe.report import from_csv
+
+    toy = metrics.Metric("toy_forget_drop", "1 - forget probability (a toy objective)", "toy",
+                         derive=lambda m: 1.0 - m["forget_prob"], objective=True)
+    metrics.register(toy)
+    try:
+        paths = copy_run(unlearned_run, tmp_path / "toy", methods=("ga",))
+        cfg = tiny_cfg.model_copy(update={
+            "search": tiny_cfg.search.model_copy(update={"objective": "toy_forget_drop", "num_samples": 6}),
+            "tracking": tiny_cfg.tracking.model_copy(update={"register_model": False})})
+        s = run_search(cfg, paths, "ga")
+    finally:
+        metrics.unregister(toy.name)
+    rows = [r for r in from_csv((paths.search("ga") / "results.csv").read_text()) if r.full]
+    assert s["objective"] == "toy_forget_drop" and len(rows) == s["trials"] == 6
+    for r in rows:  # the trial computed it: 1 - forget probability, to float rounding
+        assert r.objective == pytest.approx(1.0 - r.metric("forget_prob"), abs=1e-9)
+        assert r.metric("toy_forget_drop") == pytest.approx(r.objective, abs=1e-12)
+    feasible = [r for r in rows if r.feasible]
+    assert s["chosen"]["objective"] == pytest.approx(max(r.objective for r in feasible))
+    assert s["floors"]["0.95"]["uipe"]["objective"] == pytest.approx(s["chosen"]["objective"])

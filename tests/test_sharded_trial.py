@@ -40,7 +40,7 @@ def test_a_two_worker_trial_matches_the_one_process_trial(unlearned_run, tiny_cf
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from uipe.search.driver import _trainable, make_setup
-    from uipe.search.result import TrialResult
+    from uipe.results import TrialResult
     from uipe.search.trial import build_evaluator, context, evaluate_point
     from uipe.update_vector import cached_update_vector
 

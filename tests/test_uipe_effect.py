@@ -16,17 +16,17 @@ def test_alpha_above_zero_lowers_forget_probability(unlearned_run, tiny_cfg, met
 
     setup = make_setup(tiny_cfg, unlearned_run, method)
     last = max(setup.epoch_dirs)
-    probs = {a: evaluate_point(setup, a, last, 0.0).forget_prob for a in (0.0, 0.5, 1.0)}
+    probs = {a: evaluate_point(setup, a, last, 0.0).metric("forget_prob") for a in (0.0, 0.5, 1.0)}
     # theta = theta_un + alpha * (theta_un - theta_ini): further along the unlearning direction, the forget
     # answers must become less likely, monotonically over these steps.
     assert probs[1.0] < probs[0.5] < probs[0.0]
     # alpha = -1 is theta_ini: the start model, which knows the forget set best.
     minus_one = evaluate_point(setup, -1.0, last, 0.0)
-    assert minus_one.forget_prob > probs[0.0]
+    assert minus_one.metric("forget_prob") > probs[0.0]
     # theta_ini's own evaluation in this process, after trials extrapolated its cached model: the model is reloaded
     # (the in-place extrapolation at alpha -1 agrees with it to float rounding)
     evaluate_point(setup, 1.0, last, 0.0)
-    assert theta_ini_metrics(setup)["forget_prob"] == pytest.approx(minus_one.forget_prob, rel=1e-5)
+    assert theta_ini_metrics(setup)["forget_prob"] == pytest.approx(minus_one.metric("forget_prob"), rel=1e-5)
 
 
 def test_unlearning_manifests_record_every_epoch(unlearned_run, tiny_cfg) -> None:

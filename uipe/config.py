@@ -23,15 +23,14 @@ from uipe.methods.idkdpo import Params as IdkDPOParams
 from uipe.methods.kl import Params as KLParams
 from uipe.methods.npo import Params as NPOParams
 from uipe.methods.simnpo import Params as SimNPOParams
-from uipe.report import FLOORS
 from uipe.schema import Strict, one_line
 
 PRESETS = ("tiny",)
+# The utility floors a result is shown at (fractions of theta_ini's utility); the space file's utility_floor picks
+# which one's point becomes the registered champion.
+FLOORS = (0.95, 0.90, 0.85, 0.80)
 MethodName = Literal[UNLEARN_METHODS]  # type: ignore[valid-type]  # the registry's names, nowhere else
 ForgetSplit = Literal[FORGET_SPLITS]  # type: ignore[valid-type]
-# Reference-free forgetting signals a search can maximise (uipe.eval.evaluate.reference_free_signals computes them)
-SIGNALS = ("holdout_ks", "mia_loss_closeness", "mia_min_k_pp_closeness")
-Signal = Literal[SIGNALS]  # type: ignore[valid-type]
 
 
 class SynthConfig(Strict):
@@ -47,6 +46,7 @@ class SynthConfig(Strict):
 
 
 class DataConfig(Strict):
+    benchmark: str = "tofu"  # a name in uipe.benchmarks (its data layout, evaluator and metric catalogue)
     # "synth": generate the embedded benchmark under <run_dir>/data; otherwise a local folder of TOFU-format
     # files or a Hugging Face dataset id such as locuslab/TOFU.
     source: str = "synth"
@@ -155,8 +155,9 @@ class SearchConfig(Strict):
     seed: int = 0
     num_samples: int | None = Field(None, ge=1)  # overrides the space file's, e.g. for a quick run
     # overrides every space file's objective (and signal), e.g. reference_free for a run without a retain model
-    objective: Literal["forget_quality", "pareto", "reference_free"] | None = None
-    signal: Signal | None = None
+    # (names from the metric catalogue, uipe/metrics.py; checked against the run's benchmark by uipe.benchmarks)
+    objective: str | None = None
+    signal: str | None = None
     select_on: Literal["all", "selection_fold"] | None = None  # overrides the space files' (uipe study: the fold)
     # Two-fidelity trials (uipe/search/screening.py): a sampled point is scored without generation first and gets the
     # full evaluation (greedy generation, ROUGE-L, model utility) only when it is on or near the front so far; the

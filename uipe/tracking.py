@@ -1,4 +1,7 @@
-"""MLflow: where runs go, one parent run per search with a nested child run per trial, and the model registry.
+"""MLflow: where runs go, one parent run per search with a nested child run per trial, tags, datasets, artifacts.
+
+Only this module and uipe/model_registry.py (which gets its client here) call MLflow: the rest of the package calls
+the named functions below with a tracking URI and run ids, never a client, so another backend replaces these two.
 
 The default store is a sqlite file under the run folder (MLflow >= 3.13 refuses plain file stores); artifacts go to
 <run_dir>/mlartifacts. Any server URI works too (`tracking.uri`). Only URIs and ids are held, never a client, so the
@@ -16,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
-from uipe.search.result import TrialResult
+from uipe.results import TrialResult
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -29,11 +32,9 @@ if TYPE_CHECKING:
 
 _DATASETS_LOCK = threading.Lock()
 TRIAL_TAG = "uipe.trial_id"
-CHAMPION = "champion"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting: a run with this tag shows under its parent in the UI
 # MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses (often the GenAI one).
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
-
-
 
 
 def unreachable_errors() -> tuple[type[BaseException], ...]:
@@ -77,10 +78,48 @@ def ensure_experiment(cfg: ExperimentConfig, paths: RunPaths) -> tuple[str, str]
     return uri, c.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
 
 
-def log_flat(c: MlflowClient, run_id: str, metrics: dict[str, Any], params: dict[str, Any] | None = None,
+def create_run(uri: str, experiment_id: str, name: str, tags: Mapping[str, str], parent: str | None = None) -> str:
+    """A new run's id; with `parent` (a run id) it is nested under that run."""
+    return client(uri).create_run(experiment_id, run_name=name,
+                                  tags={**tags, **({PARENT_TAG: parent} if parent else {})}).info.run_id
+
+
+def resume_run(uri: str, run_id: str) -> None:
+    client(uri).update_run(run_id, "RUNNING")
+
+
+def set_terminated(uri: str, run_id: str, status: str) -> None:
+    """End a run: `status` is "FINISHED" or "FAILED"."""
+    client(uri).set_terminated(run_id, status)
+
+
+def set_tag(uri: str, run_id: str, key: str, value: str) -> None:
+    client(uri).set_tag(run_id, key, value)
+
+
+def delete_run(uri: str, run_id: str) -> None:
+    client(uri).delete_run(run_id)
+
+
+def experiment_of(uri: str, run_id: str) -> str:
+    return client(uri).get_run(run_id).info.experiment_id
+
+
+def log_files(uri: str, run_id: str, files: Sequence[Path]) -> None:
+    """Each file as an artifact at the top of the run's artifacts."""
+    c = client(uri)
+    for f in files:
+        c.log_artifact(run_id, str(f))
+
+
+def log_text(uri: str, run_id: str, text: str, name: str) -> None:
+    client(uri).log_text(run_id, text, name)
+
+
+def log_flat(uri: str, run_id: str, metrics: dict[str, Any], params: dict[str, Any] | None = None,
              step: int = 0) -> None:
     """Log finite numeric metrics and string-able params in one batch (MLflow rejects NaN params, not metrics)."""
-    log_rows(c, run_id, [(step, metrics)], params)
+    log_rows(client(uri), run_id, [(step, metrics)], params)
 
 
 def log_rows(c: MlflowClient, run_id: str, rows: Sequence[tuple[int, dict[str, Any]]],
@@ -113,7 +152,7 @@ def source_tags() -> dict[str, str]:
     return tags
 
 
-def log_datasets(c: MlflowClient, run_id: str, source: str, splits: Mapping[str, Sequence[TofuRecord]],
+def log_datasets(uri: str, run_id: str, source: str, splits: Mapping[str, Sequence[TofuRecord]],
                  context: str) -> None:
     """Each split as an MLflow dataset input (name, content digest, source), so the runs table's Dataset column and
     the lineage show which data a run used; `context` is MLflow's "training" or "evaluation"."""
@@ -133,6 +172,7 @@ def log_datasets(c: MlflowClient, run_id: str, source: str, splits: Mapping[str,
     # Two fits side by side log the same datasets at once: the store inserts a dataset row the first time it sees
     # it, and a concurrent second insert fails its UNIQUE constraint. One writer at a time in this process, and one
     # retry (the row then exists) for a writer in another process.
+    c = client(uri)
     with _DATASETS_LOCK:
         try:
             c.log_inputs(run_id, datasets=inputs)
@@ -142,10 +182,11 @@ def log_datasets(c: MlflowClient, run_id: str, source: str, splits: Mapping[str,
             c.log_inputs(run_id, datasets=inputs)
 
 
-def child_runs(uri: str, experiment_id: str, parent_id: str) -> dict[str, Any]:
-    """Existing child runs of a parent, by Tune trial id (so a resumed search never logs a trial twice)."""
-    runs = client(uri).search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=5000)
-    return {r.data.tags[TRIAL_TAG]: r for r in runs if TRIAL_TAG in r.data.tags}
+def child_runs(uri: str, experiment_id: str, parent_id: str) -> dict[str, str]:
+    """Existing child runs of a parent, their run ids by Tune trial id (so a resumed search never logs a trial
+    twice)."""
+    runs = client(uri).search_runs([experiment_id], f"tags.{PARENT_TAG} = '{parent_id}'", max_results=5000)
+    return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
 
 
 class TrialLogger(tune.Callback):
@@ -193,20 +234,18 @@ def log_trial(uri: str, experiment_id: str, parent_id: str, method: str, record:
     as a metric, a failed trial's error as tags."""
     if record.trial_id in child_runs(uri, experiment_id, parent_id):
         return None
-    c = client(uri)
-    run = c.create_run(experiment_id, run_name=f"{method}-a{record.alpha:.3f}-e{record.epoch}",
-                       tags={"mlflow.parentRunId": parent_id, TRIAL_TAG: record.trial_id, "uipe.method": method,
-                             "uipe.fidelity": record.fidelity})
-    run_id = run.info.run_id
+    run_id = create_run(uri, experiment_id, f"{method}-a{record.alpha:.3f}-e{record.epoch}",
+                        {TRIAL_TAG: record.trial_id, "uipe.method": method, "uipe.fidelity": record.fidelity},
+                        parent=parent_id)
     params = {"alpha": record.alpha, "epoch": record.epoch}
     if record.ok:
-        log_flat(c, run_id, record.to_report(), params)
+        log_flat(uri, run_id, record.to_report(), params)
     else:
-        log_flat(c, run_id, {}, params)
-        c.set_tag(run_id, "uipe.error", record.error[:5000])
+        log_flat(uri, run_id, {}, params)
+        set_tag(uri, run_id, "uipe.error", record.error[:5000])
         if error_file:
-            c.set_tag(run_id, "uipe.error_file", error_file)
-    c.set_terminated(run_id, "FINISHED" if record.ok else "FAILED")
+            set_tag(uri, run_id, "uipe.error_file", error_file)
+    set_terminated(uri, run_id, "FINISHED" if record.ok else "FAILED")
     return run_id
 
 
@@ -216,21 +255,6 @@ def _error_text(trial: Any) -> str:
         lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
         return lines[-1] if lines else "trial failed"
     return "trial failed"
-
-
-def register_model(uri: str, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
-    """Register `source` (a model folder or storage URI) as a new version of `name`, aliased CHAMPION."""
-    from mlflow.exceptions import MlflowException
-
-    c = client(uri)
-    try:
-        c.create_registered_model(name, description="UIPE-unlearned models chosen by uipe search")
-    except MlflowException as e:  # already registered: add a version
-        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
-            raise
-    version = c.create_model_version(name, source=source, run_id=run_id, tags=tags)
-    c.set_registered_model_alias(name, CHAMPION, version.version)
-    return version.version
 
 
 class TrainRunLog:
@@ -249,13 +273,11 @@ class TrainRunLog:
             self.run_id = found[0].info.run_id
             self.client.update_run(self.run_id, "RUNNING")
         else:
-            run = self.client.create_run(experiment_id, run_name=name,
-                                         tags={"uipe.job_hash": job_hash, "uipe.stage": stage, **source_tags(),
-                                               **({"mlflow.parentRunId": parent} if parent else {})})
-            self.run_id = run.info.run_id
-            log_flat(self.client, self.run_id, {}, params)
+            self.run_id = create_run(uri, experiment_id, name, {"uipe.job_hash": job_hash, "uipe.stage": stage,
+                                                                **source_tags()}, parent=parent)
+            log_flat(uri, self.run_id, {}, params)
             if data is not None:
-                log_datasets(self.client, self.run_id, data[0], data[1], "training")
+                log_datasets(uri, self.run_id, data[0], data[1], "training")
 
     def log(self, rows: Sequence[tuple[int, dict[str, float]]]) -> None:
         log_rows(self.client, self.run_id, rows)

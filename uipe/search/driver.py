@@ -19,19 +19,20 @@ from typing import Any
 
 from ray import tune
 
-from uipe import tracking
-from uipe.config import ExperimentConfig
-from uipe.console import Task, say
+from uipe import faults, metrics, tracking
+from uipe.benchmarks import Benchmark, get_benchmark
+from uipe.config import FLOORS, ExperimentConfig
+from uipe.console import say
 from uipe.errors import UipeError
 from uipe.io import atomic_write_json, code_version, exclusive
 from uipe.paths import RunPaths
 from uipe.ray_session import ensure_ray
+from uipe.results import TrialResult
+from uipe.search.progress import Progress
 from uipe.search.outcome import RESULT_FILE, finish
-from uipe.report import FLOORS
-from uipe.search.result import TrialResult
 from uipe.search.screening import ScreeningScheduler
 from uipe.search.space import SearchSpace, build_searcher, default_space_path, load_space
-from uipe.search.trial import KILL_SWITCH, TrialSetup, theta_ini_metrics, trial
+from uipe.search.trial import TrialSetup, theta_ini_metrics, trial
 from uipe.stages import cached_value, recorded, reusable
 
 STATE_FILE = "search_state.json"
@@ -41,13 +42,21 @@ def run_search(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: 
                resume: bool = False) -> dict:
     """Validate, run (or resume) the Tune search, then report, choose, write and register the chosen model."""
     path, space = resolve_space(cfg, method, space_path)
+    bench = benchmark_of(cfg)
     if cfg.search.screening and (space.objective == "pareto" or cfg.search.workers_per_trial > 1):
         raise UipeError("search.screening: needs a single objective (pareto ranks every trial by model utility) and "
                         "search.workers_per_trial 1 (sharded trials evaluate in full)")
     setup = make_setup(cfg, paths, method, reference_free=space.objective == "reference_free")
     epochs = space.candidate_epochs(sorted(setup.epoch_dirs))
     with exclusive(paths.search(method), f"a search of {method}"):
-        return _execute(cfg, paths, method, path, space, setup, epochs, resume)
+        return _execute(cfg, paths, method, path, space, setup, epochs, resume, space.objective_metric(bench))
+
+
+def benchmark_of(cfg: ExperimentConfig) -> Benchmark:
+    """The run's benchmark, its names in the config checked against its catalogue."""
+    from uipe.benchmarks import check_config
+
+    return check_config(cfg)
 
 
 def resolve_space(cfg: ExperimentConfig, method: str, space_path: Path | None) -> tuple[Path, SearchSpace]:
@@ -61,29 +70,25 @@ def resolve_space(cfg: ExperimentConfig, method: str, space_path: Path | None) -
 def make_setup(cfg: ExperimentConfig, paths: RunPaths, method: str, reference_free: bool = False) -> TrialSetup:
     """What every trial needs. Forget quality needs the retain reference; a reference-free search needs the holdout
     split instead (and still reports forget quality where a reference exists, as a check)."""
-    from uipe.data import ensure_data, has_split
-    from uipe.data.records import holdout_eval_split_for
-
-    data = ensure_data(cfg, paths)
-    theta_ini, dirs = _epoch_dirs(paths, method, cfg, data)
+    bench = benchmark_of(cfg)
+    data = bench.ensure_data(cfg, paths)
+    theta_ini, dirs = _epoch_dirs(paths, method, cfg, data, bench)
     reference: str | None = cfg.eval.retain_reference or str(paths.retain_reference)
     if reference_free:
-        holdout = holdout_eval_split_for(cfg.data.forget_split)
-        if not has_split(data, holdout):
-            raise UipeError(f"{data}: no {holdout} split, which the reference_free objective measures against")
+        bench.check_reference_free(data, cfg.data.forget_split)
         reference = reference if Path(reference).exists() else None
     elif not Path(reference).exists():
         raise UipeError(f"{reference}: no retain reference; run `uipe prepare` then `uipe reference`, set "
                         "eval.retain_reference to a folder of TOFU eval logs, or search with objective "
                         "reference_free (search.objective)")
-    return TrialSetup(theta_ini, dirs, data, cfg.data.forget_split, cfg.model.prompt_template,
+    return TrialSetup(theta_ini, dirs, bench.name, data, cfg.data.forget_split, cfg.model.prompt_template,
                       cfg.model.max_length, cfg.eval, reference, cfg.model.dtype, max(1, int(cfg.search.cpus_per_trial)))
 
 
-def _epoch_dirs(paths: RunPaths, method: str, cfg: ExperimentConfig, data: str) -> tuple[str, dict[int, str]]:
+def _epoch_dirs(paths: RunPaths, method: str, cfg: ExperimentConfig, data: str,
+                bench: Benchmark) -> tuple[str, dict[int, str]]:
     """theta_ini and the epoch checkpoints from the unlearning manifest, which must have forgotten the same data the
     search evaluates (a search scored on another forget split or data would choose alpha for the wrong question)."""
-    from uipe.data import records_hash, unlearning_records
     from uipe.methods import get_objective
 
     manifest = paths.manifest(method)
@@ -93,8 +98,8 @@ def _epoch_dirs(paths: RunPaths, method: str, cfg: ExperimentConfig, data: str) 
     if m.get("forget_split") != cfg.data.forget_split:
         raise UipeError(f"{manifest}: unlearned {m.get('forget_split')}, but the search evaluates "
                         f"{cfg.data.forget_split} (data.forget_split); unlearn that split first")
-    records = unlearning_records(data, cfg.data.forget_split, get_objective(method).needs_idk)
-    if m.get("data_hash") != records_hash(*records):
+    records = bench.unlearning_records(data, cfg.data.forget_split, get_objective(method).needs_idk)
+    if m.get("data_hash") != bench.records_hash(*records):
         raise UipeError(f"{manifest}: unlearned other data than {data} holds now; re-run `uipe unlearn --method "
                         f"{method}` (or point data.source at the data it used)")
     dirs = {int(e["epoch"]): str(e["path"]) for e in m["epochs"]}
@@ -112,46 +117,6 @@ def _check_candidates(theta_ini: str, dirs: dict[int, str]) -> None:
     ini = read_checkpoint(theta_ini)
     for epoch in sorted(dirs):
         validate_pair(ini, read_checkpoint(dirs[epoch]))
-
-
-class Progress(tune.Callback):
-    """The search's progress display on the driver: trials done, the best feasible forget quality so far, an ETA."""
-
-    def __init__(self, method: str, total: int, label: str = "FQ") -> None:
-        self.method, self.total, self.done, self.failed, self.best = method, total, 0, 0, None
-        self.label = label  # the objective's short name: FQ, or the reference-free signal
-        self.task: Task | None = None
-
-    def setup(self, **info: Any) -> None:
-        self.task = Task(f"search {self.method}", self.total)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        r = trial.last_result or {}
-        if r.get("feasible") and (self.best is None or r["objective"] > self.best):
-            self.best = r["objective"]
-        self._advance(f"last alpha {trial.config['alpha']:.3f} epoch {trial.config['epoch']} "
-                      f"{self.label} {r.get('objective', float('nan')):.3g} "
-                      f"MU {r.get('model_utility', float('nan')):.3f}")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.failed += 1
-        self._advance(f"last alpha {trial.config['alpha']:.3f} epoch {trial.config['epoch']} FAILED "
-                      "(recorded in MLflow; the search goes on)")
-
-    def _advance(self, last: str) -> None:
-        self.done += 1
-        best = f"{self.best:.3g}" if self.best is not None else "none yet"
-        failed = f", {self.failed} failed" if self.failed else ""
-        if self.task is not None:
-            self.task.update(self.done, f"trial {self.done}/{self.total} | best feasible {self.label} {best}{failed} | "
-                                    f"{last}")
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self.task is not None:
-            self.task.finish()
-
-    def __getstate__(self) -> dict:  # Tune checkpoints its callbacks; a live display does not pickle
-        return {**self.__dict__, "task": None}
 
 
 def _identity(space: SearchSpace, setup: TrialSetup, epochs: list[int], threshold: float,
@@ -172,41 +137,36 @@ def _start_metrics(setup: TrialSetup, cache: Path) -> dict[str, float]:
 
 
 def _parent_run(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
-                setup: TrialSetup, threshold: float, identity: str) -> tuple[str, str, str]:
+                setup: TrialSetup, threshold: float, identity: str, metric: str) -> tuple[str, str, str]:
     state_path = paths.search(method) / STATE_FILE
     uri, exp_id = tracking.ensure_experiment(cfg, paths)
     if state_path.is_file():
         return uri, exp_id, json.loads(state_path.read_text())["parent_run_id"]
     from uipe.eval.reference import model_hash
 
-    c = tracking.client(uri)
-    run = c.create_run(exp_id, run_name=f"search-{method}", tags={
+    run_id = tracking.create_run(uri, exp_id, f"search-{method}", {
         "uipe.method": method, "uipe.kind": "search", "uipe.code_version": code_version(),
-        "uipe.space_file": str(space_path), "uipe.theta_ini": setup.theta_ini, **tracking.source_tags(),
-        **({"mlflow.parentRunId": cfg.tracking.parent_run_id} if cfg.tracking.parent_run_id else {})})
-    tracking.log_datasets(c, run.info.run_id, setup.data, _eval_splits(setup), "evaluation")
-    tracking.log_flat(c, run.info.run_id, {}, {
+        "uipe.space_file": str(space_path), "uipe.theta_ini": setup.theta_ini, **tracking.source_tags()},
+        parent=cfg.tracking.parent_run_id)
+    tracking.log_datasets(uri, run_id, setup.data, _eval_splits(setup), "evaluation")
+    tracking.log_flat(uri, run_id, {}, {
         "method": method, "space_file": str(space_path), "sampler": space.sampler, "objective": space.objective,
+        "objective_metric": metric,
         "alpha_low": space.alpha.low, "alpha_high": space.alpha.high, "num_samples": space.num_samples,
         "utility_floor": space.utility_floor, "forget_split": setup.forget_split, "theta_ini": setup.theta_ini,
         "checkpoints": json.dumps(setup.epoch_dirs), "data": setup.data, "retain_reference": setup.reference,
         "theta_ini_hash": model_hash(setup.theta_ini), "utility_threshold": threshold,
         "method_params": json.dumps(cfg.method_params(method).model_dump())})
-    c.log_text(run.info.run_id, space_path.read_text(), "space.yaml")
-    atomic_write_json(state_path, {"identity": identity, "parent_run_id": run.info.run_id, "experiment_id": exp_id})
-    return uri, exp_id, run.info.run_id
+    tracking.log_text(uri, run_id, space_path.read_text(), "space.yaml")
+    atomic_write_json(state_path, {"identity": identity, "parent_run_id": run_id, "experiment_id": exp_id})
+    return uri, exp_id, run_id
 
 
 def _eval_splits(setup: TrialSetup) -> dict[str, list]:
-    """The evaluation data a search scores every trial on, by TOFU split name."""
-    from uipe.data import eval_split_for
-    from uipe.data.records import holdout_eval_split_for
-    from uipe.eval.evaluate import eval_records
+    """The evaluation data a search scores every trial on, by the benchmark's split name."""
+    from uipe.benchmarks import get_benchmark
 
-    names = {"forget": eval_split_for(setup.forget_split), "retain": "retain_perturbed",
-             "real_authors": "real_authors_perturbed", "world_facts": "world_facts_perturbed",
-             "related": "related_perturbed", "holdout": holdout_eval_split_for(setup.forget_split)}
-    return {names[role]: records for role, records in eval_records(setup.data, setup.forget_split).items()}
+    return {k: list(v) for k, v in get_benchmark(setup.benchmark).eval_splits(setup.data, setup.forget_split).items()}
 
 
 def _previous(paths: RunPaths, method: str, identity: str, resume: bool) -> dict | None:
@@ -229,7 +189,7 @@ def _previous(paths: RunPaths, method: str, identity: str, resume: bool) -> dict
 
 
 def _tuner(paths: RunPaths, method: str, space: SearchSpace, trainable: Any, epochs: list[int], seed: int,
-           callbacks: list, resume: bool, screening: list[float] | None = None) -> tune.Tuner:
+           callbacks: list, resume: bool, screening: list[float] | None = None, proxy: str = "") -> tune.Tuner:
     """`screening`: the utility thresholds the ScreeningScheduler weighs screened points at (None: every trial is
     evaluated in full)."""
     tune_dir = paths.search(method) / "tune"
@@ -241,7 +201,7 @@ def _tuner(paths: RunPaths, method: str, space: SearchSpace, trainable: Any, epo
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=space.trials_needed(epochs),
                                     max_concurrent_trials=space.max_concurrent_trials, reuse_actors=True,
-                                    scheduler=ScreeningScheduler(screening) if screening else None),
+                                    scheduler=ScreeningScheduler(screening, proxy) if screening else None),
         run_config=tune.RunConfig(name="tune", storage_path=str(paths.search(method)), callbacks=callbacks,
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -272,7 +232,8 @@ def _trainable(cfg: ExperimentConfig, paths: RunPaths, method: str, setup: Trial
                metric: str, ini: dict[str, float]) -> Any:
     """The Tune trainable with its resources: an in-process trial, or one that drives a sharded worker group."""
     common = {"setup": setup, "utility_threshold": threshold, "objective_metric": metric,
-              "fault": os.environ.get(KILL_SWITCH, ""), "start": ini}
+              "catalogue": metrics.snapshot(),
+              "faults": faults.from_env(), "start": ini}
     k = cfg.search.workers_per_trial
     if k == 1:
         return tune.with_resources(tune.with_parameters(trial, screening=cfg.search.screening, **common),
@@ -285,28 +246,30 @@ def _trainable(cfg: ExperimentConfig, paths: RunPaths, method: str, setup: Trial
 
 
 def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
-             setup: TrialSetup, epochs: list[int], resume: bool) -> dict:
+             setup: TrialSetup, epochs: list[int], resume: bool, metric: str) -> dict:
     ensure_ray()
     # Save Tune's experiment state after every step (not every >= 10 s), so a driver killed right after a trial
     # finished loses at most that trial's bookkeeping; outcome.finish reconciles MLflow with what Tune kept.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     out = paths.search(method)
     ini = _start_metrics(setup, paths.root / "search" / "theta_ini_metrics.json")
-    threshold = space.utility_floor * ini["model_utility"]
+    threshold = space.utility_floor * ini[get_benchmark(setup.benchmark).utility]
     identity = _identity(space, setup, epochs, threshold, cfg.search.screening)
     previous = _previous(paths, method, identity, resume)
     if previous is not None:
         say(f"[search {method}] finished before with the same space and checkpoints: reusing {out / RESULT_FILE}")
         return previous
-    uri, exp_id, parent = _parent_run(cfg, paths, method, space_path, space, setup, threshold, identity)
+    uri, exp_id, parent = _parent_run(cfg, paths, method, space_path, space, setup, threshold, identity, metric)
     total = space.trials_needed(epochs)
-    label = {"forget_quality": "FQ", "forget_quality_select": "FQ (selection fold)"}.get(space.objective_metric,
-                                                                                         space.objective_metric)
-    callbacks = [tracking.TrialLogger(uri, exp_id, parent, method), Progress(method, total, label)]
-    trainable = _trainable(cfg, paths, method, setup, threshold, space.objective_metric, ini)
+    callbacks = [tracking.TrialLogger(uri, exp_id, parent, method), Progress(method, total, metrics.short(metric),
+                                                                  metrics.short(get_benchmark(setup.benchmark).utility))]
+    trainable = _trainable(cfg, paths, method, setup, threshold, metric, ini)
     # screening weighs a point at the space's floor and at every floor a result reports (uipe.report.FLOORS)
-    thresholds = [threshold, *(f * ini["model_utility"] for f in FLOORS)] if cfg.search.screening else None
-    tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, thresholds)
+    utility = get_benchmark(setup.benchmark)
+    thresholds = [threshold, *(f * ini[utility.utility] for f in FLOORS)] if cfg.search.screening else None
+    tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, thresholds,
+                   utility.screening_utility)
     start = time.time()
     grid = tuner.fit()
-    return finish(cfg, paths, method, space, setup, _results(grid), ini, threshold, uri, parent, time.time() - start)
+    return finish(cfg, paths, method, space, setup, _results(grid), ini, threshold, uri, parent, time.time() - start,
+                  metric)

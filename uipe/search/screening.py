@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from uipe.search.result import FULL_FIDELITY
+from uipe.results import FULL_FIDELITY
 
 # Added to twice the fit's residual spread: how far below a threshold a point's predicted utility may sit and still
 # be evaluated in full (scored utility is a proxy; a point just under a floor may well be over it).
@@ -62,20 +62,22 @@ def could_matter(objective: float, scored: float, full: Sequence[tuple[float, fl
 
 class ScreeningScheduler(FIFOScheduler):
     """FIFO order; a screening report goes on to full fidelity only when it `could_matter` given the points evaluated
-    in full so far. `thresholds`: model utilities (floor x theta_ini's) at which a result is reported."""
+    in full so far. `thresholds`: utilities (floor x theta_ini's) at which a result is reported; `proxy`: the catalogue
+    name of the utility proxy a scoring pass reports (the benchmark's screening_utility)."""
 
-    def __init__(self, thresholds: Sequence[float]) -> None:
+    def __init__(self, thresholds: Sequence[float], proxy: str) -> None:
         super().__init__()
         self.thresholds = sorted(set(float(t) for t in thresholds))
-        self.full: list[tuple[float, float, float]] = []  # (objective, scored utility, model utility)
+        self.proxy = proxy
+        self.full: list[tuple[float, float, float]] = []  # (objective, scored utility proxy, utility)
         self.stopped = 0
         self.promoted = 0
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         objective = float(result.get("objective", math.nan))
-        scored = float(result.get("scored_utility", math.nan))
+        scored = float(result.get(self.proxy, math.nan))
         if result.get(FULL_FIDELITY, 1.0):
-            self.full.append((objective, scored, float(result.get("model_utility", math.nan))))
+            self.full.append((objective, scored, float(result.get("utility", math.nan))))
             return TrialScheduler.CONTINUE
         if could_matter(objective, scored, self.full, self.thresholds):
             self.promoted += 1

@@ -19,9 +19,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from uipe.faults import NONE, Faults
 from uipe.io import atomic_write_json
-from uipe.search.result import TrialResult
-from uipe.search.trial import TrialSetup, build_evaluator, maybe_die
+from uipe.results import TrialResult
+from uipe.search.trial import TrialSetup, build_evaluator, record_point
 
 # Tune's trial actor only drives the worker group: it asks for no CPU, else k workers of one CPU each would never fit
 # on k CPUs (measured: a 0.01 CPU share left a 2-worker trial waiting forever on a 2-CPU node). Tune refuses an
@@ -30,15 +31,15 @@ DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
 
 
 def sharded_trial(config: dict, setup: TrialSetup, utility_threshold: float, workers: int, gpus_per_worker: float,
-                  storage: str, objective_metric: str = "forget_quality", fault: str = "",
-                  start: Mapping[str, float] | None = None) -> None:
+                  storage: str, objective_metric: str, catalogue: Mapping[str, Any] | None = None,
+                  faults: Faults = NONE, start: Mapping[str, float] | None = None) -> None:
     """The Tune function trainable when a trial spans `workers` workers: one TorchTrainer fit, reported once."""
     from ray import tune
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     alpha, epoch = float(config["alpha"]), int(config["epoch"])
-    maybe_die(fault, alpha, epoch)
+    faults.point("trial", alpha=alpha, epoch=epoch)  # tests only: see uipe/faults.py
     use_gpu = gpus_per_worker > 0
     name = f"trial-{tune.get_context().get_trial_id()}"
     result_file = Path(storage) / name / "result.json"  # rank 0 writes it (Train V2 keeps no metrics without a
@@ -47,6 +48,7 @@ def sharded_trial(config: dict, setup: TrialSetup, utility_threshold: float, wor
         evaluate_on_rank,
         train_loop_config={"setup": setup, "alpha": alpha, "epoch": epoch, "threshold": utility_threshold,
                            "metric": objective_metric, "start": dict(start or {}), "use_gpu": use_gpu,
+                           "catalogue": dict(catalogue or {}),
                            "result_file": str(result_file)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": setup.threads, **({"GPU": gpus_per_worker}
@@ -68,9 +70,10 @@ def evaluate_on_rank(cfg: dict[str, Any]) -> None:
     import torch
     from torch.distributed.device_mesh import init_device_mesh
 
-    from uipe.eval.metrics import relative_to_start
+    from uipe import metrics
     from uipe.models import peak_memory_bytes, resolve_dtype
 
+    metrics.adopt(cfg["catalogue"])  # entries the driver registered at run time (a user's objective)
     setup: TrialSetup = cfg["setup"]
     ctx = ray.train.get_context()
     torch.set_num_threads(setup.threads)
@@ -78,14 +81,9 @@ def evaluate_on_rank(cfg: dict[str, Any]) -> None:
     mesh = init_device_mesh(device.type, (ctx.get_world_size(),))
     t0 = time.perf_counter()
     model = sharded_model(setup, cfg["epoch"], cfg["alpha"], device, mesh, resolve_dtype(setup.dtype, device))
-    metrics = build_evaluator(setup).evaluate(model).aggregates
-    metrics |= relative_to_start(metrics, cfg["start"])
-    bad = [k for k in (cfg["metric"], "model_utility") if not math.isfinite(metrics.get(k, math.nan))]
-    if bad:
-        raise ValueError(f"alpha={cfg['alpha']} epoch={cfg['epoch']}: {bad[0]} is not finite (the extrapolated "
-                         "model broke)")
-    result = TrialResult.scored(cfg["alpha"], cfg["epoch"], metrics, cfg["threshold"], time.perf_counter() - t0,
-                                peak_memory_bytes=peak_memory_bytes(device), objective_metric=cfg["metric"])
+    aggregates = build_evaluator(setup).evaluate(model).aggregates
+    result = record_point(setup, cfg["alpha"], cfg["epoch"], aggregates, cfg["start"], cfg["threshold"],
+                          cfg["metric"], time.perf_counter() - t0, peak_memory_bytes(device))
     if ctx.get_world_rank() == 0:
         atomic_write_json(cfg["result_file"], result.to_report())
 

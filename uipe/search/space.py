@@ -1,6 +1,7 @@
 """Search spaces (tune_spaces/<method>.yaml), validated with pydantic, and the Optuna searcher built from one.
 
-The searcher maximises the objective (forget quality, or a reference-free signal) subject to model utility >= floor x utility of theta_ini. The constraint is set
+The searcher maximises the objective (a metric of the benchmark's catalogue: TOFU's forget quality, or a
+reference-free signal) subject to utility >= floor x utility of theta_ini. The constraint is set
 per trial with Optuna 5's `trial.set_constraint` (feasible when <= 0) from a small OptunaSearch subclass: Optuna 5
 deprecates samplers' constraints_func, and a lambda would not pickle when Tune checkpoints the searcher.
 """
@@ -12,16 +13,16 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from ray.tune.search.optuna import OptunaSearch
 
-from uipe.config import MethodName, Signal
+from uipe import metrics
+from uipe.benchmarks import OBJECTIVE_MODES, Benchmark
+from uipe.config import MethodName
 from uipe.errors import UipeError
 from uipe.methods import check_method
+from uipe.results import CONSTRAINT, FULL_FIDELITY
 from uipe.schema import Strict, one_line
-from uipe.search.result import FULL_FIDELITY
-
-CONSTRAINT = "utility_constraint"  # reported by each trial: floor * MU(theta_ini) - MU(trial); feasible when <= 0
 
 
 class AlphaRange(Strict):
@@ -47,21 +48,38 @@ class SearchSpace(Strict):
     startup_trials: int = Field(6, ge=0)
     num_samples: int = Field(16, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
-    # forget_quality: maximise TOFU's forget quality (needs a retain reference); pareto: forget quality and utility;
-    # reference_free: maximise `signal`, measured against the holdout split (no retain model needed).
-    objective: Literal["forget_quality", "pareto", "reference_free"] = "forget_quality"
-    signal: Signal = "holdout_ks"
+    # A catalogue objective (uipe/metrics.py; default: the benchmark's, TOFU's forget quality, which needs a retain
+    # reference); pareto: the benchmark's default objective and utility; reference_free: maximise `signal`, measured
+    # without a retain model (TOFU: against the holdout split; default: the benchmark's default signal).
+    objective: str | None = None
+    signal: str | None = None
     utility_floor: float = Field(0.95, ge=0)
     # all: forget quality over the whole forget split; selection_fold: over the selection author fold only, so the
     # chosen point can be reported on the report fold, items the choice never saw (uipe study).
     select_on: Literal["all", "selection_fold"] = "all"
 
-    @property
-    def objective_metric(self) -> str:
-        """The evaluator aggregate the search maximises (reported by every trial as `objective`)."""
-        if self.objective == "reference_free":
-            return self.signal
-        return "forget_quality_select" if self.select_on == "selection_fold" else "forget_quality"
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, name: str | None) -> str | None:
+        if name is not None and name not in OBJECTIVE_MODES:
+            allowed = metrics.objectives()
+            if name not in allowed:
+                raise ValueError(f"{name!r} is not an objective in the metric catalogue (choose from "
+                                 f"{', '.join([*OBJECTIVE_MODES, *allowed])})")
+        return name
+
+    @field_validator("signal")
+    @classmethod
+    def _signal(cls, name: str | None) -> str | None:
+        allowed = metrics.objectives(reference=False)
+        if name is not None and name not in allowed:
+            raise ValueError(f"{name!r} is not a reference-free objective in the metric catalogue (choose from "
+                             f"{', '.join(allowed)})")
+        return name
+
+    def objective_metric(self, benchmark: Benchmark) -> str:
+        """The catalogue metric the search maximises (reported by every trial as `objective`)."""
+        return benchmark.objective_metric(self.objective, self.signal, self.select_on)
 
     def alpha_grid(self) -> list[float]:
         n = int(round((self.alpha.high - self.alpha.low) / self.grid_step))
@@ -142,7 +160,7 @@ def build_searcher(space: SearchSpace, epochs: list[int], seed: int) -> Constrai
     start = 0.0 if space.alpha.low <= 0 <= space.alpha.high else space.alpha.low
     base = [{"alpha": start, "epoch": e} for e in reversed(epochs)]
     if space.objective == "pareto":
-        metric, mode = ["objective", "model_utility"], ["max", "max"]
+        metric, mode = ["objective", "utility"], ["max", "max"]
     else:
         metric, mode = "objective", "max"
     first = None if space.sampler == "grid" else base

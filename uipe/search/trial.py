@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from uipe.config import EvalConfig
-from uipe.search.result import TrialResult
-
-# Tests only, read by the driver and passed to every trial: "alpha=A,marker=PATH" kills the trial's process once
-# at alpha A (as the OOM killer would).
-KILL_SWITCH = "UIPE_TEST_KILL_TRIAL"
+from uipe.faults import NONE, Faults
+from uipe.results import TrialResult
 
 
 @dataclass(frozen=True)
@@ -30,6 +26,7 @@ class TrialSetup:
 
     theta_ini: str
     epoch_dirs: dict[int, str]
+    benchmark: str  # a name in uipe.benchmarks: the evaluator and the metric names
     data: str
     forget_split: str
     template: str
@@ -73,25 +70,38 @@ def context(setup: TrialSetup, pristine: bool = False) -> tuple:
 
 
 def build_evaluator(setup: TrialSetup) -> Any:
-    """The trial's Evaluator, its retain reference set when the setup names one."""
-    from uipe.eval.evaluate import Evaluator
-    from uipe.eval.reference import load_reference
+    """The benchmark's evaluator for the setup, its reference loaded when the setup names one."""
+    from uipe.benchmarks import get_benchmark
     from uipe.models import load_tokenizer
 
-    evaluator = Evaluator.from_source(setup.data, setup.forget_split, load_tokenizer(setup.theta_ini),
-                                      setup.template, setup.eval, setup.max_length)
-    if setup.reference:
-        evaluator.set_reference(load_reference(setup.reference))
-    return evaluator
+    return get_benchmark(setup.benchmark).evaluator(setup.data, setup.forget_split, load_tokenizer(setup.theta_ini),
+                                                    setup.template, setup.eval, setup.max_length, setup.reference)
+
+
+def utility_metric(setup: TrialSetup, generate: bool = True) -> str:
+    """The benchmark's utility metric (a full pass), or the proxy a scoring pass reports instead."""
+    from uipe.benchmarks import get_benchmark
+
+    bench = get_benchmark(setup.benchmark)
+    return bench.utility if generate else bench.screening_utility
+
+
+def scored_metrics(aggregates: Mapping[str, float], start: Mapping[str, float] | None) -> dict[str, float]:
+    """The evaluator's aggregates, forgetting relative to theta_ini's (`start`), and the catalogue's derived
+    metrics (an objective defined as a function of the others)."""
+    from uipe import metrics
+    from uipe.eval.metrics import relative_to_start
+
+    out = dict(aggregates) | relative_to_start(aggregates, start or {})
+    return out | metrics.derive_all(out)
 
 
 def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshold: float,
-                   objective_metric: str = "forget_quality", start: Mapping[str, float] | None = None,
+                   objective_metric: str | None = None, start: Mapping[str, float] | None = None,
                    generate: bool = True) -> TrialResult:
     """Extrapolate in memory and evaluate (with `start`, theta_ini's aggregates, also forgetting relative to it);
     raise when the extrapolated model's metrics are not finite. generate=False: a screening pass, every scoring
     metric (forget quality, probabilities, truth ratios) without greedy generation, ROUGE-L or model utility."""
-    from uipe.eval.metrics import relative_to_start
     from uipe.update_vector import cached_update_vector
 
     from uipe.models import peak_memory_bytes, reset_peak_memory
@@ -107,14 +117,24 @@ def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshol
     _SCREENED.clear()
     if not generate:
         _SCREENED[point] = result.scores
-    metrics = result.aggregates
-    metrics |= relative_to_start(metrics, start or {})
-    bad = [k for k in (objective_metric, "model_utility" if generate else "scored_utility")
-           if not math.isfinite(metrics.get(k, math.nan))]
+    if objective_metric is None:  # the benchmark's default objective
+        from uipe.benchmarks import get_benchmark
+
+        objective_metric = get_benchmark(setup.benchmark).default_objective
+    return record_point(setup, alpha, epoch, result.aggregates, start, utility_threshold, objective_metric,
+                        time.perf_counter() - t0, peak_memory_bytes(device), generate)
+
+
+def record_point(setup: TrialSetup, alpha: float, epoch: int, aggregates: Mapping[str, float],
+                 start: Mapping[str, float] | None, utility_threshold: float, objective_metric: str, seconds: float,
+                 peak_memory: float, generate: bool = True) -> TrialResult:
+    """The trial's record from an evaluation; raise when the objective or utility is not finite."""
+    metrics = scored_metrics(aggregates, start)
+    bad = [k for k in (objective_metric, utility_metric(setup, generate)) if not math.isfinite(metrics.get(k, math.nan))]
     if bad:
         raise ValueError(f"alpha={alpha} epoch={epoch}: {bad[0]} is not finite (the extrapolated model broke)")
-    return TrialResult.scored(alpha, epoch, metrics, utility_threshold, time.perf_counter() - t0,
-                              peak_memory_bytes=peak_memory_bytes(device), objective_metric=objective_metric)
+    return TrialResult.scored(alpha, epoch, metrics, utility_threshold, seconds, objective_metric,
+                              utility_metric(setup), peak_memory_bytes=peak_memory)
 
 
 def theta_ini_metrics(setup: TrialSetup) -> dict[str, float]:
@@ -123,15 +143,19 @@ def theta_ini_metrics(setup: TrialSetup) -> dict[str, float]:
     return evaluator.evaluate(model).aggregates
 
 
-def trial(config: dict, setup: TrialSetup, utility_threshold: float, objective_metric: str = "forget_quality",
-          fault: str = "", start: Mapping[str, float] | None = None, screening: bool = False) -> None:
+def trial(config: dict, setup: TrialSetup, utility_threshold: float, objective_metric: str,
+          catalogue: Mapping[str, Any] | None = None,
+          faults: Faults = NONE, start: Mapping[str, float] | None = None, screening: bool = False) -> None:
     """The Tune function trainable: one (alpha, epoch) point, reported once at full fidelity. With `screening`, a
     point other than the base method's (alpha 0) is first reported from a scoring pass; the search's
     ScreeningScheduler (uipe/search/screening.py) then stops it there, or lets it go on to the full evaluation."""
     from ray import tune
 
+    from uipe import metrics
+
+    metrics.adopt(catalogue or {})  # entries the driver registered at run time (a user's objective)
     alpha, epoch = float(config["alpha"]), int(config["epoch"])
-    maybe_die(fault, alpha, epoch)
+    faults.point("trial", alpha=alpha, epoch=epoch)  # tests only: see uipe/faults.py
     screened_seconds = 0.0
     if screening and alpha != 0.0:
         screen = evaluate_point(setup, alpha, epoch, utility_threshold, objective_metric, start, generate=False)
@@ -139,18 +163,5 @@ def trial(config: dict, setup: TrialSetup, utility_threshold: float, objective_m
         screened_seconds = screen.trial_seconds
     result = evaluate_point(setup, alpha, epoch, utility_threshold, objective_metric, start)
     # the trial's work is both passes; the screening part is kept apart for the search's time split
-    result = replace(result, trial_seconds=result.trial_seconds + screened_seconds,
-                     metrics={**result.metrics, "screen_seconds": screened_seconds})
+    result = replace(result, trial_seconds=result.trial_seconds + screened_seconds, screen_seconds=screened_seconds)
     tune.report({**result.to_report(), "alpha": alpha, "epoch": epoch})
-
-
-def maybe_die(fault: str, alpha: float, epoch: int) -> None:
-    """Tests only: a trial process killed mid-trial, once (a marker file remembers), at the given alpha."""
-    if not fault:
-        return
-    opts = dict(item.split("=", 1) for item in fault.split(","))
-    marker = opts["marker"]
-    if math.isclose(alpha, float(opts["alpha"])) and not os.path.exists(marker):
-        with open(marker, "w") as f:
-            f.write(f"{epoch}\n")  # the epoch of the trial killed
-        os._exit(137)

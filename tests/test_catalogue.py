@@ -1,0 +1,102 @@
+"""The metric catalogue and the benchmark registry: names defined once, checked where a config or space names them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from uipe import metrics
+from uipe.benchmarks import BENCHMARKS, check_config, get_benchmark
+from uipe.config import load_config
+from uipe.errors import UipeError
+from uipe.results import TrialResult
+from uipe.search.space import SearchSpace
+
+
+def test_tofu_declares_its_metrics_once_with_their_roles() -> None:
+    tofu = get_benchmark("tofu")
+    assert set(BENCHMARKS) == {"tofu"} and all(m.benchmark == "tofu" for m in tofu.metrics)
+    assert len({m.name for m in tofu.metrics}) == len(tofu.metrics)
+    fq, mu = metrics.get("forget_quality"), metrics.get(tofu.utility)
+    assert fq.objective and fq.needs_reference and fq.log_scale and not fq.needs_generation
+    assert mu.utility and mu.needs_generation and not mu.objective
+    # reference-free objectives: what a deployment without a retain model can search on
+    assert metrics.objectives(reference=False) == ["holdout_ks", "mia_loss_closeness", "mia_min_k_pp_closeness"]
+    assert "forget_quality" in metrics.objectives() and "forget_quality" not in metrics.objectives(reference=False)
+
+
+def test_a_name_has_one_meaning() -> None:
+    same = metrics.get("holdout_ks")
+    metrics.register(same)  # the identical entry again (a module reload): no-op
+    with pytest.raises(UipeError, match="'holdout_ks': registered twice"):
+        metrics.register(metrics.Metric("holdout_ks", "something else", "x"))
+    with pytest.raises(UipeError, match="metric 'nope': not in the catalogue"):
+        metrics.get("nope")
+
+
+def test_derived_metrics_by_hand() -> None:
+    # closeness to chance 1 - 2|AUC - 0.5|: AUC 0.8 -> 0.4, AUC 0.35 -> 0.7; a missing input derives nothing
+    derived = metrics.derive_all({"mia_loss_auc": 0.8, "mia_min_k_pp_auc": 0.35})
+    assert derived == pytest.approx({"mia_loss_closeness": 0.4, "mia_min_k_pp_closeness": 0.7})
+    assert "mia_loss_closeness" not in metrics.derive_all({"forget_prob": 0.2})
+    assert metrics.value_of("mia_loss_closeness", {"mia_loss_auc": 0.8}) == pytest.approx(0.4)
+    assert metrics.value_of("mia_loss_closeness", {"mia_loss_closeness": 0.9, "mia_loss_auc": 0.8}) == 0.9
+    assert math.isnan(metrics.value_of("mia_loss_closeness", {}))
+
+
+def test_a_minimised_objective_is_negated_for_the_maximiser() -> None:
+    low = metrics.Metric("toy_leak", "toy leak", "leak", direction="min", objective=True)
+    metrics.register(low)
+    try:
+        r = TrialResult.scored(1.0, 2, {"toy_leak": 0.25, "model_utility": 0.5}, 0.4, 1.0, "toy_leak",
+                               "model_utility")
+        assert r.objective == -0.25 and r.metric("toy_leak") == 0.25 and r.feasible  # 0.4 - 0.5 <= 0
+    finally:
+        metrics.unregister("toy_leak")
+
+
+def test_a_record_refuses_a_metric_the_catalogue_does_not_know() -> None:
+    with pytest.raises(ValueError, match="metric 'made_up': reported by the evaluator but not in the metric"):
+        TrialResult.scored(0.5, 1, {"made_up": 1.0, "model_utility": 0.5}, 0.4, 1.0, "made_up", "model_utility")
+
+
+def test_objective_words_map_to_catalogue_names() -> None:
+    tofu = get_benchmark("tofu")
+    assert SearchSpace(method="ga").objective_metric(tofu) == "forget_quality"
+    assert SearchSpace(method="ga", objective="pareto").objective_metric(tofu) == "forget_quality"
+    assert SearchSpace(method="ga", select_on="selection_fold").objective_metric(tofu) == "forget_quality_select"
+    assert SearchSpace(method="ga", objective="reference_free").objective_metric(tofu) == "holdout_ks"
+    space = SearchSpace(method="ga", objective="reference_free", signal="mia_loss_closeness")
+    assert space.objective_metric(tofu) == "mia_loss_closeness"
+    with pytest.raises(UipeError, match="'holdout_ks' has none"):
+        SearchSpace(method="ga", objective="holdout_ks", select_on="selection_fold").objective_metric(tofu)
+
+
+@pytest.mark.parametrize(("override", "words"), [
+    ("search.objective=forget_qualty", "search.objective: 'forget_qualty' is not an objective"),
+    ("search.signal=forget_quality", "search.signal: 'forget_quality' is not a reference-free objective"),
+    ("data.benchmark=muse", "data.benchmark: unknown benchmark 'muse'"),
+])
+def test_config_names_are_checked_against_the_catalogue_in_one_line(override: str, words: str) -> None:
+    with pytest.raises(UipeError, match=words) as e:
+        check_config(load_config(None, [override]))
+    assert "\n" not in str(e.value)
+
+
+def test_a_space_file_objective_must_be_in_the_catalogue() -> None:
+    with pytest.raises(ValueError, match="'fq' is not an objective in the metric catalogue"):
+        SearchSpace(method="ga", objective="fq")
+    assert SearchSpace(method="ga", objective="holdout_ks").objective == "holdout_ks"
+
+
+def test_the_cli_refuses_an_unknown_objective_before_any_work_with_one_line() -> None:
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "uipe.cli", "config", "show", "--set", "search.signal=fq"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip().splitlines() == [
+        "uipe: error: search.signal: 'fq' is not a reference-free objective in the metric catalogue (choose from "
+        "holdout_ks, mia_loss_closeness, mia_min_k_pp_closeness)"]

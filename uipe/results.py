@@ -1,0 +1,122 @@
+"""TrialResult: one typed record per search trial, from the trial worker to the decisions, table, plots, MLflow and
+summary.
+
+The record holds the core fields every benchmark shares (the point, its objective and utility, feasibility,
+fidelity, timings, status) and a `metrics` mapping of everything the benchmark's evaluator reported, by catalogue
+name (uipe/metrics.py): a name the catalogue does not know is refused where a record is built from an evaluation.
+The trial reports it to Tune as a flat dict (`to_report`); the driver rebuilds it from what Tune kept (`from_report`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from uipe import benchmarks  # noqa: F401 - imported for its effect: every benchmark's metrics in the catalogue
+from uipe import metrics as catalogue
+
+NAN = math.nan
+CONSTRAINT = "utility_constraint"  # floor * utility(theta_ini) - utility(trial): feasible when <= 0 (Optuna's rule)
+FULL_FIDELITY = "full_fidelity"  # reported 1.0 by a full evaluation, 0.0 by a screening pass
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One (alpha, epoch) point: UIPE's theta_un + alpha*(theta_un - theta_ini) at that epoch's checkpoint, scored."""
+
+    trial_id: str
+    status: str  # "ok" or "failed"
+    alpha: float
+    epoch: int
+    objective: float = NAN  # what the search maximises (the space's objective metric, oriented to be maximised)
+    utility: float = NAN  # the benchmark's utility metric (TOFU: model utility); NaN after a screening pass
+    feasible: bool = False
+    utility_constraint: float = NAN
+    # "full": every metric, generation included; "screen": a scoring pass only (search.screening), so no utility and
+    # never feasible: such a point is never chosen nor reported at a floor
+    fidelity: str = "full"
+    trial_seconds: float = NAN
+    screen_seconds: float = 0.0  # the screening pass's part of trial_seconds
+    peak_memory_bytes: float = NAN  # the trial process's: CUDA allocated peak of this trial, else peak RSS
+    error: str = ""
+    metrics: Mapping[str, float] = field(default_factory=dict)  # the evaluator's aggregates, by catalogue name
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def full(self) -> bool:
+        """Completed at full fidelity: the only trials a choice, a front or a floor may use."""
+        return self.ok and self.fidelity == "full"
+
+    def metric(self, name: str) -> float:
+        """A reported metric by catalogue name; NaN where this trial did not report it."""
+        return float(self.metrics.get(name, NAN))
+
+    @classmethod
+    def scored(cls, alpha: float, epoch: int, aggregates: Mapping[str, float], threshold: float, seconds: float,
+               objective_metric: str, utility_metric: str, trial_id: str = "",
+               peak_memory_bytes: float = NAN) -> TrialResult:
+        """A completed trial from the evaluator's aggregates and the utility threshold (floor x utility(theta_ini));
+        without the utility metric (a screening pass generates nothing) a screened trial, infeasible until evaluated
+        in full."""
+        unknown = sorted(k for k in aggregates if not catalogue.known(k))
+        if unknown:
+            raise ValueError(f"metric {unknown[0]!r}: reported by the evaluator but not in the metric catalogue")
+        values = {k: float(v) for k, v in aggregates.items()}
+        screened = utility_metric not in values
+        utility = NAN if screened else values[utility_metric]
+        constraint = NAN if screened else threshold - utility
+        objective = catalogue.oriented(objective_metric, values.get(objective_metric, NAN))
+        return cls(trial_id, "ok", float(alpha), int(epoch), objective=objective, utility=utility,
+                   feasible=constraint <= 0, utility_constraint=constraint,
+                   fidelity="screen" if screened else "full", trial_seconds=seconds,
+                   peak_memory_bytes=peak_memory_bytes, metrics=values)
+
+    @classmethod
+    def failed(cls, trial_id: str, alpha: float, epoch: int, error: str) -> TrialResult:
+        return cls(trial_id, "failed", float(alpha), int(epoch), error=error)
+
+    def to_report(self) -> dict[str, float]:
+        """What the trial reports to Tune: every number (Tune, Optuna and the MLflow child run read these), the
+        fidelity as `full_fidelity` 1/0."""
+        return {**self.metrics, **self.numbers(), FULL_FIDELITY: float(self.fidelity == "full")}
+
+    def numbers(self) -> dict[str, float]:
+        """The record's own numeric fields (feasible as 0/1), for CSV, MLflow and summary.json."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool):
+                out[f.name] = float(v)
+            elif isinstance(v, (int, float)):
+                out[f.name] = v
+        return out
+
+    @classmethod
+    def from_report(cls, trial_id: str, config: Mapping[str, Any], reported: Mapping[str, Any]) -> TrialResult:
+        """Rebuild the record from what Tune kept of a trial's report: the core fields by name, the metrics by
+        catalogue name (Tune's own bookkeeping is neither)."""
+        numeric = {k: float(v) for k, v in reported.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        core = {k: numeric[k] for k in NUMERIC_CORE if k in numeric}
+        return cls(trial_id, "ok", float(config["alpha"]), int(config["epoch"]),
+                   feasible=numeric.get("feasible", 0.0) > 0,
+                   fidelity="full" if numeric.get(FULL_FIDELITY, 1.0) else "screen",
+                   metrics={k: v for k, v in numeric.items() if catalogue.known(k) and k not in CORE}, **core)
+
+    def summary(self) -> dict[str, Any]:
+        """The point as summary.json and the console tables show it: core fields and the headline metrics."""
+        return {"alpha": self.alpha, "epoch": self.epoch, "feasible": self.feasible,
+                "objective": or_none(self.objective), "utility": or_none(self.utility),
+                **{k: or_none(self.metric(k)) for k in catalogue.benchmark_headline(self.metrics)}}
+
+
+CORE = [f.name for f in fields(TrialResult) if f.name != "metrics"]
+NUMERIC_CORE = ("objective", "utility", CONSTRAINT, "trial_seconds", "screen_seconds", "peak_memory_bytes")
+
+
+def or_none(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
