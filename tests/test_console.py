@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -53,6 +54,179 @@ def test_plain_progress_prints_a_line_per_third(capsys: pytest.CaptureFixture) -
     assert all(re.search(r"\| \d+s, ETA \d+s$", ln) for ln in lines)
 
 
+# ---- the tables every command shows (uipe/tables.py), from summaries built by hand: no Ray --------------------------
+def _render(table: object) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=220, file=io.StringIO(), no_color=True)
+    console.print(table)
+    return console.export_text()
+
+
+def _lines(text: str, first_cell: str) -> list[list[str]]:
+    """The cells of each table row whose first cell is `first_cell`."""
+    rows = [[c.strip() for c in re.split("[│┃]", ln.strip().strip("│┃"))] for ln in text.splitlines()]
+    return [r for r in rows if r and r[0] == first_cell]
+
+
+def _point(alpha: float, epoch: int, objective: float, utility: float, **metrics: float | None) -> dict:
+    return {"alpha": alpha, "epoch": epoch, "feasible": True, "objective": objective, "utility": utility, **metrics}
+
+
+def _reference_free(method: str = "ga", signal: str = "holdout_ks", named: bool = True) -> dict:
+    """A search's summary (as result.json holds it) on a run without a retain model: no forget quality anywhere.
+    `named`: the signal is a headline metric, so each point also carries it by name."""
+    def point(alpha: float, epoch: int, obj: float, mu: float) -> dict:
+        by_name = {signal: obj} if named else {}
+        return _point(alpha, epoch, obj, mu, model_utility=mu, forget_quality=None, forget_prob=0.25,
+                      related_prob=0.5, related_rougeL=0.625, related_forget_quality=None, **by_name)
+
+    floors = {"0.95": {"base": point(0.0, 2, 0.125, 0.59), "uipe": point(0.5, 2, 0.375, 0.58)},
+              "0.9": {"base": point(0.0, 3, 0.1875, 0.56), "uipe": point(1.5, 3, 0.4375, 0.55)},
+              "0.85": {"base": None, "uipe": point(2.0, 3, 0.5625, 0.52)}}
+    return {"method": method, "objective": signal, "utility_metric": "model_utility",
+            "base": point(0.0, 3, 0.1875, 0.56), "chosen": point(0.5, 2, 0.375, 0.58), "floors": floors,
+            "theta_ini": {"model_utility": 0.62}, "utility_threshold": 0.589, "feasible": True, "trials": 12}
+
+
+def _with_forget_quality(method: str = "npo") -> dict:
+    """A search's summary with a retain model: the objective is forget quality."""
+    def point(alpha: float, epoch: int, fq: float, mu: float) -> dict:
+        return _point(alpha, epoch, fq, mu, forget_quality=fq, model_utility=mu, forget_prob=0.25, related_prob=0.5,
+                      related_rougeL=0.625, related_forget_quality=0.03125, holdout_ks=0.0625)
+
+    return {"method": method, "objective": "forget_quality", "utility_metric": "model_utility",
+            "base": point(0.0, 3, 0.0078125, 0.56), "chosen": point(1.0, 3, 0.09375, 0.57),
+            "floors": {"0.95": {"base": point(0.0, 2, 0.00390625, 0.6), "uipe": point(0.5, 2, 0.046875, 0.59)}}}
+
+
+CONTEXT = ("forget_quality", "forget_prob", "related_prob", "related_rougeL", "related_forget_quality")
+
+
+def test_the_floors_table_of_a_reference_free_search_shows_its_objective() -> None:
+    import uipe.benchmarks  # noqa: F401 - the catalogue's TOFU entries
+    from uipe.tables import floors_table
+
+    text = _render(floors_table([_reference_free()]))
+    assert "base holdout KS" in text and "UIPE holdout KS" in text and "base MU" in text, text
+    assert "FQ" not in text, text  # forget quality was neither the objective nor measured
+    rows = {r[1]: r for r in _lines(text, "ga")}
+    assert set(rows) == {"0.95", "0.9", "0.85"}, text
+    #        method floor  base epoch, holdout KS, MU   UIPE alpha, epoch, holdout KS, MU
+    assert rows["0.95"] == ["ga", "0.95", "2", "0.125", "0.590", "0.500", "2", "0.375", "0.580"], text
+    assert rows["0.9"] == ["ga", "0.9", "3", "0.188", "0.560", "1.500", "3", "0.438", "0.550"], text
+    assert rows["0.85"] == ["ga", "0.85", "-", "-", "-", "2.000", "3", "0.562", "0.520"], text  # no base point there
+
+
+def test_a_signal_outside_the_headline_is_read_from_the_objective_entry() -> None:
+    import uipe.benchmarks  # noqa: F401
+    from uipe.tables import floors_table, results_table
+
+    summary = _reference_free(signal="mia_loss_closeness", named=False)
+    floors = _render(floors_table([summary]))
+    assert "base MIA loss closeness" in floors and "UIPE MIA loss closeness" in floors, floors
+    assert _lines(floors, "ga")[0][3] == "0.125", floors
+    results = _render(results_table([summary], "tiny (forget05)", CONTEXT))
+    assert "MIA loss closeness" in results and "objective: MIA loss closeness" in results, results
+    assert [r[4] for r in _lines(results, "ga")] == ["0.188", "0.375"], results
+
+
+def test_a_minimised_objective_is_shown_as_measured_not_as_the_search_negated_it() -> None:
+    from uipe import metrics
+    from uipe.tables import floors_table
+
+    metrics.register(metrics.Metric("toy_leak", "a toy leak to minimise", "toy leak", direction="min", objective=True))
+    try:
+        point = _point(0.5, 2, -0.25, 0.6)  # the search maximised -toy_leak
+        summary = {"method": "ga", "objective": "toy_leak", "utility_metric": "model_utility",
+                   "floors": {"0.95": {"base": None, "uipe": point}}}
+        rows = _lines(_render(floors_table([summary])), "ga")
+        assert rows[0][-2:] == ["0.250", "0.600"], rows
+    finally:
+        metrics.unregister("toy_leak")
+
+
+def test_the_results_table_names_each_objective_and_keeps_the_related_columns_the_data_has() -> None:
+    import uipe.benchmarks  # noqa: F401
+    from uipe.tables import floors_table, results_table
+
+    summaries = [_with_forget_quality("npo"), _reference_free("ga")]
+    text = _render(results_table(summaries, "tiny (forget05)", CONTEXT))
+    assert _lines(text, "method") == [["method", "model", "alpha", "epoch", "FQ", "holdout KS", "MU", "forget prob",
+                                       "related prob", "related ROUGE-L", "related FQ"]], text
+    npo, ga = _lines(text, "npo"), _lines(text, "ga")
+    assert [r[1] for r in npo] == ["base", "UIPE"] and [r[4:7] for r in npo][1] == ["0.094", "0.062", "0.570"], text
+    assert [r[4:7] for r in ga] == [["-", "0.188", "0.560"], ["-", "0.375", "0.580"]], text  # no FQ without retain
+    assert [r[-1] for r in ga] == ["-", "-"] and [r[-1] for r in npo] == ["0.031", "0.031"], text
+    only_ga = _render(results_table([_reference_free("ga")], "tiny (forget05)", CONTEXT))
+    assert "related FQ" not in only_ga and "related ROUGE-L" in only_ga, only_ga  # a column only where data is
+    floors = _render(floors_table(summaries))
+    assert "base FQ" in floors and "base holdout KS" in floors, floors  # a column per objective
+
+
+def _cli(args: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from uipe.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UIPE_VERBOSE", "1")  # no descriptor redirection inside the test process
+    return CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+def test_the_search_command_shows_the_methods_rows_not_its_json(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    import json
+
+    import uipe.search.driver
+
+    summary = _reference_free("ga")
+    monkeypatch.setattr(uipe.search.driver, "run_search", lambda *a, **k: summary)
+    args = ["search", "--method", "ga", "--run-dir", str(tmp_path / "run")]
+    shown = _cli(args, monkeypatch, tmp_path)
+    assert shown.exit_code == 0, shown.output
+    out = shown.stdout
+    assert "UIPE on tiny" in out and "Best point at each utility floor" in out, out
+    assert [r[1] for r in _lines(out, "ga")] == ["base", "UIPE", "0.95", "0.9", "0.85"], out
+    assert "base holdout KS" in out and '"floors"' not in out, out
+    assert f"summary: {tmp_path / 'run' / 'search' / 'ga' / 'result.json'}" in out, out
+    scripted = _cli(args + ["--json"], monkeypatch, tmp_path)
+    assert scripted.exit_code == 0 and json.loads(scripted.stdout) == summary, scripted.output
+
+
+def test_the_evaluate_command_shows_a_table_and_prints_json_only_when_asked(monkeypatch: pytest.MonkeyPatch,
+                                                                            tmp_path: Path) -> None:
+    import json
+
+    import uipe.cli
+
+    result = {"forget_quality": 0.25, "model_utility": 0.5, "forget_prob": 0.125, "retain_prob": 0.75,
+              "fidelity": "full", "per_item": {"forget": {"answer_nll": [1.0, 2.0]}}}
+    monkeypatch.setattr(uipe.cli, "evaluate_cli", lambda *a, **k: result)
+    args = ["evaluate", "--model", "m", "--data", "d", "--out", str(tmp_path / "metrics.json"), "--run-dir",
+            str(tmp_path / "run")]
+    shown = _cli(args, monkeypatch, tmp_path)
+    assert shown.exit_code == 0, shown.output
+    rows = {name: _lines(shown.stdout, name)[0] for name in ("FQ", "MU", "forget prob")}
+    assert rows["FQ"][1] == "0.250" and rows["FQ"][2].startswith("forget quality"), shown.stdout
+    assert rows["MU"][1] == "0.500" and rows["forget prob"][1] == "0.125", shown.stdout
+    assert "retain prob" not in shown.stdout and "{" not in shown.stdout, shown.stdout  # headline metrics only
+    assert f"every metric and per-item value: {tmp_path / 'metrics.json'}" in shown.stdout, shown.stdout
+    scripted = _cli(args + ["--json"], monkeypatch, tmp_path)
+    assert json.loads(scripted.stdout) == {"forget_quality": 0.25, "model_utility": 0.5, "forget_prob": 0.125}
+
+
+def test_the_gate_line_says_there_is_no_retain_model() -> None:
+    from uipe.gate import summary_line
+
+    target = {"gate_rouge_l": {"forget": 0.9, "retain": 0.8}, "model_utility": 0.6, "path": "t"}
+    line = summary_line({"target": target})
+    assert line == ("prepare gate passed: target: ROUGE-L >= 0.80 on 2 splits (lowest retain), utility 0.600; "
+                    "retain: no retain model (prepare.retain: false)")
+    given = summary_line({"target": {"path": "t", "trained": False}, "retain": {**target, "path": "r"}})
+    assert "target: given, not gated" in given and "utility gap" not in given
+
+
 # ---- the real thing: `uipe run` as a user runs it, output to a file (conftest.served_run) -------------------------
 RAY_INTERNALS = ("pid=", "RayTrainWorker", "PlacementGroupCleaner", "PreemptionWatcher", "core_worker", "Tune",
                  "tensorboard", "Checkpoint successfully", "Loading weights", "Writing model shards")
@@ -90,7 +264,7 @@ def test_a_failed_fit_is_one_line_on_the_console_and_a_traceback_in_the_log(unle
     marker = tmp_path / "fault-marker"
     rc = run_uipe(["unlearn", "--method", "kl", "--run-dir", str(unlearned_run.root), "--set", "unlearn.epochs=2",
                    "--set", "train.max_failures=0"], ray_session, out,
-                  {"UIPE_TEST_FAULT": f"epoch=1,rank=0,marker={marker}"})
+                  {"UIPE_FAULTS": f"train.step:raise,epoch=1,rank=0,marker={marker}"})
     lines = out.read_text().splitlines()
     assert rc == 1, lines
     errors = [ln for ln in lines if ln.startswith("uipe: error:")]

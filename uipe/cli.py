@@ -45,16 +45,19 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.
 MethodOpt = Annotated[str, typer.Option("--method", "-m", help="ga, graddiff, kl, npo, simnpo or idkdpo.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's, Tune's and transformers' own output "
                                           "on the console (default: in <run-dir>/logs/; also UIPE_VERBOSE=1).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout, for scripts (uipe's own "
+                                       "lines go to stderr).")]
 
 
-def _quiet(paths, command: str, verbose: bool):
-    """The console shows uipe's stages, progress and results; everything else goes to <run-dir>/logs/."""
+def _quiet(paths, command: str, verbose: bool, data: bool = False):
+    """The console shows uipe's stages, progress and results; everything else goes to <run-dir>/logs/. `data`
+    (--json): stdout holds the JSON alone."""
     import time
 
     from uipe.console import quiet, verbose_requested
 
     log = paths.root / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    return quiet(log, verbose_requested(verbose), until_exit=True)
+    return quiet(log, verbose_requested(verbose), until_exit=True, data=data)
 
 
 def _data_source(cfg, paths) -> str:
@@ -68,17 +71,23 @@ def _setup(config: Path | None, run_dir: Path | None, overrides: list[str] | Non
     from uipe.config import load_config
     from uipe.paths import RunPaths
 
+    from uipe.benchmarks import check_config
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(config, overrides or [])
+    check_config(cfg)  # names from the benchmark's catalogue (objective, signal): a typo fails here, not mid-run
     return cfg, RunPaths.of(run_dir or Path("runs") / cfg.name)
 
 
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved configuration (defaults filled in, overrides applied) as YAML."""
+    from uipe.benchmarks import check_config
     from uipe.config import load_config, to_yaml
 
-    typer.echo(to_yaml(load_config(config, set_ or [])), nl=False)
+    cfg = load_config(config, set_ or [])
+    check_config(cfg)
+    typer.echo(to_yaml(cfg), nl=False)
 
 
 @data_app.command("synth")
@@ -182,14 +191,28 @@ def evaluate(model: Annotated[Path, typer.Option("--model")],
              forget_split: Annotated[Optional[str], typer.Option("--forget-split")] = None,
              retain_reference: Annotated[Optional[Path], typer.Option("--retain-reference")] = None,
              subset: Annotated[Optional[int], typer.Option(help="Items per split (lower fidelity).")] = None,
-             config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
-    """TOFU evaluation of one model: forget quality, model utility, related-knowledge forgetting."""
+             config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False,
+             json_: JsonOpt = False) -> None:
+    """Evaluate one model: a table of its headline metrics (forget quality, model utility, related-knowledge
+    forgetting); every aggregate and per-item value in --out."""
+    from uipe.benchmarks import get_benchmark
+    from uipe.console import data as print_data
+    from uipe.console import say, show_table
+    from uipe.tables import headline_values, metrics_table
+
     cfg, paths = _setup(config, run_dir, set_)
+    get_benchmark(cfg.data.benchmark)  # its metrics in the catalogue, for the table's labels
     eval_cfg = cfg.eval.model_copy(update={"subset": subset}) if subset else cfg.eval
-    result = evaluate_cli(model, data or _data_source(cfg, paths), forget_split or cfg.data.forget_split,
-                          retain_reference or paths.retain_reference, out, cfg.model.prompt_template, eval_cfg,
-                          cfg.model.dtype, cfg.model.max_length)
-    typer.echo(json.dumps({k: result[k] for k in ("forget_quality", "model_utility")}))
+    with _quiet(paths, "evaluate", verbose, data=json_):
+        split = forget_split or cfg.data.forget_split
+        result = evaluate_cli(model, data or _data_source(cfg, paths), split,
+                              retain_reference or paths.retain_reference, out, cfg.model.prompt_template, eval_cfg,
+                              cfg.model.dtype, cfg.model.max_length)
+        if json_:
+            print_data(json.dumps(headline_values(result)))
+            return
+        show_table(metrics_table(result, f"{model} ({split}, {result.get('fidelity', 'full')})"))
+        say(f"every metric and per-item value: {out}")
 
 
 @app.command()
@@ -220,16 +243,25 @@ def search(method: MethodOpt, config: ConfigOpt = None, run_dir: RunDirOpt = Non
            space: Annotated[Optional[Path], typer.Option("--space", help="Space file (default tune_spaces/<m>.yaml).")]
            = None,
            resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search.")] = False,
-           verbose: VerboseOpt = False) -> None:
-    """Ray Tune + Optuna over alpha and checkpoint epoch; a cheap extrapolate-then-evaluate trial each."""
+           verbose: VerboseOpt = False, json_: JsonOpt = False) -> None:
+    """Ray Tune + Optuna over alpha and checkpoint epoch; a cheap extrapolate-then-evaluate trial each. Shows the
+    method's rows of `uipe run`'s tables; the whole summary is in <run-dir>/search/<method>/result.json."""
     from uipe.search.driver import run_search
+    from uipe.search.outcome import RESULT_FILE
 
     cfg, paths = _setup(config, run_dir, set_)
     cfg.method_params(method)
+    from uipe.console import data as print_data
     from uipe.console import say
+    from uipe.tables import show_search_tables
 
-    with _quiet(paths, f"search-{method}", verbose):
-        say(json.dumps(run_search(cfg, paths, method, space, resume), indent=1, default=str))
+    with _quiet(paths, f"search-{method}", verbose, data=json_):
+        summary = run_search(cfg, paths, method, space, resume)
+        if json_:
+            print_data(json.dumps(summary, indent=1, default=str))
+            return
+        show_search_tables([summary], cfg)
+        say(f"summary: {paths.search(method) / RESULT_FILE}")
 
 
 @app.command()

@@ -3,7 +3,8 @@
 Everything else (Ray's forwarded worker output, its C++ core logs, Tune's status boxes, transformers' bars) goes to a
 log file in the run folder: `quiet(log_file)` points file descriptors 1 and 2 at the log, so even output written
 below Python lands there, and this module keeps a handle on the real terminal. `--verbose` (or UIPE_VERBOSE=1) leaves
-the descriptors alone and shows all of it, as before.
+the descriptors alone and shows all of it, as before. A command's `--json` (`quiet(..., data=True)`) keeps standard
+output for the JSON alone (`data(text)`): uipe's own lines, progress included, then go to standard error.
 
 On a terminal the progress is a rich display that redraws in place; in a file (CI, `| tee`) it is plain lines, a few
 per task (at each third of the work and at least every PLAIN_EVERY_S seconds), never cursor codes.
@@ -36,6 +37,7 @@ class _Terminal:
     def __init__(self) -> None:
         self.console = Console(highlight=False, width=WIDTH)
         self.errors: IO[str] | None = None  # the terminal's stderr while output is quiet; else sys.stderr
+        self.data: IO[str] | None = None  # where `data` writes (the terminal's stdout) in --json mode; else sys.stdout
         self.log_file: Path | None = None
         self.live: bool = False
         self._progress: Progress | None = None
@@ -71,6 +73,11 @@ TERMINAL = _Terminal()
 
 def say(text: str) -> None:
     TERMINAL.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def data(text: str) -> None:
+    """Output for scripts (a command's --json): on standard output, with nothing of uipe's own beside it."""
+    print(text, file=TERMINAL.data or sys.stdout, flush=True)
 
 
 def error(text: str) -> None:
@@ -136,21 +143,31 @@ class Task:
 
 
 @contextlib.contextmanager
-def quiet(log_file: Path, verbose: bool = False, until_exit: bool = False) -> Iterator[None]:
+def quiet(log_file: Path, verbose: bool = False, until_exit: bool = False, data: bool = False) -> Iterator[None]:
     """Run the block with the process's output in `log_file` and only uipe's own lines on the console.
 
     An unexpected exception is written to the log with its traceback and re-raised as one line (exit 1) that says
     where the log is; a UipeError keeps its own line. `until_exit` (the CLI) leaves the output in the log after the
-    block too: Ray forwards its workers' last lines asynchronously, up to its own shutdown at exit.
+    block too: Ray forwards its workers' last lines asynchronously, up to its own shutdown at exit. `data` (--json):
+    standard output holds only what `data()` writes; uipe's own lines go to standard error.
     """
     if verbose:
-        yield
+        if not data:
+            yield
+            return
+        previous = (TERMINAL.console, TERMINAL.errors, TERMINAL.log_file, TERMINAL.live, TERMINAL.data)
+        TERMINAL.point_at(sys.stderr, sys.stderr, None)
+        TERMINAL.data = sys.stdout
+        try:
+            yield
+        finally:  # nothing was redirected, so nothing of Ray's can arrive late: restore now
+            TERMINAL.console, TERMINAL.errors, TERMINAL.log_file, TERMINAL.live, TERMINAL.data = previous
         return
     log_file.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
-    previous = (TERMINAL.console, TERMINAL.errors, TERMINAL.log_file, TERMINAL.live)
+    previous = (TERMINAL.console, TERMINAL.errors, TERMINAL.log_file, TERMINAL.live, TERMINAL.data)
     streams = sys.stdout, sys.stderr
     log = open(log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed when output is restored
     os.dup2(log.fileno(), 1)  # below Python: C++ core logs, subprocesses
@@ -158,7 +175,8 @@ def quiet(log_file: Path, verbose: bool = False, until_exit: bool = False) -> It
     sys.stdout = sys.stderr = log  # Python's own streams, even where something replaced them
     out = os.fdopen(saved_out, "w", buffering=1, encoding="utf-8")
     err = os.fdopen(saved_err, "w", buffering=1, encoding="utf-8")
-    TERMINAL.point_at(out, err, log_file)
+    TERMINAL.point_at(err if data else out, err, log_file)
+    TERMINAL.data = out if data else None
     say(f"log: {log_file}")
     try:
         yield
@@ -174,7 +192,7 @@ def quiet(log_file: Path, verbose: bool = False, until_exit: bool = False) -> It
             sys.stdout, sys.stderr = streams
             os.dup2(out.fileno(), 1)
             os.dup2(err.fileno(), 2)
-            TERMINAL.console, TERMINAL.errors, TERMINAL.log_file, TERMINAL.live = previous
+            TERMINAL.console, TERMINAL.errors, TERMINAL.log_file, TERMINAL.live, TERMINAL.data = previous
             out.close()
             err.close()
             log.close()

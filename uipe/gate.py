@@ -92,11 +92,14 @@ def gate_figures(meta: Mapping[str, Any]) -> tuple[dict[str, float], float | Non
 
 
 def summary_line(models: Mapping[str, Mapping[str, Any]]) -> str:
-    """One line for the console: each model's worst split and its utility, and the gap between them."""
+    """One line for the console: each model's worst split and its utility, and the gap between them. A role prepare
+    did not return has no model: the retain model with prepare.retain false (a run with a reference-free objective)."""
     parts = []
     for role in ("target", "retain"):
         rouge, mu = gate_figures(models.get(role, {}))
-        if rouge:
+        if role not in models:
+            parts.append("retain: no retain model (prepare.retain: false)" if role == "retain" else f"{role}: none")
+        elif rouge:
             worst = min(rouge, key=rouge.__getitem__)
             parts.append(f"{role}: ROUGE-L >= {rouge[worst]:.2f} on {len(rouge)} splits (lowest {worst}), "
                          f"utility {mu:.3f}" if mu is not None else f"{role}: ROUGE-L >= {rouge[worst]:.2f}")

@@ -1,5 +1,5 @@
 """`uipe run`: the main job. Data, reference models, the retain reference, then per method: unlearning (Ray Train)
-and the alpha search (Ray Tune + Optuna), and a table of the base method beside UIPE.
+and the alpha search (Ray Tune + Optuna), and the tables of the base method beside UIPE (uipe/tables.py).
 
     uipe run                                       # the embedded tiny benchmark, offline, 2 CPU cores, minutes
     uipe run --config configs/tofu_llama2_7b.yaml  # the same pipeline on a GPU cluster
@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import time
 
-from rich.table import Table
-
 from uipe.config import ExperimentConfig
-from uipe.console import say, show_table, stage
+from uipe.console import say, stage
 from uipe.io import atomic_write_json, exclusive
 from uipe.paths import RunPaths
-from uipe.report import fmt
+from uipe.tables import show_search_tables
+
 
 def ensure_reference(cfg: ExperimentConfig, paths: RunPaths, data: str) -> str:
     """The retain model's truth ratios, computed once (or TOFU's published logs when configured)."""
@@ -31,41 +30,6 @@ def ensure_reference(cfg: ExperimentConfig, paths: RunPaths, data: str) -> str:
                                       cfg.model.prompt_template, cfg.eval, cfg.model.max_length)
     load_or_compute_reference(paths.retain_reference, evaluator.full_fidelity(), paths.retain_model, cfg.model.dtype)
     return str(paths.retain_reference)
-
-
-def results_table(summaries: list[dict], cfg: ExperimentConfig) -> Table:
-    table = Table(title=f"UIPE on {cfg.name} ({cfg.data.forget_split}): base method at its best epoch vs UIPE")
-    # a reference-free search chose by its own signal: show it beside forget quality (empty without a retain model)
-    signals = sorted({s.get("objective", "forget_quality") for s in summaries} - {"forget_quality"})
-    for col in ("method", "model", "alpha", "epoch", *signals, "forget quality", "utility", "forget prob",
-                "related prob", "related ROUGE-L", "related FQ"):
-        table.add_column(col, justify="right" if col not in ("method", "model") else "left")
-    for s in summaries:
-        for label, row in (("base", s["base"]), ("UIPE", s["chosen"])):
-            if not row:
-                continue
-            own = [fmt(row.get("objective")) if name == s.get("objective") else "-" for name in signals]
-            table.add_row(s["method"], label + ("" if row.get("feasible") else " (infeasible)"), fmt(row["alpha"]),
-                          str(row["epoch"]), *own, fmt(row["forget_quality"]), fmt(row["model_utility"]),
-                          fmt(row.get("forget_prob")), fmt(row.get("related_prob")), fmt(row.get("related_rougeL")),
-                          fmt(row.get("related_forget_quality")))
-    return table
-
-
-def floors_table(summaries: list[dict], cfg: ExperimentConfig) -> Table:
-    """The best point of the base method and of UIPE at each utility floor (a fraction of theta_ini's utility): the
-    trade-off is the user's choice; the space file's utility_floor only picks the registered champion."""
-    table = Table(title="Best point at each utility floor (objective: the search's; '-': no trial reaches the floor)")
-    for col in ("method", "floor", "base epoch", "base FQ", "base utility", "UIPE alpha", "UIPE epoch", "UIPE FQ",
-                "UIPE utility"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for s in summaries:
-        for floor, arms in s.get("floors", {}).items():
-            base, uipe = arms["base"] or {}, arms["uipe"] or {}
-            table.add_row(s["method"], floor, str(base.get("epoch", "-")), fmt(base.get("forget_quality")),
-                          fmt(base.get("model_utility")), fmt(uipe.get("alpha")), str(uipe.get("epoch", "-")),
-                          fmt(uipe.get("forget_quality")), fmt(uipe.get("model_utility")))
-    return table
 
 
 def run_pipeline(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
@@ -97,8 +61,7 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
         unlearn(cfg, paths.root, method)
         stage(f"search {method}: alpha and epoch")
         summaries.append(run_search(cfg, paths, method, None, resume=True))  # reuses or resumes
-    show_table(results_table(summaries, cfg))
-    show_table(floors_table(summaries, cfg))
+    show_search_tables(summaries, cfg)
     atomic_write_json(paths.root / "summary.json", {"config": cfg.model_dump(mode="json"), "methods": summaries,
                                                      "seconds": time.time() - start})
     uri = tracking_uri(cfg, paths)
