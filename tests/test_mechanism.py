@@ -16,6 +16,7 @@ from uipe.errors import UipeError
 from uipe.study.aggregate import aggregate, markdown as study_markdown
 from uipe.study.mechanism_report import compare, markdown, plot
 from uipe.study.reconstruction import arm_configs, derive_data, prepare_workers
+from uipe.study.records import BASE, MORE, UIPE, ArmPoint, MethodRecord, SeedResult
 from uipe.study.sweep import gains, markdown as sweep_markdown, parse_vary, plot as sweep_plot, setting_configs
 
 T_975_1 = 12.706205  # t_{0.975, 1}
@@ -139,13 +140,14 @@ def test_vary_is_parsed_and_each_value_is_one_validated_configuration() -> None:
         setting_configs(load_config(), "data.forget_split", ["forget05", "forget50"])
 
 
-def _pt(fq: float) -> dict:
-    return {"forget_quality": fq, "forget_quality_report": fq, "forget_quality_select": fq, "model_utility": 0.75}
+def _pt(fq: float) -> ArmPoint:
+    return ArmPoint(alpha=0.5, epoch=3, utility=0.75, utility_ratio=0.96, forget_quality=fq, forget_quality_select=fq,
+                    forget_quality_report=fq, forget_prob=0.4)
 
 
-def _seed(seed: int, base: float, uipe: float) -> dict:
-    arms = {"base": {"0.9": _pt(base)}, "more": {"0.9": None}, "uipe": {"0.9": _pt(uipe)}}
-    return {"seed": seed, "methods": {"ga": {"arms": arms, "hypervolume": {"base": 0.1, "more": None, "uipe": 0.3}}}}
+def _seed(seed: int, base: float, uipe: float) -> SeedResult:
+    arms = {BASE: {0.9: _pt(base)}, MORE: {0.9: None}, UIPE: {0.9: _pt(uipe)}}
+    return SeedResult(seed, {"ga": MethodRecord(arms, hypervolume={BASE: 0.1, MORE: None, UIPE: 0.3})})
 
 
 def test_the_sweep_tabulates_uipe_minus_base_per_setting(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ checks (numbers worked by hand); then the command's refusals of bad input, which
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -12,9 +13,12 @@ import pytest
 
 from uipe.data.records import TofuRecord, author_folds
 from uipe.errors import UipeError
-from uipe.report import best_at_floors, from_csv, to_csv
-from uipe.search.result import TrialResult
+from uipe.decisions import best_at_floors
+from uipe.report import from_csv, to_csv
+from uipe.results import TrialResult
 from uipe.study.arms import at_floors, hypervolume, matched_utility, method_record, signal_checks
+from uipe.study.aggregate import aggregate
+from uipe.study.records import ArmPoint, SeedResult, SignalCheck, read_seeds
 
 
 def _rec(author: str | None, i: int) -> TofuRecord:
@@ -35,9 +39,9 @@ def test_author_folds_alternate_whole_authors_in_order_of_appearance() -> None:
 def _t(alpha: float, epoch: int, fq: float, mu: float, prob: float = 0.5, sel: float | None = None,
        ks: float = math.nan, auc: float = math.nan) -> TrialResult:
     sel = fq if sel is None else sel
-    return TrialResult(f"{alpha}-{epoch}", "ok", alpha, epoch, forget_quality=fq, forget_quality_select=sel,
-                       forget_quality_report=fq / 2, model_utility=mu, objective=sel, forget_prob=prob,
-                       holdout_ks=ks, mia_loss_auc=auc)
+    return TrialResult(f"{alpha}-{epoch}", "ok", alpha, epoch, objective=sel, utility=mu, metrics={
+        "forget_quality": fq, "forget_quality_select": sel, "forget_quality_report": fq / 2, "model_utility": mu,
+        "forget_prob": prob, "holdout_ks": ks, "mia_loss_auc": auc})
 
 
 SEARCH = [_t(0.0, 1, 0.01, 0.78, 0.8), _t(0.0, 2, 0.02, 0.74, 0.6), _t(1.0, 1, 0.05, 0.765, 0.5),
@@ -47,21 +51,25 @@ SEARCH = [_t(0.0, 1, 0.01, 0.78, 0.8), _t(0.0, 2, 0.02, 0.74, 0.6), _t(1.0, 1, 0
 def test_each_arm_chooses_its_best_point_above_each_floor() -> None:
     # theta_ini's utility 0.8: floors 0.95 -> 0.76, 0.9 -> 0.72, 0.8 -> 0.64 (utilities kept off the edges)
     base = at_floors([r for r in SEARCH if r.alpha == 0], 0.8, [0.95, 0.9, 0.8])
-    assert base["0.95"]["epoch"] == 1 and base["0.9"]["epoch"] == 2 and base["0.8"]["forget_quality"] == 0.02
+    assert base[0.95].epoch == 1 and base[0.9].epoch == 2 and base[0.8].forget_quality == 0.02
     uipe = at_floors(SEARCH, 0.8, [0.95, 0.9, 0.8])
-    assert (uipe["0.95"]["alpha"], uipe["0.9"]["alpha"], uipe["0.8"]["alpha"]) == (1.0, 1.0, 2.0)
-    assert uipe["0.8"]["utility_ratio"] == pytest.approx(0.66 / 0.8)
-    assert at_floors(SEARCH, 0.8, [1.0])["1.0"] is None  # nothing reaches theta_ini's own utility
+    assert (uipe[0.95].alpha, uipe[0.9].alpha, uipe[0.8].alpha) == (1.0, 1.0, 2.0)
+    assert uipe[0.8].utility_ratio == pytest.approx(0.66 / 0.8)
+    assert at_floors(SEARCH, 0.8, [1.0])[1.0] is None  # nothing reaches theta_ini's own utility
     # the run's own table: the same rule, base and UIPE side by side
     floors = best_at_floors(SEARCH, 0.8, (0.95, 0.8))
     assert floors["0.95"]["base"]["epoch"] == 1 and floors["0.8"]["uipe"]["alpha"] == 2.0
 
 
+def _point(forget_prob: float, utility: float) -> ArmPoint:
+    return ArmPoint(1.0, 2, utility, utility / 0.8, 0.1, 0.1, 0.1, forget_prob)
+
+
 def test_matched_utility_interpolates_the_base_trajectory_in_forget_probability() -> None:
     trajectory = [(0.9, 0.80), (0.5, 0.70), (0.1, 0.50)]
     # at forget prob 0.3: halfway between (0.1, 0.50) and (0.5, 0.70) -> 0.60; UIPE at 0.66 is 0.06 better
-    assert matched_utility({"forget_prob": 0.3, "model_utility": 0.66}, trajectory) == pytest.approx(0.06)
-    assert matched_utility({"forget_prob": 0.05, "model_utility": 0.66}, trajectory) is None  # beyond the base
+    assert matched_utility(_point(0.3, 0.66), trajectory) == pytest.approx(0.06)
+    assert matched_utility(_point(0.05, 0.66), trajectory) is None  # beyond the base
     assert matched_utility(None, trajectory) is None
 
 
@@ -80,16 +88,16 @@ def test_signal_checks_rank_correlation_and_regret() -> None:
     rows = [_t(0.0, 1, 0.01, 0.78, ks=0.1, auc=0.5), _t(0.0, 2, 0.02, 0.74, ks=0.2, auc=0.6),
             _t(1.0, 1, 0.05, 0.765, ks=0.3, auc=0.7), _t(2.0, 2, 0.40, 0.66, ks=0.9, auc=0.9)]
     out = signal_checks(rows, 0.7)
-    assert out["holdout_ks"] == {"spearman": pytest.approx(1.0), "regret": pytest.approx(0.0)}
-    assert out["mia_loss_closeness"]["spearman"] == pytest.approx(-1.0)
-    assert out["mia_loss_closeness"]["regret"] == pytest.approx(math.log10(5))
+    assert out["holdout_ks"] == SignalCheck(spearman=pytest.approx(1.0), regret=pytest.approx(0.0))
+    assert out["mia_loss_closeness"].spearman == pytest.approx(-1.0)
+    assert out["mia_loss_closeness"].regret == pytest.approx(math.log10(5))
 
 
 def test_method_record_keeps_every_arm_and_the_trajectory_from_theta_ini() -> None:
     longer = [_t(0.0, e, fq, mu, prob) for e, fq, mu, prob in [(1, 0.01, 0.78, 0.8), (2, 0.02, 0.74, 0.6),
                                                                 (3, 0.08, 0.70, 0.4), (4, 0.3, 0.62, 0.1)]]
     start = {"model_utility": 0.8, "forget_quality": 1e-4, "forget_prob": 0.9}
-    rec = method_record(SEARCH, longer, start, 0.76, [0.95, 0.8], 2, 4)
+    rec = method_record(SEARCH, longer, start, 0.76, [0.95, 0.8], 2, 4).to_json()  # as study.json keeps it
     assert rec["arms"]["more"]["0.8"]["epoch"] == 3 and rec["arms"]["base"]["0.8"]["epoch"] == 2
     # UIPE at 0.8: alpha 2, forget prob 0.2, utility 0.66; the longer run passes 0.2 between epoch 3 (0.4, 0.70)
     # and epoch 4 (0.1, 0.62): 0.62 + (0.2 - 0.1) / 0.3 * 0.08 = 0.64667 -> +0.01333
@@ -103,16 +111,64 @@ def test_method_record_without_the_more_baseline_leaves_it_empty_not_zero() -> N
     # study.more_baseline: false passes no longer run: the arm has no point at any floor and no hypervolume (None,
     # so the aggregate drops it), while base and UIPE are as with it
     start = {"model_utility": 0.8, "forget_quality": 1e-4, "forget_prob": 0.9}
-    rec = method_record(SEARCH, [], start, 0.76, [0.95, 0.8], 2, 4)
+    rec = method_record(SEARCH, [], start, 0.76, [0.95, 0.8], 2, 4).to_json()  # as study.json keeps it
     assert rec["arms"]["more"] == {"0.95": None, "0.8": None} and rec["hypervolume"]["more"] is None
     assert rec["arms"]["base"]["0.8"]["epoch"] == 2 and rec["hypervolume"]["base"] > 0
     assert rec["matched_utility"] == {"0.95": None, "0.8": None}
 
 
+def _seed_result(seed: int) -> SeedResult:
+    longer = [_t(0.0, e, fq, mu, prob) for e, fq, mu, prob in [(1, 0.01, 0.78, 0.8), (2, 0.02, 0.74, 0.6),
+                                                                (3, 0.08, 0.70, 0.4), (4, 0.3, 0.62, 0.1)]]
+    start = {"model_utility": 0.8, "forget_quality": 1e-4, "forget_prob": 0.9, "related_prob": None}
+    return SeedResult(seed, {"ga": method_record(SEARCH, longer, start, 0.76, [0.95, 0.8], 2, 4),
+                             "npo": method_record(SEARCH, [], start, 0.76, [0.95, 0.8], 2, 4)}, f"st/seed-{seed}")
+
+
+def test_a_seed_result_round_trips_through_its_json_unchanged(tmp_path: Path) -> None:
+    res = _seed_result(3)
+    text = json.dumps(res.to_json(), indent=2, sort_keys=True)  # as study.json is written (uipe.io)
+    again = SeedResult.from_json(json.loads(text), "study.json: seeds #0")
+    assert again == res and json.dumps(again.to_json(), indent=2, sort_keys=True) == text
+    # study.json's layout: what a study folder made before the records were typed holds, and docs/RESULTS.md reads
+    layout = res.to_json()["methods"]["ga"]
+    assert sorted(layout) == ["arms", "epochs", "fronts", "hypervolume", "longer_epochs", "matched_utility",
+                              "signals", "theta_ini"]
+    assert sorted(layout["arms"]["uipe"]["0.8"]) == sorted(["alpha", "epoch", "model_utility", "utility_ratio",
+                                                              "forget_quality", "forget_quality_select",
+                                                              "forget_quality_report", "forget_prob"])
+    (tmp_path / "study.json").write_text(json.dumps({"seeds": [res.to_json(), _seed_result(4).to_json()]}))
+    assert read_seeds(tmp_path / "study.json") == [res, _seed_result(4)]
+
+
+@pytest.mark.parametrize("path, key, where", [
+    (("methods", "ga", "arms", "uipe", "0.8", "forget_quality_report"), "forget_quality_report",
+     "seeds #1 (seed 4), method ga, arm uipe, floor 0.8"),
+    (("methods", "npo", "arms", "more"), "more", "seeds #1 (seed 4), method npo, arms"),
+    (("methods", "ga", "signals", "holdout_ks", "regret"), "regret", "seeds #1 (seed 4), method ga, signal holdout_ks"),
+    (("methods",), "methods", "seeds #1 (seed 4)"),
+    (("seed",), "seed", "seeds #1"),
+])
+def test_a_seed_record_missing_a_required_key_fails_with_one_line_naming_it_and_where(
+        tmp_path: Path, path: tuple[str, ...], key: str, where: str) -> None:
+    bad = _seed_result(4).to_json()
+    parent = bad
+    for k in path[:-1]:
+        parent = parent[k]
+    del parent[path[-1]]
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps({"seeds": [_seed_result(3).to_json(), bad]}))
+    with pytest.raises(UipeError) as e:
+        read_seeds(study)
+    assert str(e.value) == f"{study}: {where}: no '{key}'"
+    with pytest.raises(UipeError, match=f"^seed result #0.*: no '{key}'$"):  # the aggregate reads the same way
+        aggregate([bad], [0.95, 0.8])
+
+
 def test_results_csv_reads_back_as_it_was_written() -> None:
     again = from_csv(to_csv(SEARCH))
     assert to_csv(again) == to_csv(SEARCH)
-    assert [r.ok for r in again].count(False) == 1 and again[0].forget_quality_report == 0.005
+    assert [r.ok for r in again].count(False) == 1 and again[0].metric("forget_quality_report") == 0.005
 
 
 def _study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -167,6 +223,8 @@ def _kill_when(proc: subprocess.Popen, ready: Path, timeout: float = 600) -> Non
     proc.wait(timeout=60)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_study_of_two_seeds_resumes_after_a_kill_and_aggregates_per_seed_values(ray_session, tmp_path: Path) -> None:
     import json
     import os

@@ -1,32 +1,48 @@
-"""Per-seed study records aggregated over seeds: t intervals, paired UIPE-minus-baseline differences, the Markdown
-report and two PNGs.
+"""Per-seed study records (uipe/study/records.py) aggregated over seeds: t intervals, paired UIPE-minus-baseline
+differences, the Markdown report and two PNGs.
 
 Forget quality is a KS p-value spanning many decades, so it is averaged as log10 (a geometric mean) and UIPE is
 compared to a baseline by the per-seed difference of log10 forget quality, only over seeds where both arms have a
-feasible point at that utility floor. Pure functions over JSON-shaped dicts (see uipe/study/driver.py).
+feasible point at that utility floor. Pure functions over typed seed results (or their JSON, read with from_json).
+
+The aggregate itself is a JSON-shaped dict, written as is to study.json: a table of t intervals keyed by method,
+arm, floor and statistic, read only by the Markdown, the plots and the sweep's table, which are tables keyed the
+same way.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
+from uipe.decisions import floor_key
 from uipe.errors import UipeError
-from uipe.report import floor_key
+from uipe.study.records import ARMS, BASE, MORE, UIPE, UTILITY, ArmPoint, MethodRecord, SeedResult, seed_results
 from uipe.study.render import ci, diff, finish_figure, geo, label, md_table
 
-ARMS = ("base", "more", "uipe")
-PAIRS = {"uipe-base": ("uipe", "base"), "uipe-more": ("uipe", "more")}
-# point key -> aggregate key; forget qualities are averaged on log10
-POINT_METRICS = {"log10_fq_report": "forget_quality_report", "log10_fq": "forget_quality",
-                 "log10_fq_select": "forget_quality_select", "model_utility": "model_utility"}
-PAIRED_METRICS = ("log10_fq_report", "log10_fq")
+UIPE_BASE, UIPE_MORE = f"{UIPE}-{BASE}", f"{UIPE}-{MORE}"
+PAIRS = {UIPE_BASE: (UIPE, BASE), UIPE_MORE: (UIPE, MORE)}
 FQ_FLOOR = 1e-300  # a KS p-value can underflow to 0
+# log10 forget quality at a chosen point, as the aggregate names it: on the fold the search did not choose on (what
+# the study reports), on the whole forget split, and on the fold it chose on
+REPORTED, COMBINED, SELECTED = "log10_fq_report", "log10_fq", "log10_fq_select"
+
+
+def _log10(x: float) -> float | None:
+    """log10 forget quality; None for a metric that was not measured (NaN)."""
+    return log10_fq(_num_or_none(x))
+
+
+# the aggregate's statistic -> its value at a chosen point; forget qualities are averaged on log10
+POINT_METRICS: dict[str, Callable[[ArmPoint], float | None]] = {
+    REPORTED: lambda p: _log10(p.forget_quality_report), COMBINED: lambda p: _log10(p.forget_quality),
+    SELECTED: lambda p: _log10(p.forget_quality_select), UTILITY: lambda p: _num_or_none(p.utility)}
+PAIRED_METRICS = (REPORTED, COMBINED)
 
 
 def _clean(values: Sequence[float | None]) -> list[float]:
@@ -71,52 +87,38 @@ def _paired(diffs: Sequence[float]) -> dict:
     return {**t_interval(diffs), "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs)}
 
 
-def _point_value(point: dict, name: str, where: str) -> float | None:
-    key = POINT_METRICS[name]
-    if not isinstance(point, dict) or key not in point:
-        raise UipeError(f"{where}: the chosen point has no '{key}'")
-    v = _num_or_none(point[key])
-    return log10_fq(v) if name.startswith("log10_") else v
+def _points(rec: MethodRecord, arm: str, floor: float, where: str) -> ArmPoint | None:
+    by_floor = rec.arms[arm]
+    if floor not in by_floor:
+        recorded = ", ".join(floor_key(f) for f in by_floor) or "none"
+        raise UipeError(f"{where}, arm {arm}: no floor {floor_key(floor)} (recorded: {recorded})")
+    return by_floor[floor]
 
 
-def _points(rec: dict, arm: str, fk: str, where: str) -> dict | None:
-    arms = rec.get("arms")
-    if not isinstance(arms, dict) or not isinstance(arms.get(arm), dict):
-        raise UipeError(f"{where}: no arm '{arm}' in 'arms'")
-    if fk not in arms[arm]:
-        raise UipeError(f"{where}, arm {arm}: no floor {fk} (recorded: {', '.join(arms[arm]) or 'none'})")
-    return arms[arm][fk]
-
-
-def _by_method(seed_results: list[dict]) -> dict[str, list[tuple[Any, dict]]]:
+def _by_method(seeds: Sequence[SeedResult]) -> dict[str, list[tuple[int, MethodRecord]]]:
     """method -> [(seed, record)], in the order methods first appear; a seed may lack a method."""
-    out: dict[str, list[tuple[Any, dict]]] = {}
+    out: dict[str, list[tuple[int, MethodRecord]]] = {}
     seen = set()
-    for i, res in enumerate(seed_results):
-        if not isinstance(res, dict) or "seed" not in res or not isinstance(res.get("methods"), dict):
-            raise UipeError(f"seed result #{i}: expected a dict with 'seed' and a 'methods' dict")
-        if res["seed"] in seen:
-            raise UipeError(f"seed {res['seed']} appears twice in the seed results")
-        seen.add(res["seed"])
-        for method, rec in res["methods"].items():
-            if not isinstance(rec, dict):
-                raise UipeError(f"seed {res['seed']}, method {method}: expected a dict")
-            out.setdefault(method, []).append((res["seed"], rec))
+    for res in seeds:
+        if res.seed in seen:
+            raise UipeError(f"seed {res.seed} appears twice in the seed results")
+        seen.add(res.seed)
+        for method, rec in res.methods.items():
+            out.setdefault(method, []).append((res.seed, rec))
     return out
 
 
-def _columns(method: str, recs: list[tuple[Any, dict]], fks: Sequence[str]) -> tuple[dict, dict]:
-    """values[arm][floor][metric] = one value per seed (None: no feasible point, or not measured), and
-    feasible[arm][floor] = the number of seeds with a point."""
+def _columns(method: str, recs: list[tuple[int, MethodRecord]], floors: Sequence[float]) -> tuple[dict, dict]:
+    """values[arm][floor key][statistic] = one value per seed (None: no feasible point, or not measured), and
+    feasible[arm][floor key] = the number of seeds with a point."""
     values: dict = {arm: {} for arm in ARMS}
     feasible: dict = {arm: {} for arm in ARMS}
     for arm in ARMS:
-        for fk in fks:
-            where = [f"seed {seed}, method {method}" for seed, _ in recs]
-            pts = [_points(rec, arm, fk, w) for (_, rec), w in zip(recs, where)]
+        for floor in floors:
+            pts = [_points(rec, arm, floor, f"seed {seed}, method {method}") for seed, rec in recs]
+            fk = floor_key(floor)
             feasible[arm][fk] = sum(p is not None for p in pts)
-            values[arm][fk] = {m: [None if p is None else _point_value(p, m, f"{w}, arm {arm}, floor {fk}")
-                                   for p, w in zip(pts, where)] for m in POINT_METRICS}
+            values[arm][fk] = {m: [None if p is None else value(p) for p in pts] for m, value in POINT_METRICS.items()}
     return values, feasible
 
 
@@ -125,23 +127,23 @@ def _differences(xs: Sequence[float | None], ys: Sequence[float | None]) -> list
     return [x - y for x, y in zip(xs, ys) if x is not None and y is not None]
 
 
-def _signals(recs: list[tuple[Any, dict]]) -> dict:
+def _signals(recs: list[tuple[int, MethodRecord]]) -> dict:
     """signal -> {"spearman", "regret"} t intervals over the seeds that report them (the block may be missing)."""
-    names: list[str] = []
-    for _, rec in recs:
-        names += [s for s in (rec.get("signals") or {}) if s not in names]
+    names = list(dict.fromkeys(s for _, rec in recs for s in rec.signals))
     out = {}
     for s in names:
-        sig = [(rec.get("signals") or {}).get(s) or {} for _, rec in recs]
-        out[s] = {k: t_interval([d.get(k) for d in sig]) for k in ("spearman", "regret")}
+        checks = [rec.signals.get(s) for _, rec in recs]
+        out[s] = {"spearman": t_interval([c.spearman for c in checks if c]),
+                  "regret": t_interval([c.regret for c in checks if c])}
     return out
 
 
-def _aggregate_method(method: str, recs: list[tuple[Any, dict]], fks: Sequence[str]) -> dict:
-    values, feasible = _columns(method, recs, fks)
-    hv = {arm: [_num_or_none((rec.get("hypervolume") or {}).get(arm)) for _, rec in recs] for arm in ARMS}
-    matched = {fk: _clean([(rec.get("matched_utility") or {}).get(fk) for _, rec in recs]) for fk in fks}
-    uipe = values["uipe"]
+def _aggregate_method(method: str, recs: list[tuple[int, MethodRecord]], floors: Sequence[float]) -> dict:
+    fks = [floor_key(f) for f in floors]
+    values, feasible = _columns(method, recs, floors)
+    hv = {arm: [_num_or_none(rec.hypervolume.get(arm)) for _, rec in recs] for arm in ARMS}
+    matched = {floor_key(f): _clean([rec.matched_utility.get(f) for _, rec in recs]) for f in floors}
+    uipe = values[UIPE]
     return {
         "seeds": [s for s, _ in recs],
         "arms": {arm: {fk: {**{m: t_interval(col[m]) for m in POINT_METRICS}, "feasible_seeds": feasible[arm][fk]}
@@ -149,7 +151,7 @@ def _aggregate_method(method: str, recs: list[tuple[Any, dict]], fks: Sequence[s
         "paired": {pair: {fk: {m: _paired(_differences(values[a][fk][m], values[b][fk][m])) for m in PAIRED_METRICS}
                           for fk in fks} for pair, (a, b) in PAIRS.items()},
         # how far the chosen UIPE point's forget quality falls from the selection fold to the report fold
-        "winners_curse": {fk: t_interval(_differences(uipe[fk]["log10_fq_select"], uipe[fk]["log10_fq_report"]))
+        "winners_curse": {fk: t_interval(_differences(uipe[fk][SELECTED], uipe[fk][REPORTED]))
                           for fk in fks},
         "hypervolume": {arm: t_interval(hv[arm]) for arm in ARMS},
         "hypervolume_paired": {pair: _paired(_differences(hv[a], hv[b])) for pair, (a, b) in PAIRS.items()},
@@ -158,14 +160,15 @@ def _aggregate_method(method: str, recs: list[tuple[Any, dict]], fks: Sequence[s
     }
 
 
-def aggregate(seed_results: list[dict], floors: Sequence[float]) -> dict:
+def aggregate(seeds: Sequence[SeedResult | Mapping[str, Any]], floors: Sequence[float]) -> dict:
     """Per method (each over the seeds that ran it): per arm and floor the t intervals of log10 forget quality
     (report, combined, selection folds) and utility; paired UIPE-minus-baseline log10 differences with wins/ties;
-    the winner's curse (log10 select - log10 report, UIPE); hypervolume; matched utility; reference-free signals."""
+    the winner's curse (log10 select - log10 report, UIPE); hypervolume; matched utility; reference-free signals.
+    `seeds`: typed seed results, or their JSON as study.json holds it."""
+    results = seed_results(seeds)
     floors = list(dict.fromkeys(float(f) for f in floors))  # a floor given twice is one floor
-    fks = [floor_key(f) for f in floors]
-    return {"seeds": [r.get("seed") if isinstance(r, dict) else None for r in seed_results], "floors": floors,
-            "methods": {m: _aggregate_method(m, recs, fks) for m, recs in _by_method(seed_results).items()}}
+    return {"seeds": [r.seed for r in results], "floors": floors,
+            "methods": {m: _aggregate_method(m, recs, floors) for m, recs in _by_method(results).items()}}
 
 
 # ---------------------------------------------------------------- Markdown
@@ -184,12 +187,12 @@ def markdown(agg: dict, command: str) -> str:
         n = len(m["seeds"])
         lines += [f"## {method} ({n} seed{'s' * (n != 1)})", ""]
         # an arm no seed ran (study.more_baseline: false) gets no column
-        arms_run = [a for a in ARMS if a != "more" or m["hypervolume"]["more"]["n"]]
+        arms_run = [a for a in ARMS if a != MORE or m["hypervolume"][MORE]["n"]]
         pairs_run = [p for p in PAIRS if PAIRS[p][1] in arms_run]
         rows = []
         for fk in (floor_key(f) for f in agg["floors"]):
-            arms = [geo(m["arms"][a][fk]["log10_fq_report"], m["arms"][a][fk]["feasible_seeds"], n) for a in arms_run]
-            rows.append([fk, *arms, *(diff(m["paired"][p][fk]["log10_fq_report"]) for p in pairs_run)])
+            arms = [geo(m["arms"][a][fk][REPORTED], m["arms"][a][fk]["feasible_seeds"], n) for a in arms_run]
+            rows.append([fk, *arms, *(diff(m["paired"][p][fk][REPORTED]) for p in pairs_run)])
         lines += md_table(["floor", *(label(a) for a in arms_run), *(label(p) for p in pairs_run)], rows) + [""]
         hv = [[label(a), ci(m["hypervolume"][a], ".3f")] for a in arms_run]
         hv += [[label(p), diff(m["hypervolume_paired"][p], "", "+.3f")] for p in pairs_run]
@@ -207,16 +210,14 @@ def markdown(agg: dict, command: str) -> str:
 
 # ---------------------------------------------------------------- plots
 
-def _front(points: Any, where: str) -> tuple[list[float], list[float]]:
+def _front(points: Sequence[tuple[float, float]]) -> tuple[list[float], list[float]]:
     """(x, y) sorted by x, y clipped at 1e-300 for the log scale."""
-    try:
-        pts = sorted((float(x), max(float(y), FQ_FLOOR)) for x, y in (points or []))
-    except (TypeError, ValueError) as e:
-        raise UipeError(f"{where}: a front must be a list of [utility_ratio, forget_quality] pairs ({e})") from e
+    pts = sorted((x, max(y, FQ_FLOOR)) for x, y in points)
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_fronts(seed_results: list[dict], out: Path, floors: Sequence[float] | None = None) -> Path:
+def plot_fronts(seeds: Sequence[SeedResult | Mapping[str, Any]], out: Path,
+                floors: Sequence[float] | None = None) -> Path:
     """One subplot per method: each seed's fronts, forget quality (log) against utility / theta_ini's utility;
     UIPE solid with dots, `more` dashed, base markers only, one colour per seed; dotted lines at the floors
     (by default the floors recorded in the arms)."""
@@ -225,20 +226,20 @@ def plot_fronts(seed_results: list[dict], out: Path, floors: Sequence[float] | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_method = _by_method(seed_results)
+    results = seed_results(seeds)
+    by_method = _by_method(results)
     if floors is None:
-        floors = sorted({float(k) for recs in by_method.values() for _, r in recs
-                         for arm in (r.get("arms") or {}).values() for k in (arm or {})}, reverse=True)
-    colours = {r["seed"]: plt.get_cmap("tab10")(i % 10) for i, r in enumerate(seed_results)}
+        floors = sorted({f for recs in by_method.values() for _, rec in recs for f in rec.floors()}, reverse=True)
+    colours = {r.seed: plt.get_cmap("tab10")(i % 10) for i, r in enumerate(results)}
     fig, axes = plt.subplots(1, max(1, len(by_method)), figsize=(5.5 * max(1, len(by_method)), 4.5), squeeze=False)
     for ax, (method, recs) in zip(axes[0], by_method.items()):
         for seed, rec in recs:
-            fronts, c = rec.get("fronts") or {}, colours[seed]
+            c = colours[seed]
             # `more` gets small markers too, so a one-point front still shows
-            for arm, style in (("uipe", "o-"), ("more", "^--"), ("base", "s")):
-                xs, ys = _front(fronts.get(arm), f"seed {seed}, method {method}, front {arm}")
-                ax.plot(xs, ys, style, color=c, ms=3 if arm == "more" else 4,
-                        mfc="none" if arm == "base" else c, label=f"seed {seed}" if arm == "uipe" else None)
+            for arm, style in ((UIPE, "o-"), (MORE, "^--"), (BASE, "s")):
+                xs, ys = _front(rec.fronts.get(arm, ()))
+                ax.plot(xs, ys, style, color=c, ms=3 if arm == MORE else 4,
+                        mfc="none" if arm == BASE else c, label=f"seed {seed}" if arm == UIPE else None)
         for f in floors:
             ax.axvline(f, color="grey", ls=":", lw=1)
         ax.set(yscale="log", xlabel="utility / theta_ini utility", ylabel="forget quality",
@@ -261,7 +262,7 @@ def plot_differences(agg: dict, out: Path) -> Path:
         for j, (pair, marker) in enumerate(zip(PAIRS, ("o", "s"))):
             name = label(pair)
             for i, fk in enumerate(fks):
-                t = m["paired"][pair][fk]["log10_fq_report"]
+                t = m["paired"][pair][fk][REPORTED]
                 if t["mean"] is None:
                     continue
                 err = None if t["low"] is None else [[t["mean"] - t["low"]], [t["high"] - t["mean"]]]

@@ -1,6 +1,6 @@
-"""One seed's comparison, as pure functions over trial records: each arm's best point at each utility floor, the
-utility at matched forgetting, the hypervolume of each arm's points, and how well reference-free signals track
-forget quality.
+"""One seed's comparison, as pure functions from trial records to the study's typed records (uipe/study/records.py):
+each arm's best point at each utility floor, the utility at matched forgetting, the hypervolume of each arm's
+points, and how well reference-free signals track forget quality.
 
 Arms (per method): `base`, the base method (alpha 0) at its best epoch among the epochs UIPE may use; `more`, the
 base method trained `longer_factor` times as many epochs, at its best epoch (the paper's "more iterations"
@@ -12,15 +12,17 @@ both folds and the whole forget split.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from uipe.config import SIGNALS
-from uipe.report import best_above, completed, floor_key, pareto_front
-from uipe.search.result import TrialResult
+from uipe import metrics
+from uipe.decisions import best_above, completed, pareto_front
+from uipe.errors import UipeError
+from uipe.results import TrialResult
 from uipe.study.aggregate import log10_fq
-
+from uipe.study.records import (BASE, FORGET_PROB, FORGET_QUALITY, FORGET_QUALITY_REPORT, FORGET_QUALITY_SELECT,
+                                MORE, UIPE, UTILITY, ArmPoint, MethodRecord, SignalCheck)
 
 
 def ratio(utility: float, start_utility: float) -> float:
@@ -28,23 +30,22 @@ def ratio(utility: float, start_utility: float) -> float:
     return utility / start_utility if start_utility > 0 else math.nan
 
 
-def point(r: TrialResult, start_utility: float) -> dict:
-    return {"alpha": r.alpha, "epoch": r.epoch, "model_utility": r.model_utility,
-            "utility_ratio": ratio(r.model_utility, start_utility), "forget_quality": r.forget_quality,
-            "forget_quality_select": r.forget_quality_select, "forget_quality_report": r.forget_quality_report,
-            "forget_prob": r.forget_prob}
+def point(r: TrialResult, start_utility: float) -> ArmPoint:
+    return ArmPoint(r.alpha, r.epoch, r.utility, ratio(r.utility, start_utility), r.metric(FORGET_QUALITY),
+                    r.metric(FORGET_QUALITY_SELECT), r.metric(FORGET_QUALITY_REPORT), r.metric(FORGET_PROB))
 
 
-def at_floors(rows: Sequence[TrialResult], start_utility: float, floors: Sequence[float]) -> dict[str, dict | None]:
+def at_floors(rows: Sequence[TrialResult], start_utility: float,
+              floors: Sequence[float]) -> dict[float, ArmPoint | None]:
     """Per floor: the arm's best point with utility >= floor x theta_ini's utility (None: no point gets there)."""
     out = {}
     for floor in floors:
         best = best_above(completed(list(rows)), floor * start_utility)
-        out[floor_key(floor)] = point(best, start_utility) if best else None
+        out[float(floor)] = point(best, start_utility) if best else None
     return out
 
 
-def matched_utility(uipe: dict | None, trajectory: Sequence[tuple[float, float]]) -> float | None:
+def matched_utility(uipe: ArmPoint | None, trajectory: Sequence[tuple[float, float]]) -> float | None:
     """UIPE's utility minus the base trajectory's at UIPE's forget probability: the trajectory's (forget prob,
     utility) points, theta_ini first, interpolated linearly in forget probability. None when UIPE's forget
     probability is outside the trajectory's range (no base point forgets that much, or that little)."""
@@ -52,10 +53,10 @@ def matched_utility(uipe: dict | None, trajectory: Sequence[tuple[float, float]]
         return None
     probs, utils = np.array([p for p, _ in trajectory]), np.array([u for _, u in trajectory])
     order = np.argsort(probs)
-    x = uipe["forget_prob"]
+    x = uipe.forget_prob
     if not probs.min() <= x <= probs.max():
         return None
-    return float(uipe["model_utility"] - np.interp(x, probs[order], utils[order]))
+    return float(uipe.utility - np.interp(x, probs[order], utils[order]))
 
 
 def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float]) -> float:
@@ -72,54 +73,65 @@ def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float])
 
 
 def signal_value(r: TrialResult, name: str) -> float:
-    """A reference-free signal of a trial: holdout KS as recorded; an attack's closeness to chance, 1 - 2|AUC - 0.5|,
-    from its AUC."""
-    if name.endswith("_closeness"):
-        return 1.0 - 2.0 * abs(getattr(r, name.removesuffix("_closeness") + "_auc") - 0.5)
-    return getattr(r, name)
+    """A reference-free signal of a trial: as its evaluation reported it, or derived by the catalogue from what it
+    reported (an attack's closeness to chance from its AUC); NaN where neither."""
+    return metrics.value_of(name, r.metrics)
 
 
-def signal_checks(rows: Sequence[TrialResult], threshold: float) -> dict[str, dict]:
+def signal_checks(rows: Sequence[TrialResult], threshold: float) -> dict[str, SignalCheck]:
     """Per reference-free signal: its Spearman correlation with forget quality over the trials, and the regret of
     choosing by it at the utility threshold: log10 FQ of the point forget quality picks minus that of the point the
     signal picks (0: the same forget quality; log10 3 = 0.48 is a factor of 3)."""
     from scipy.stats import spearmanr
 
+    def fq(r: TrialResult) -> float:
+        return r.metric(FORGET_QUALITY)
+
     out = {}
-    for name in SIGNALS:
+    for name in metrics.objectives(reference=False):
         done = [(signal_value(r, name), r) for r in completed(list(rows))]
         done = [(v, r) for v, r in done if math.isfinite(v)]
-        feasible = [(v, r) for v, r in done if r.model_utility >= threshold]
-        rho = spearmanr([v for v, _ in done], [r.forget_quality for _, r in done])[0] if len(done) > 2 else math.nan
+        feasible = [(v, r) for v, r in done if r.utility >= threshold]
+        rho = spearmanr([v for v, _ in done], [fq(r) for _, r in done])[0] if len(done) > 2 else math.nan
         regret = None
         if feasible:
-            by_fq = max((r for _, r in feasible), key=lambda r: r.forget_quality)
-            by_signal = max(feasible, key=lambda p: (p[0], p[1].model_utility))[1]
-            regret = log10_fq(by_fq.forget_quality) - log10_fq(by_signal.forget_quality)
-        out[name] = {"spearman": None if math.isnan(rho) else float(rho), "regret": regret}
+            by_fq = max((r for _, r in feasible), key=fq)
+            by_signal = max(feasible, key=lambda p: (p[0], p[1].utility))[1]
+            regret = log10_fq(fq(by_fq)) - log10_fq(fq(by_signal))
+        out[name] = SignalCheck(None if math.isnan(rho) else float(rho), regret)
     return out
 
 
-def method_record(search: Sequence[TrialResult], longer: Sequence[TrialResult], start: dict, threshold: float,
-                  floors: Sequence[float], epochs: int, longer_epochs: int) -> dict:
+def start_value(start: Mapping[str, float | None], name: str) -> float:
+    """theta_ini's value of a metric the comparison cannot do without; one line naming it when the search's summary
+    lacks it."""
+    v = start.get(name)
+    if v is None:
+        raise UipeError(f"theta_ini's metrics have no {name} (got: {', '.join(sorted(start)) or 'none'})")
+    return float(v)
+
+
+def method_record(search: Sequence[TrialResult], longer: Sequence[TrialResult], start: Mapping[str, float | None],
+                  threshold: float, floors: Sequence[float], epochs: int, longer_epochs: int) -> MethodRecord:
     """Everything the study keeps of one method on one seed. `search`: the UIPE search's trials (alpha 0 among them
-    at every epoch it may use); `longer`: the longer run's epochs at alpha 0; `start`: theta_ini's metrics."""
-    mu = start["model_utility"]
+    at every epoch it may use); `longer`: the longer run's epochs at alpha 0; `start`: theta_ini's metrics, by
+    catalogue name."""
+    mu = start_value(start, UTILITY)
     base = [r for r in completed(list(search)) if r.alpha == 0.0]
-    arms = {"base": base, "more": completed(list(longer)), "uipe": completed(list(search))}
+    arms = {BASE: base, MORE: completed(list(longer)), UIPE: completed(list(search))}
     chosen = {arm: at_floors(rows, mu, floors) for arm, rows in arms.items()}
-    trajectory = [(start["forget_prob"], mu)] + [(r.forget_prob, r.model_utility)
-                                                 for r in sorted(arms["more"], key=lambda r: r.epoch)]
-    ref = (log10_fq(start["forget_quality"]), min(floors))
-    plane = {arm: [(log10_fq(r.forget_quality), ratio(r.model_utility, mu)) for r in rows]
+    trajectory = [(start_value(start, FORGET_PROB), mu)] + [(r.metric(FORGET_PROB), r.utility)
+                                                            for r in sorted(arms[MORE], key=lambda r: r.epoch)]
+    ref = (log10_fq(start_value(start, FORGET_QUALITY)), min(floors))
+    plane = {arm: [(log10_fq(r.metric(FORGET_QUALITY)), ratio(r.utility, mu)) for r in rows]
              for arm, rows in arms.items()}
-    return {
-        "theta_ini": start, "epochs": epochs, "longer_epochs": longer_epochs, "arms": chosen,
-        "matched_utility": {k: matched_utility(p, trajectory) for k, p in chosen["uipe"].items()},
+    fronts = {UIPE: pareto_front(arms[UIPE]), BASE: arms[BASE], MORE: arms[MORE]}
+    return MethodRecord(
+        arms=chosen, theta_ini=dict(start), epochs=epochs, longer_epochs=longer_epochs,
+        matched_utility={f: matched_utility(p, trajectory) for f, p in chosen[UIPE].items()},
         # an arm that was not run (study.more_baseline: false) has no hypervolume, not an empty one
-        "hypervolume": {arm: hypervolume(pts, ref) if pts else None for arm, pts in plane.items()},
-        "fronts": {arm: [[ratio(r.model_utility, mu), r.forget_quality] for r in rows]
-                   for arm, rows in (("uipe", pareto_front(arms["uipe"])), ("base", arms["base"]),
-                                     ("more", arms["more"]))},
-        "signals": signal_checks(search, threshold),
-    }
+        hypervolume={arm: hypervolume(pts, ref) if pts else None for arm, pts in plane.items()},
+        fronts={arm: tuple((ratio(r.utility, mu), r.metric(FORGET_QUALITY)) for r in rows)
+                for arm, rows in fronts.items()},
+        signals=signal_checks(search, threshold),
+    )

@@ -22,8 +22,9 @@ from uipe.console import Task, say, stage
 from uipe.errors import UipeError
 from uipe.io import atomic_write_json, atomic_write_text, exclusive
 from uipe.paths import RunPaths
-from uipe.search.result import TrialResult
+from uipe.results import TrialResult
 from uipe.stages import cached_value, recorded, reusable
+from uipe.study.records import SeedResult
 
 IDENTITY_FILE = "study_config.json"  # the configuration the folder was made with (all but the seed list)
 STATE_FILE = "study_state.json"  # the study's and each seed's MLflow run
@@ -55,6 +56,8 @@ def run_study(cfg: ExperimentConfig, root: Path, command: str) -> dict:
 
 
 def _run(cfg: ExperimentConfig, root: Path, command: str) -> dict:
+    """study.json: the command, the configuration, every seed's record (records.SeedResult.to_json) and the
+    aggregate."""
     from uipe.study.aggregate import aggregate, markdown, plot_differences, plot_fronts
 
     start = time.time()
@@ -71,13 +74,11 @@ def _run(cfg: ExperimentConfig, root: Path, command: str) -> dict:
     text = markdown(agg, command)
     plots = [plot_fronts(records, root / "fronts.png"), plot_differences(agg, root / "differences.png")]
     atomic_write_text(root / "study.md", text)
-    result = {"command": command, "config": cfg.model_dump(mode="json"), "seeds": records, "aggregate": agg,
-              "seconds": time.time() - start, "mlflow_run_id": study_run}
+    result = {"command": command, "config": cfg.model_dump(mode="json"), "seeds": [r.to_json() for r in records],
+              "aggregate": agg, "seconds": time.time() - start, "mlflow_run_id": study_run}
     atomic_write_json(root / RESULT_FILE, result)
-    c = tracking.client(uri)
-    for p in [root / RESULT_FILE, root / "study.md", *plots]:
-        c.log_artifact(study_run, str(p))
-    c.set_terminated(study_run, "FINISHED")
+    tracking.log_files(uri, study_run, [root / RESULT_FILE, root / "study.md", *plots])
+    tracking.set_terminated(uri, study_run, "FINISHED")
     say(text)
     say(f"Study done in {time.time() - start:.0f} s: {root / 'study.md'}, {root / RESULT_FILE}, plots {root}/*.png")
     return result
@@ -94,7 +95,7 @@ def seed_config(cfg: ExperimentConfig, seed: int, uri: str, experiment: str, par
     return ExperimentConfig.model_validate(raw)
 
 
-def run_seed(cfg: ExperimentConfig, root: Path, seed: int) -> dict:
+def run_seed(cfg: ExperimentConfig, root: Path, seed: int) -> SeedResult:
     """`uipe run` in the seed's folder, then per method the longer baseline, compared (uipe/study/arms.py)."""
     from uipe.pipeline import run_pipeline
     from uipe.report import from_csv
@@ -103,13 +104,13 @@ def run_seed(cfg: ExperimentConfig, root: Path, seed: int) -> dict:
     paths = RunPaths.of(root)
     summaries = run_pipeline(cfg, paths)
     methods = {}
-    for s in summaries:
-        method = s["method"]
+    for s in summaries:  # each method's SearchOutcome (uipe/results.py)
+        method = s.method
         search = from_csv((paths.search(method) / "results.csv").read_text())
         longer = longer_trajectory(cfg, paths, method) if cfg.study.more_baseline else []
-        methods[method] = method_record(search, longer, s["theta_ini"], s["utility_threshold"], cfg.study.floors,
+        methods[method] = method_record(search, longer, s.theta_ini, s.utility_threshold, cfg.study.floors,
                                         cfg.unlearn.epochs, cfg.unlearn.epochs * cfg.study.longer_factor)
-    return {"seed": seed, "run_dir": str(root), "methods": methods}
+    return SeedResult(seed, methods, str(root))
 
 
 def longer_config(cfg: ExperimentConfig, paths: RunPaths, data: str) -> ExperimentConfig:
@@ -127,14 +128,14 @@ def longer_config(cfg: ExperimentConfig, paths: RunPaths, data: str) -> Experime
 def longer_trajectory(cfg: ExperimentConfig, paths: RunPaths, method: str) -> list[TrialResult]:
     """Every epoch of the longer run scored at alpha 0 with the search's evaluator (cached beside it)."""
     from uipe.data import ensure_data
-    from uipe.search.driver import make_setup, resolve_space
+    from uipe.search.driver import benchmark_of, make_setup, resolve_space
     from uipe.train.recipe import unlearn
 
     long_cfg = longer_config(cfg, paths, ensure_data(cfg, paths))
     long_paths = RunPaths.of(paths.root / "longer")
     stage(f"unlearn {method} for {long_cfg.unlearn.epochs} epochs (the more-iterations baseline)")
     unlearn(long_cfg, long_paths.root, method)
-    metric = resolve_space(cfg, method, None)[1].objective_metric
+    metric = resolve_space(cfg, method, None)[1].objective_metric(benchmark_of(cfg))
     setup = make_setup(long_cfg, long_paths, method)
     epochs = sorted(setup.epoch_dirs)
     want = {"setup": setup.identity(), "objective": metric, "epochs": epochs}
@@ -171,40 +172,41 @@ def _study_run(cfg: ExperimentConfig, root: Path) -> tuple[str, str, str, str]:
     uri, exp_id = tracking.ensure_experiment(named, RunPaths.of(root))
     state = recorded(root / STATE_FILE) or {}
     if "study_run_id" not in state:
-        run = tracking.client(uri).create_run(exp_id, run_name=f"study-{cfg.name}", tags={
-            "uipe.kind": "study", **tracking.source_tags()})
-        tracking.log_flat(tracking.client(uri), run.info.run_id, {}, {
+        run_id = tracking.create_run(uri, exp_id, f"study-{cfg.name}", {"uipe.kind": "study",
+                                                                        **tracking.source_tags()})
+        tracking.log_flat(uri, run_id, {}, {
             "floors": json.dumps(cfg.study.floors), "longer_factor": cfg.study.longer_factor,
             "methods": json.dumps(cfg.unlearn.methods), "forget_split": cfg.data.forget_split})
-        state = {"study_run_id": run.info.run_id, "seed_runs": {}}
+        state = {"study_run_id": run_id, "seed_runs": {}}
         atomic_write_json(root / STATE_FILE, state)
     else:
-        tracking.client(uri).update_run(state["study_run_id"], "RUNNING")
+        tracking.resume_run(uri, state["study_run_id"])
     return uri, exp_id, experiment, state["study_run_id"]
 
 
 def _seed_run(uri: str, exp_id: str, study_run: str, root: Path, seed: int) -> str:
     state = recorded(root / STATE_FILE) or {}
     if str(seed) not in state.get("seed_runs", {}):
-        run = tracking.client(uri).create_run(exp_id, run_name=f"seed-{seed}", tags={
-            "mlflow.parentRunId": study_run, "uipe.kind": "study-seed", "uipe.seed": str(seed)})
-        state.setdefault("seed_runs", {})[str(seed)] = run.info.run_id
+        state.setdefault("seed_runs", {})[str(seed)] = tracking.create_run(
+            uri, exp_id, f"seed-{seed}", {"uipe.kind": "study-seed", "uipe.seed": str(seed)}, parent=study_run)
         atomic_write_json(root / STATE_FILE, state)
     return state["seed_runs"][str(seed)]
 
 
-def _log_seed(uri: str, run_id: str, record: dict) -> None:
+def _log_seed(uri: str, run_id: str, record: SeedResult) -> None:
     """The seed's headline numbers on its run: each arm's forget quality (report fold) and utility per floor."""
-    from uipe.study.aggregate import log10_fq
+    from uipe.decisions import floor_key
+    from uipe.study.aggregate import REPORTED, log10_fq
+    from uipe.study.records import UTILITY
 
     numbers = {}
-    for method, m in record["methods"].items():
-        for arm, by_floor in m["arms"].items():
+    for method, m in record.methods.items():
+        for arm, by_floor in m.arms.items():
             for floor, p in by_floor.items():
                 if p is not None:
-                    numbers[f"{method}.{arm}.f{floor}.log10_fq_report"] = log10_fq(p["forget_quality_report"])
-                    numbers[f"{method}.{arm}.f{floor}.model_utility"] = p["model_utility"]
-        numbers |= {f"{method}.{arm}.hypervolume": v for arm, v in m["hypervolume"].items()}
-    c = tracking.client(uri)
-    tracking.log_flat(c, run_id, numbers)
-    c.set_terminated(run_id, "FINISHED")
+                    at = f"{method}.{arm}.f{floor_key(floor)}"
+                    numbers[f"{at}.{REPORTED}"] = log10_fq(p.forget_quality_report)
+                    numbers[f"{at}.{UTILITY}"] = p.utility
+        numbers |= {f"{method}.{arm}.hypervolume": v for arm, v in m.hypervolume.items()}
+    tracking.log_flat(uri, run_id, numbers)
+    tracking.set_terminated(uri, run_id, "FINISHED")

@@ -18,7 +18,7 @@ from uipe.config import ExperimentConfig, apply_overrides
 from uipe.console import say, stage
 from uipe.errors import UipeError
 from uipe.io import atomic_write_json, atomic_write_text
-from uipe.report import floor_key
+from uipe.decisions import floor_key
 from uipe.schema import one_line
 from uipe.study.render import diff, finish_figure, md_table
 
@@ -82,16 +82,20 @@ def run_sweep(cfg: ExperimentConfig, root: Path, key: str, values: list[str], co
 
 def gains(studies: dict[str, dict]) -> dict:
     """method -> setting -> {"floors": {floor: paired UIPE - base log10 FQ (report)}, "hypervolume": paired,
-    "base"/"uipe": {floor: log10 FQ interval}} from each setting's study aggregate."""
+    "base"/"uipe": {floor: log10 FQ interval}} from each setting's study aggregate (a dict keyed by method, arm,
+    floor and statistic: uipe/study/aggregate.py)."""
+    from uipe.study.aggregate import REPORTED, UIPE_BASE
+    from uipe.study.records import BASE, UIPE
+
     out: dict = {}
     for name, agg in studies.items():
+        fks = [floor_key(f) for f in agg["floors"]]
         for method, m in agg["methods"].items():
-            fks = [floor_key(f) for f in agg["floors"]]
             out.setdefault(method, {})[name] = {
                 "seeds": m["seeds"],
-                "floors": {fk: m["paired"]["uipe-base"][fk]["log10_fq_report"] for fk in fks},
-                "hypervolume": m["hypervolume_paired"]["uipe-base"],
-                **{arm: {fk: m["arms"][arm][fk]["log10_fq_report"] for fk in fks} for arm in ("base", "uipe")},
+                "floors": {fk: m["paired"][UIPE_BASE][fk][REPORTED] for fk in fks},
+                "hypervolume": m["hypervolume_paired"][UIPE_BASE],
+                **{arm: {fk: m["arms"][arm][fk][REPORTED] for fk in fks} for arm in (BASE, UIPE)},
             }
     return out
 
