@@ -52,7 +52,7 @@ def run_one(cfg, run_root: Path, method: str, space_text: str) -> tuple[dict, fl
     space.write_text(space_text)
     paths = RunPaths.of(run_root)
     start = time.time()
-    summary = run_search(cfg, paths, method, space)
+    summary = run_search(cfg, paths, method, space).to_json()  # the result.json form the report below reads
     wall = time.time() - start
     rows = creation_order(_read_csv(paths.search(method) / "results.csv"), paths.search(method))
     return summary, wall, rows

@@ -180,8 +180,13 @@ def test_the_search_command_shows_the_methods_rows_not_its_json(monkeypatch: pyt
 
     import uipe.search.driver
 
-    summary = _reference_free("ga")
-    monkeypatch.setattr(uipe.search.driver, "run_search", lambda *a, **k: summary)
+    from uipe.results import SearchOutcome
+
+    summary = SearchOutcome(**_reference_free("ga"), failed=0, pareto_front=[], search_seconds=1.0,
+                            trial_work_seconds=1.0, fidelity={}, tune_overhead=None, max_concurrent_trials=2,
+                            parent_run_id="p").to_json()
+    outcome = SearchOutcome.from_json(summary, "test")
+    monkeypatch.setattr(uipe.search.driver, "run_search", lambda *a, **k: outcome)
     args = ["search", "--method", "ga", "--run-dir", str(tmp_path / "run")]
     shown = _cli(args, monkeypatch, tmp_path)
     assert shown.exit_code == 0, shown.output

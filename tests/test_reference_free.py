@@ -55,8 +55,8 @@ def test_a_search_runs_without_a_retain_model(unlearned_run, tiny_cfg, tmp_path)
     prepared = prepare(no_retain, paths.root)
     assert set(prepared) == {"target"} and not prepared["target"]["trained"] and not paths.retain_model.exists()
     s = run_search(cfg, paths, "ga", space)
-    assert s["objective"] == "holdout_ks" and s["failed"] == 0 and s["trials"] == 3
-    assert s["chosen"]["forget_quality"] is None and s["chosen"]["objective"] == s["chosen"]["holdout_ks"]
+    assert s.objective == "holdout_ks" and s.failed == 0 and s.trials == 3
+    assert s.chosen["forget_quality"] is None and s.chosen["objective"] == s.chosen["holdout_ks"]
     # The chosen point maximises the holdout KS p-value among the trials above the utility floor.
     rows = [r for r in (paths.search("ga") / "results.csv").read_text().splitlines()[1:]]
     assert len(rows) == 3

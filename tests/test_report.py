@@ -115,3 +115,21 @@ def test_an_epoch_without_checkpoint_is_refused() -> None:
     with pytest.raises(UipeError, match="epoch 9 has no checkpoint"):
         space.candidate_epochs([1, 2, 3])
     assert space.model_copy(update={"epochs": "all"}).candidate_epochs([3, 1, 2]) == [1, 2, 3]
+
+
+def test_a_search_outcome_round_trips_through_result_json_and_a_broken_one_is_named() -> None:
+    import json
+
+    from uipe.errors import UipeError
+    from uipe.results import SearchOutcome
+
+    best = ROWS[1]
+    outcome = SearchOutcome("ga", "forget_quality", "model_utility", best.summary(), ROWS[0].summary(),
+                            {"model_utility": 0.8}, 0.76, True, 6, 1, [best.summary()],
+                            {"0.95": {"base": None, "uipe": best.summary()}}, 10.0, 12.0, {"full": 5},
+                            0.4, 2, "run1", "/tmp/chosen")
+    doc = json.loads(json.dumps(outcome.to_json()))
+    assert SearchOutcome.from_json(doc, "result.json") == outcome and outcome.registered is None
+    del doc["utility_threshold"]
+    with pytest.raises(UipeError, match=r"^r/result.json: not a search result \(no 'utility_threshold'\)"):
+        SearchOutcome.from_json(doc, "r/result.json")

@@ -37,8 +37,8 @@ def ga_search(unlearned_run, tiny_cfg) -> dict:
 def test_search_logs_a_parent_with_one_child_per_trial_and_picks_a_feasible_point(ga_search, unlearned_run,
                                                                                    tiny_cfg) -> None:
     s = ga_search
-    assert s["trials"] == 8 and s["failed"] == 0
-    children = _children(tiny_cfg, unlearned_run, s["parent_run_id"])
+    assert s.trials == 8 and s.failed == 0
+    children = _children(tiny_cfg, unlearned_run, s.parent_run_id)
     assert len(children) == 8 and len({r.data.tags["uipe.trial_id"] for r in children}) == 8
     for run in children:
         assert {"forget_quality", "model_utility", "trial_seconds"} <= set(run.data.metrics)
@@ -46,15 +46,15 @@ def test_search_logs_a_parent_with_one_child_per_trial_and_picks_a_feasible_poin
     # The base method (alpha 0) was evaluated at every epoch, first.
     base_epochs = sorted(int(r.data.params["epoch"]) for r in children if float(r.data.params["alpha"]) == 0.0)
     assert base_epochs == list(range(1, tiny_cfg.unlearn.epochs + 1))
-    chosen = s["chosen"]
-    assert s["feasible"] and chosen["model_utility"] >= s["utility_threshold"]
-    feasible = [r for r in children if r.data.metrics["model_utility"] >= s["utility_threshold"]]
+    chosen = s.chosen
+    assert s.feasible and chosen["model_utility"] >= s.utility_threshold
+    feasible = [r for r in children if r.data.metrics["model_utility"] >= s.utility_threshold]
     assert chosen["forget_quality"] == max(r.data.metrics["forget_quality"] for r in feasible)
-    assert chosen["forget_quality"] >= s["base"]["forget_quality"]
+    assert chosen["forget_quality"] >= s.base["forget_quality"]
     out = unlearned_run.search("ga")
     assert len((out / "results.csv").read_text().splitlines()) == 9
     assert (out / "pareto.png").stat().st_size > 10_000 and (out / "alpha_curves.png").stat().st_size > 10_000
-    artifacts = {a.path for a in client(tracking_uri(tiny_cfg, unlearned_run)).list_artifacts(s["parent_run_id"])}
+    artifacts = {a.path for a in client(tracking_uri(tiny_cfg, unlearned_run)).list_artifacts(s.parent_run_id)}
     assert {"results.csv", "chosen.yaml", "pareto.png", "alpha_curves.png", "model"} <= artifacts
 
 
@@ -63,8 +63,8 @@ def test_the_champion_is_registered_and_loads_with_transformers(ga_search, unlea
     from transformers import AutoModelForCausalLM
 
     c = client(tracking_uri(tiny_cfg, unlearned_run))
-    version = c.get_model_version_by_alias(ga_search["registered"]["name"], CHAMPION)
-    assert version.tags["alpha"] == str(ga_search["chosen"]["alpha"])
+    version = c.get_model_version_by_alias(ga_search.registered["name"], CHAMPION)
+    assert version.tags["alpha"] == str(ga_search.chosen["alpha"])
     local = download_artifacts(artifact_uri=version.source, tracking_uri=tracking_uri(tiny_cfg, unlearned_run))
     model = AutoModelForCausalLM.from_pretrained(local, use_safetensors=True)
     assert model.config.model_type == "llama"
@@ -73,14 +73,14 @@ def test_the_champion_is_registered_and_loads_with_transformers(ga_search, unlea
 def test_a_finished_search_is_reused_not_rerun(ga_search, unlearned_run, tiny_cfg) -> None:
     again = run_search(tiny_cfg, unlearned_run, "ga")
     assert again == ga_search
-    assert len(_children(tiny_cfg, unlearned_run, ga_search["parent_run_id"])) == 8
+    assert len(_children(tiny_cfg, unlearned_run, ga_search.parent_run_id)) == 8
 
 
 def test_a_real_mlflow_server_serves_the_runs_over_rest(ga_search, unlearned_run, tiny_cfg, tmp_path) -> None:
     with mlflow_server(tracking_uri(tiny_cfg, unlearned_run)) as url:
         exp = rest(url, f"experiments/get-by-name?experiment_name={experiment_name(tiny_cfg)}")
         runs = rest(url, "runs/search", {"experiment_ids": [exp["experiment"]["experiment_id"]],
-                                         "filter": f"tags.mlflow.parentRunId = '{ga_search['parent_run_id']}'",
+                                         "filter": f"tags.mlflow.parentRunId = '{ga_search.parent_run_id}'",
                                          "max_results": 100})["runs"]
         assert len(runs) == 8
         keys = {m["key"] for m in runs[0]["data"]["metrics"]}
@@ -200,11 +200,11 @@ def test_broken_weights_and_a_killed_trial_fail_their_trials_and_the_search_goes
                                       "search": tiny_cfg.search.model_copy(update={"num_samples": None})})
     s = run_search(cfg, paths, "ga", space)
     killed_epoch = int(faults.fired(marker)["epoch"])  # one trial did die: at epoch 3, a failure beside epoch 2's three
-    assert s["trials"] == 6 and s["failed"] == 3 + (killed_epoch == 3) and s["chosen"]["epoch"] == 3
-    failed = [r for r in _children(cfg, paths, s["parent_run_id"]) if r.info.status == "FAILED"]
-    assert len(failed) == s["failed"] and all("uipe.error" in r.data.tags for r in failed)
+    assert s.trials == 6 and s.failed == 3 + (killed_epoch == 3) and s.chosen["epoch"] == 3
+    failed = [r for r in _children(cfg, paths, s.parent_run_id) if r.info.status == "FAILED"]
+    assert len(failed) == s.failed and all("uipe.error" in r.data.tags for r in failed)
     rows = (paths.search("ga") / "results.csv").read_text().splitlines()
-    assert sum(",failed," in row for row in rows) == s["failed"]
+    assert sum(",failed," in row for row in rows) == s.failed
 
 
 def test_a_screened_search_evaluates_in_full_only_what_could_matter_and_chooses_among_those(unlearned_run, tiny_cfg,
@@ -216,16 +216,16 @@ def test_a_screened_search_evaluates_in_full_only_what_could_matter_and_chooses_
                                                                                     "num_samples": 10})})
     s = run_search(cfg, paths, "npo")
     rows = {r.trial_id: r for r in from_csv((paths.search("npo") / "results.csv").read_text())}
-    split = s["fidelity"]
-    assert len(rows) == s["trials"] == 10 and split["full"] + split["screened_only"] == 10
+    split = s.fidelity
+    assert len(rows) == s.trials == 10 and split["full"] + split["screened_only"] == 10
     assert split["full"] == sum(r.fidelity == "full" for r in rows.values())
     assert all(r.fidelity == "full" for r in rows.values() if r.alpha == 0.0)  # the base points: always in full
     for r in rows.values():  # a screened-only trial has every scoring metric and no utility
         assert math.isfinite(r.metric("forget_quality")) and math.isnan(r.utility) == (r.fidelity == "screen")
-    chosen = [r for r in rows.values() if (r.alpha, r.epoch) == (s["chosen"]["alpha"], s["chosen"]["epoch"])]
+    chosen = [r for r in rows.values() if (r.alpha, r.epoch) == (s.chosen["alpha"], s.chosen["epoch"])]
     assert chosen and all(r.fidelity == "full" for r in chosen)
-    assert split["screening_seconds"] + split["full_seconds"] == pytest.approx(s["trial_work_seconds"])
-    for run in _children(cfg, paths, s["parent_run_id"]):  # each child run says how it was evaluated
+    assert split["screening_seconds"] + split["full_seconds"] == pytest.approx(s.trial_work_seconds)
+    for run in _children(cfg, paths, s.parent_run_id):  # each child run says how it was evaluated
         r = rows[run.data.tags["uipe.trial_id"]]
         assert run.data.tags["uipe.fidelity"] == r.fidelity and ("model_utility" in run.data.metrics) == r.full
 
@@ -250,10 +250,10 @@ def test_an_objective_registered_in_the_catalogue_is_searched_with_no_other_chan
     finally:
         metrics.unregister(toy.name)
     rows = [r for r in from_csv((paths.search("ga") / "results.csv").read_text()) if r.full]
-    assert s["objective"] == "toy_forget_drop" and len(rows) == s["trials"] == 6
+    assert s.objective == "toy_forget_drop" and len(rows) == s.trials == 6
     for r in rows:  # the trial computed it: 1 - forget probability, to float rounding
         assert r.objective == pytest.approx(1.0 - r.metric("forget_prob"), abs=1e-9)
         assert r.metric("toy_forget_drop") == pytest.approx(r.objective, abs=1e-12)
     feasible = [r for r in rows if r.feasible]
-    assert s["chosen"]["objective"] == pytest.approx(max(r.objective for r in feasible))
-    assert s["floors"]["0.95"]["uipe"]["objective"] == pytest.approx(s["chosen"]["objective"])
+    assert s.chosen["objective"] == pytest.approx(max(r.objective for r in feasible))
+    assert s.floors["0.95"]["uipe"]["objective"] == pytest.approx(s.chosen["objective"])

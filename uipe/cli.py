@@ -258,7 +258,7 @@ def search(method: MethodOpt, config: ConfigOpt = None, run_dir: RunDirOpt = Non
     with _quiet(paths, f"search-{method}", verbose, data=json_):
         summary = run_search(cfg, paths, method, space, resume)
         if json_:
-            print_data(json.dumps(summary, indent=1, default=str))
+            print_data(json.dumps(summary.to_json(), indent=1, default=str))
             return
         show_search_tables([summary], cfg)
         say(f"summary: {paths.search(method) / RESULT_FILE}")

@@ -15,6 +15,7 @@ from uipe.config import ExperimentConfig
 from uipe.console import say, stage
 from uipe.io import atomic_write_json, exclusive
 from uipe.paths import RunPaths
+from uipe.results import SearchOutcome
 from uipe.tables import show_search_tables
 
 
@@ -32,13 +33,13 @@ def ensure_reference(cfg: ExperimentConfig, paths: RunPaths, data: str) -> str:
     return str(paths.retain_reference)
 
 
-def run_pipeline(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
+def run_pipeline(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
     """Every stage in order, one `uipe run` per run folder at a time."""
     with exclusive(paths.root, "uipe run"):
         return _run_stages(cfg, paths)
 
 
-def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
+def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
     from uipe.data import ensure_data
     from uipe.gate import summary_line
     from uipe.ray_session import ensure_ray
@@ -62,7 +63,8 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[dict]:
         stage(f"search {method}: alpha and epoch")
         summaries.append(run_search(cfg, paths, method, None, resume=True))  # reuses or resumes
     show_search_tables(summaries, cfg)
-    atomic_write_json(paths.root / "summary.json", {"config": cfg.model_dump(mode="json"), "methods": summaries,
+    atomic_write_json(paths.root / "summary.json", {"config": cfg.model_dump(mode="json"),
+                                                     "methods": [s.to_json() for s in summaries],
                                                      "seconds": time.time() - start})
     uri = tracking_uri(cfg, paths)
     say(f"Done in {time.time() - start:.0f} s. Results: {paths.root}/summary.json")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from uipe import benchmarks  # noqa: F401 - imported for its effect: every benchmark's metrics in the catalogue
@@ -120,3 +120,45 @@ NUMERIC_CORE = ("objective", "utility", CONSTRAINT, "trial_seconds", "screen_sec
 
 def or_none(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What a finished search returns and result.json holds: the chosen point and the base method's (as
+    TrialResult.summary() gives them), theta_ini's headline metrics, the best points at each utility floor, the
+    front, and the search's counts and costs. `objective` and `utility_metric` are catalogue names."""
+
+    method: str
+    objective: str
+    utility_metric: str
+    chosen: Mapping[str, Any]
+    base: Mapping[str, Any] | None
+    theta_ini: Mapping[str, float | None]
+    utility_threshold: float
+    feasible: bool
+    trials: int
+    failed: int
+    pareto_front: list[Mapping[str, Any]]
+    floors: Mapping[str, Mapping[str, Mapping[str, Any] | None]]  # floor key -> {"base": point, "uipe": point}
+    search_seconds: float
+    trial_work_seconds: float
+    fidelity: Mapping[str, float]  # full / screened_only counts, screening / full seconds
+    tune_overhead: float | None  # (wall x slots - trial work) / (wall x slots)
+    max_concurrent_trials: int
+    parent_run_id: str
+    chosen_model: str = ""
+    registered: Mapping[str, Any] | None = None  # the registry's name, version, alias and source
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], where: str) -> SearchOutcome:
+        """A result.json read back; UipeError naming the file and the first missing key otherwise."""
+        from uipe.errors import UipeError
+
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [k for k in required if k not in doc]
+        if missing:
+            raise UipeError(f"{where}: not a search result (no {missing[0]!r}); remove it to search again")
+        return cls(**{f.name: doc[f.name] for f in fields(cls) if f.name in doc})

@@ -17,6 +17,7 @@ from rich.table import Table
 from uipe import metrics as catalogue
 from uipe.console import show_table
 from uipe.report import fmt
+from uipe.results import SearchOutcome
 
 if TYPE_CHECKING:
     from uipe.config import ExperimentConfig
@@ -63,11 +64,12 @@ def _rows(summaries: Sequence[Summary]) -> list[tuple[str, Point, Summary]]:
             if s.get(arm)]
 
 
-def show_search_tables(summaries: Sequence[Summary], cfg: ExperimentConfig) -> None:
+def show_search_tables(outcomes: Sequence[SearchOutcome], cfg: ExperimentConfig) -> None:
     """What `uipe run` shows for all its methods and `uipe search` for one: the plain method vs UIPE, and the best
-    point at each utility floor."""
+    point at each utility floor (rendered from the outcomes' result.json form)."""
     from uipe.benchmarks import get_benchmark
 
+    summaries = [o.to_json() for o in outcomes]
     context = get_benchmark(cfg.data.benchmark).table_metrics
     show_table(results_table(summaries, f"{cfg.name} ({cfg.data.forget_split})", context))
     show_table(floors_table(summaries))

@@ -27,7 +27,7 @@ from uipe.errors import UipeError
 from uipe.io import atomic_write_json, code_version, exclusive
 from uipe.paths import RunPaths
 from uipe.ray_session import ensure_ray
-from uipe.results import TrialResult
+from uipe.results import SearchOutcome, TrialResult
 from uipe.search.progress import Progress
 from uipe.search.outcome import RESULT_FILE, finish
 from uipe.search.screening import ScreeningScheduler
@@ -39,7 +39,7 @@ STATE_FILE = "search_state.json"
 
 
 def run_search(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path | None = None,
-               resume: bool = False) -> dict:
+               resume: bool = False) -> SearchOutcome:
     """Validate, run (or resume) the Tune search, then report, choose, write and register the chosen model."""
     path, space = resolve_space(cfg, method, space_path)
     bench = benchmark_of(cfg)
@@ -169,7 +169,7 @@ def _eval_splits(setup: TrialSetup) -> dict[str, list]:
     return {k: list(v) for k, v in get_benchmark(setup.benchmark).eval_splits(setup.data, setup.forget_split).items()}
 
 
-def _previous(paths: RunPaths, method: str, identity: str, resume: bool) -> dict | None:
+def _previous(paths: RunPaths, method: str, identity: str, resume: bool) -> SearchOutcome | None:
     """A finished search with this identity (returned as is), an interrupted one (None: restore it when `resume`),
     or an error for a search folder made with another space, checkpoints or data."""
     out = paths.search(method)
@@ -182,7 +182,7 @@ def _previous(paths: RunPaths, method: str, identity: str, resume: bool) -> dict
     reusable(recorded(state_path), {"identity": identity}, out, "holds a search with another space, checkpoints or "
              "data", "refuse")
     if (out / RESULT_FILE).is_file():
-        return json.loads((out / RESULT_FILE).read_text())
+        return SearchOutcome.from_json(json.loads((out / RESULT_FILE).read_text()), str(out / RESULT_FILE))
     if not resume:
         raise UipeError(f"{out}: an interrupted search is there; pass --resume to continue it, or remove it")
     return None
@@ -246,7 +246,7 @@ def _trainable(cfg: ExperimentConfig, paths: RunPaths, method: str, setup: Trial
 
 
 def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
-             setup: TrialSetup, epochs: list[int], resume: bool, metric: str) -> dict:
+             setup: TrialSetup, epochs: list[int], resume: bool, metric: str) -> SearchOutcome:
     ensure_ray()
     # Save Tune's experiment state after every step (not every >= 10 s), so a driver killed right after a trial
     # finished loses at most that trial's bookkeeping; outcome.finish reconciles MLflow with what Tune kept.

@@ -7,6 +7,7 @@ server that was down during the search loses nothing once it is back (`uipe sear
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -21,7 +22,7 @@ from uipe.model_registry import CHAMPION, register_model
 from uipe.decisions import base_row, best_at_floors, choose, pareto_front
 from uipe.paths import RunPaths
 from uipe.report import plot_search, to_csv
-from uipe.results import TrialResult
+from uipe.results import SearchOutcome, TrialResult
 from uipe.search.space import SearchSpace
 from uipe.search.trial import TrialSetup
 
@@ -31,7 +32,7 @@ LARGE_MODEL_BYTES = 2 * 2**30  # above this the registry gets a pointer to the f
 
 def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpace, setup: TrialSetup,
            results: list[TrialResult], ini: dict, threshold: float, uri: str, parent: str, wall: float,
-           objective: str) -> dict:
+           objective: str) -> SearchOutcome:
     """Table, plots, choice, chosen model; everything also on the MLflow parent run. result.json is written last,
     so a search that stops here (a tracking server down) is finished by the next --resume. `objective`: the
     catalogue name of the metric the search maximised."""
@@ -51,21 +52,19 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
     if best is None:
         raise UipeError(f"search {method}: every trial failed; see {out / 'results.csv'} and the MLflow runs")
     work = sum(r.trial_seconds for r in results if r.ok)  # screened-only trials' work too
-    summary = {
-        "method": method, "objective": objective, "utility_metric": utility, "chosen": best.summary(),
-        "base": base.summary() if base else None,
-        "theta_ini": {k: ini.get(k) for k in metrics.headline()},
-        "utility_threshold": threshold, "feasible": best.feasible,
-        "trials": len(results), "failed": sum(not r.ok for r in results),
-        "pareto_front": [r.summary() for r in pareto_front(results)], "search_seconds": wall,
-        "floors": best_at_floors(results, ini[utility]),
-        "trial_work_seconds": work, "fidelity": fidelity_split(results),
-        # (wall - trial work) / wall, with wall counted once per concurrent trial slot
-        "tune_overhead": 1 - work / (wall * space.max_concurrent_trials) if wall > 0 else None,
-        "max_concurrent_trials": space.max_concurrent_trials, "parent_run_id": parent,
-    }
     chosen_dir = _write_chosen(setup, best, out / "chosen")
-    summary["chosen_model"] = str(chosen_dir)
+    outcome = SearchOutcome(
+        method=method, objective=objective, utility_metric=utility, chosen=best.summary(),
+        base=base.summary() if base else None,
+        theta_ini={k: ini.get(k) for k in metrics.benchmark_headline(ini)},
+        utility_threshold=threshold, feasible=best.feasible,
+        trials=len(results), failed=sum(not r.ok for r in results),
+        pareto_front=[r.summary() for r in pareto_front(results)], search_seconds=wall,
+        floors=best_at_floors(results, ini[utility]),
+        trial_work_seconds=work, fidelity=fidelity_split(results),
+        # (wall - trial work) / wall, with wall counted once per concurrent trial slot
+        tune_overhead=1 - work / (wall * space.max_concurrent_trials) if wall > 0 else None,
+        max_concurrent_trials=space.max_concurrent_trials, parent_run_id=parent, chosen_model=str(chosen_dir))
     atomic_write_text(out / "chosen.yaml", yaml.safe_dump({"method": method, "alpha": best.alpha,
                                                           "epoch": best.epoch, "theta_ini": setup.theta_ini,
                                                           "theta_un": setup.epoch_dirs[best.epoch],
@@ -73,12 +72,12 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
     tracking.log_files(uri, parent, [out / "results.csv", out / "chosen.yaml", *plots])
     chosen = best.numbers() | {k: best.metric(k) for k in metrics.headline(best.metrics)}
     tracking.log_flat(uri, parent, {f"chosen_{k}": v for k, v in chosen.items()}
-                      | {"tune_overhead": summary["tune_overhead"] or 0.0, "search_seconds": wall})
+                      | {"tune_overhead": outcome.tune_overhead or 0.0, "search_seconds": wall})
     if cfg.tracking.register_model:
-        summary["registered"] = _register(cfg, uri, parent, method, chosen_dir, best)
+        outcome = replace(outcome, registered=_register(cfg, uri, parent, method, chosen_dir, best))
     tracking.set_terminated(uri, parent, "FINISHED")
-    atomic_write_json(out / RESULT_FILE, summary)
-    return summary
+    atomic_write_json(out / RESULT_FILE, outcome.to_json())
+    return outcome
 
 
 def fidelity_split(results: list[TrialResult]) -> dict:
