@@ -116,3 +116,47 @@ def test_every_imported_name_exists() -> None:
             mod = importlib.import_module(target)
             missing += [f"{module}: {target}.{n}" for n in names if n != "*" and not hasattr(mod, n)]
     assert not missing, "\n".join(missing)
+
+
+# The layers, lowest first (ARCHITECTURE.md): a module imports only from its own layer or a lower one. A new module
+# must be placed here, which is the point: where it sits is a decision, not an accident.
+LAYERS = (
+    ("foundation", ("uipe", "uipe.errors", "uipe.schema", "uipe.paths", "uipe.io", "uipe.stages", "uipe.progress",
+                    "uipe.console", "uipe.faults", "uipe.metrics", "uipe.ray_session", "uipe.safetensors_io",
+                    "uipe.shard_pipeline", "uipe.extrapolate", "uipe.update_vector", "uipe.checkpoint",
+                    "uipe.prompts", "uipe.models")),
+    ("domain", ("uipe.config", "uipe.data", "uipe.methods", "uipe.eval", "uipe.tiny_model", "uipe.gate")),
+    ("benchmarks", ("uipe.benchmarks",)),
+    ("results", ("uipe.results", "uipe.decisions", "uipe.report", "uipe.tracking", "uipe.model_registry",
+                 "uipe.tables")),
+    ("stages", ("uipe.train", "uipe.search")),
+    ("recipes", ("uipe.pipeline", "uipe.study")),
+    ("cli", ("uipe.cli",)),
+)
+
+
+def _layer(module: str) -> int:
+    """The layer of the longest prefix naming the module (a package's entry covers its modules)."""
+    best = (-1, -1)
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".") and p != "uipe") and len(p) > best[1]:
+                best = (i, len(p))
+    return best[0]
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = [m for m in MODULES if _layer(m) < 0]
+    assert not unplaced, f"place these modules in LAYERS: {', '.join(unplaced)}"
+
+
+def test_no_module_imports_from_a_higher_layer() -> None:
+    graph = _graph()
+    upward = [f"{m} ({LAYERS[_layer(m)][0]}) -> {t} ({LAYERS[_layer(t)][0]})"
+              for m, targets in sorted(graph.items()) for t in sorted(targets) if _layer(t) > _layer(m)]
+    assert not upward, "imports that climb a layer:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import() -> None:
+    assert _layer("uipe.search.driver") > _layer("uipe.report") > _layer("uipe.config")
+    assert _layer("uipe.report.extra") == _layer("uipe.report") and _layer("uipe") == 0
