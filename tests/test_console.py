@@ -203,11 +203,11 @@ def test_the_evaluate_command_shows_a_table_and_prints_json_only_when_asked(monk
                                                                             tmp_path: Path) -> None:
     import json
 
-    import uipe.cli
+    import uipe.evaluation
 
     result = {"forget_quality": 0.25, "model_utility": 0.5, "forget_prob": 0.125, "retain_prob": 0.75,
               "fidelity": "full", "per_item": {"forget": {"answer_nll": [1.0, 2.0]}}}
-    monkeypatch.setattr(uipe.cli, "evaluate_cli", lambda *a, **k: result)
+    monkeypatch.setattr(uipe.evaluation, "evaluate_model", lambda *a, **k: result)
     args = ["evaluate", "--model", "m", "--data", "d", "--out", str(tmp_path / "metrics.json"), "--run-dir",
             str(tmp_path / "run")]
     shown = _cli(args, monkeypatch, tmp_path)

@@ -13,7 +13,7 @@ import torch
 
 from uipe.config import EvalConfig, TinyModelConfig
 from uipe.errors import UipeError
-from uipe.cli import evaluate_cli, reference_cli
+from uipe.evaluation import evaluate_model, retain_reference
 from uipe.eval import Evaluator, compute_reference, load_or_compute_reference, load_reference
 from uipe.eval import reference as ref_mod
 from uipe.eval.evaluate import SCORED_ONLY, eval_records
@@ -162,9 +162,9 @@ def test_reference_cache_is_keyed_by_model(world: dict, tmp_path: Path):
 
 def test_cli_entry_points_write_metrics(world: dict, tmp_path: Path):
     ref_path, out = tmp_path / "retain_reference.json", tmp_path / "metrics.json"
-    summary = reference_cli(world["dir_b"], world["data"], "forget05", ref_path, "llama2", FAST, "float32")
+    summary = retain_reference(world["dir_b"], world["data"], "forget05", ref_path, "llama2", FAST, "float32")
     assert summary["forget_items"] == 8 and ref_path.is_file()
-    result = evaluate_cli(world["dir_b"], world["data"], "forget05", ref_path, out, "llama2", FAST, "float32")
+    result = evaluate_model(world["dir_b"], world["data"], "forget05", ref_path, out, "llama2", FAST, "float32")
     written = json.loads(out.read_text())
     assert written["forget_quality"] == result["forget_quality"]
     # model b is its own retain model. Not exactly 1.0: the reference was scored over all 8 items and the subset
@@ -173,7 +173,7 @@ def test_cli_entry_points_write_metrics(world: dict, tmp_path: Path):
     assert written["model_utility"] == result["model_utility"]
     assert written["fidelity"] == "subset:6" and len(written["per_item"]["forget"]["answer_nll"]) == 6
     with pytest.raises(UipeError, match="retain reference not found"):
-        evaluate_cli(world["dir_b"], world["data"], "forget05", tmp_path / "nope.json", out, "llama2", FAST, "auto")
+        evaluate_model(world["dir_b"], world["data"], "forget05", tmp_path / "nope.json", out, "llama2", FAST, "auto")
     report = tofu_report(shipped_logs_dir("llama2-7b_full"), shipped_logs_dir("llama2-7b_retain90"))
     assert {"forget_quality", "model_utility", "world_facts_truth_ratio"} <= set(report)
 

@@ -130,7 +130,7 @@ LAYERS = (
     ("results", ("uipe.results", "uipe.decisions", "uipe.report", "uipe.tracking", "uipe.model_registry",
                  "uipe.tables")),
     ("stages", ("uipe.train", "uipe.search")),
-    ("recipes", ("uipe.pipeline", "uipe.study")),
+    ("recipes", ("uipe.pipeline", "uipe.study", "uipe.evaluation")),
     ("cli", ("uipe.cli",)),
 )
 

@@ -21,14 +21,11 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from uipe.errors import UipeError
-
-if TYPE_CHECKING:
-    from uipe.config import EvalConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="UIPE unlearning with automatic alpha selection (Ray Train, Ray Tune + Optuna, MLflow).")
@@ -158,32 +155,6 @@ def extrapolate(init: Annotated[Path, typer.Option("--init", help="theta_ini mod
     typer.echo(str(extrapolate_folder(init, unlearned, alpha, out, overwrite=overwrite)))
 
 
-def evaluate_cli(model: Path, data: str, forget_split: str, retain_reference: Path, out: Path, template: str,
-                 eval_cfg: EvalConfig, dtype: str, max_length: int = 128) -> dict:
-    """`uipe evaluate`: every aggregate (forget_quality, model_utility, ...) and per-item values -> `out`."""
-    from uipe.eval import Evaluator, load_reference
-    from uipe.io import atomic_write_json
-    from uipe.models import default_device, load_model, load_tokenizer
-
-    reference = load_reference(retain_reference)  # before loading a model: a missing file fails fast
-    evaluator = Evaluator.from_source(data, forget_split, load_tokenizer(model), template, eval_cfg, max_length)
-    evaluator.set_reference(reference)
-    result = evaluator.evaluate(load_model(model, dtype=dtype, device=default_device())).to_json()
-    atomic_write_json(out, result)
-    return result
-
-
-def reference_cli(model: Path, data: str, forget_split: str, out: Path, template: str, eval_cfg: EvalConfig,
-                  dtype: str, max_length: int = 128) -> dict:
-    """`uipe reference`: the retain model's truth ratios -> `out` (reused when model and data are unchanged)."""
-    from uipe.eval import Evaluator, load_or_compute_reference
-    from uipe.eval.reference import reference_summary
-    from uipe.models import load_tokenizer
-
-    evaluator = Evaluator.from_source(data, forget_split, load_tokenizer(model), template, eval_cfg, max_length)
-    return reference_summary(load_or_compute_reference(out, evaluator, model, dtype), out)
-
-
 @app.command()
 def evaluate(model: Annotated[Path, typer.Option("--model")],
              out: Annotated[Path, typer.Option("--out", help="metrics.json to write.")],
@@ -195,19 +166,18 @@ def evaluate(model: Annotated[Path, typer.Option("--model")],
              json_: JsonOpt = False) -> None:
     """Evaluate one model: a table of its headline metrics (forget quality, model utility, related-knowledge
     forgetting); every aggregate and per-item value in --out."""
-    from uipe.benchmarks import get_benchmark
+    from uipe import evaluation
     from uipe.console import data as print_data
     from uipe.console import say, show_table
     from uipe.tables import headline_values, metrics_table
 
-    cfg, paths = _setup(config, run_dir, set_)
-    get_benchmark(cfg.data.benchmark)  # its metrics in the catalogue, for the table's labels
+    cfg, paths = _setup(config, run_dir, set_)  # the benchmark's metrics are in the catalogue from here on
     eval_cfg = cfg.eval.model_copy(update={"subset": subset}) if subset else cfg.eval
     with _quiet(paths, "evaluate", verbose, data=json_):
         split = forget_split or cfg.data.forget_split
-        result = evaluate_cli(model, data or _data_source(cfg, paths), split,
-                              retain_reference or paths.retain_reference, out, cfg.model.prompt_template, eval_cfg,
-                              cfg.model.dtype, cfg.model.max_length)
+        result = evaluation.evaluate_model(model, data or _data_source(cfg, paths), split,
+                                           retain_reference or paths.retain_reference, out, cfg.model.prompt_template,
+                                           eval_cfg, cfg.model.dtype, cfg.model.max_length, cfg.data.benchmark)
         if json_:
             print_data(json.dumps(headline_values(result)))
             return
@@ -222,8 +192,10 @@ def reference(model: Annotated[Optional[Path], typer.Option("--model", help="Ret
               forget_split: Annotated[Optional[str], typer.Option("--forget-split")] = None,
               config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
     """Evaluate the retain model once and cache its truth ratios (the reference for forget quality)."""
+    from uipe.evaluation import retain_reference
+
     cfg, paths = _setup(config, run_dir, set_)
-    summary = reference_cli(model or paths.retain_model, data or _data_source(cfg, paths),
+    summary = retain_reference(model or paths.retain_model, data or _data_source(cfg, paths),
                             forget_split or cfg.data.forget_split, out or paths.retain_reference,
                             cfg.model.prompt_template, cfg.eval, cfg.model.dtype, cfg.model.max_length)
     typer.echo(json.dumps(summary, indent=1))
