@@ -131,9 +131,11 @@ def mlflow_server(backend_store_uri: str, *extra: str, log: Path | None = None, 
     port = port or free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    from uipe.tracking import SERVER_ENV  # the job runner off, as on the head node
+
     proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", backend_store_uri, "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1", *extra],
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **SERVER_ENV})
     try:
         for _ in range(120):
             try:

@@ -72,6 +72,7 @@ def test_cluster_file_passes_ray_up_validation(path: Path) -> None:
     head_cmds = " ".join(prepared["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_cmds
     assert "--host 127.0.0.1" in head_cmds and "mlflow server" in head_cmds
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false nohup ~/uipe-venv/bin/mlflow server" in head_cmds
     for cmds in ("head_start_ray_commands", "worker_start_ray_commands"):
         starts = [c for c in prepared[cmds] if "ray start" in c]
         assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), cmds
@@ -189,6 +190,8 @@ def test_kuberay_mlflow_uses_postgres_from_a_secret() -> None:
         assert "sqlite" not in args and "--host 127.0.0.1" in args and "--artifacts-destination" in args, path
         uri = next(e for e in mlflow["env"] if e["name"] == "MLFLOW_BACKEND_STORE_URI")
         assert uri["valueFrom"]["secretKeyRef"] == {"name": "uipe-mlflow-db", "key": "uri"}, path
+        env = {e["name"]: e.get("value") for e in mlflow["env"]}
+        assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false", path  # MLflow's job runner: unused, off
 
 
 def test_kuberay_pvc_is_shared() -> None:

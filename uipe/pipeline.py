@@ -44,7 +44,7 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
     from uipe.gate import summary_line
     from uipe.ray_session import ensure_ray
     from uipe.search.driver import run_search
-    from uipe.tracking import tracking_uri
+    from uipe.tracking import SERVER_ENV, tracking_uri
     from uipe.train.recipe import prepare, unlearn
 
     start = time.time()
@@ -68,6 +68,7 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
                                                      "seconds": time.time() - start})
     uri = tracking_uri(cfg, paths)
     say(f"Done in {time.time() - start:.0f} s. Results: {paths.root}/summary.json")
-    say(f"Review in the MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    env = " ".join(f"{k}={v}" for k, v in SERVER_ENV.items())
+    say(f"Review in the MLflow UI:  {env} mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
                   if uri.startswith("sqlite") else f"Review in the MLflow UI at {uri}")
     return summaries

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 _DATASETS_LOCK = threading.Lock()
 TRIAL_TAG = "uipe.trial_id"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting: a run with this tag shows under its parent in the UI
+# Every `mlflow server` / `mlflow ui` uipe starts or tells a user to start: MLflow 3 otherwise also starts its GenAI
+# job runner (huey consumers, ~245 MB each; docs/BENCHMARKS.md), and uipe runs none of those jobs.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 # MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses (often the GenAI one).
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
