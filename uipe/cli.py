@@ -58,17 +58,16 @@ def _quiet(paths, command: str, verbose: bool, data: bool = False):
 
 
 def _data_source(cfg, paths) -> str:
-    """The configured data (data.source; the synthetic benchmark is made under the run folder if missing)."""
-    from uipe.data import ensure_data
+    """The configured data (data.source; an embedded world is made under the run folder if missing)."""
+    from uipe.benchmarks import get_benchmark
 
-    return ensure_data(cfg, paths)
+    return get_benchmark(cfg.data.benchmark).ensure_data(cfg, paths)
 
 
 def _setup(config: Path | None, run_dir: Path | None, overrides: list[str] | None):
+    from uipe.benchmarks import check_config
     from uipe.config import load_config
     from uipe.paths import RunPaths
-
-    from uipe.benchmarks import check_config
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(config, overrides or [])
