@@ -100,3 +100,18 @@ def test_the_cli_refuses_an_unknown_objective_before_any_work_with_one_line() ->
     assert p.stderr.strip().splitlines() == [
         "uipe: error: search.signal: 'fq' is not a reference-free objective in the metric catalogue (choose from "
         "holdout_ks, mia_loss_closeness, mia_min_k_pp_closeness)"]
+
+
+def test_tofu_declares_what_prepare_and_unlearn_train_on(tmp_path) -> None:
+    from uipe.data.synth import write_benchmark
+
+    data = str(write_benchmark(tmp_path / "d", authors=20, facts=4, seed=0))
+    tofu = get_benchmark("tofu")
+    target, retain = (tofu.training_parts(data, "forget05", role) for role in ("target", "retain"))
+    # the target trains on everything, the forget authors and their related facts included; the retain model never
+    assert "forget05" in target and "related" in target and "forget05" not in retain and "related" not in retain
+    assert set(retain) < set(target) and all(target[name] == retain[name] for name in retain)
+    forget, kept, idk = tofu.unlearning_records(data, "forget05", needs_idk=False)
+    assert tofu.unlearning_split_names("forget05") == ("forget05", "retain95") and not idk  # no IdK answers asked
+    assert forget == target["forget05"] and kept == retain["retain95"]
+    assert {"forget", "retain", "real_authors", "world_facts"} <= set(tofu.evaluation_records(data, "forget05"))

@@ -40,7 +40,7 @@ def run_pipeline(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
 
 
 def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
-    from uipe.data import ensure_data
+    from uipe.benchmarks import get_benchmark
     from uipe.gate import summary_line
     from uipe.ray_session import ensure_ray
     from uipe.search.driver import run_search
@@ -49,7 +49,7 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
 
     start = time.time()
     stage(f"data ({cfg.data.source})")
-    data = ensure_data(cfg, paths)
+    data = get_benchmark(cfg.data.benchmark).ensure_data(cfg, paths)
     ensure_ray()
     stage("prepare: target and retain models" if cfg.prepare.retain else "prepare: the target model (no retain model)")
     say(summary_line(prepare(cfg, paths.root)))

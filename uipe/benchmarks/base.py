@@ -60,8 +60,22 @@ class Benchmark(Protocol):
         """The evaluation data a search scores every trial on, by the benchmark's split name."""
         ...
 
+    def training_parts(self, data: str, forget_split: str, role: str) -> Mapping[str, Sequence[Any]]:
+        """What prepare trains a reference model on, by split name ("target": everything; "retain": never the
+        forget data); prepare's gate checks each part."""
+        ...
+
+    def evaluation_records(self, data: str, forget_split: str) -> Mapping[str, Sequence[Any]]:
+        """The evaluation data by the evaluator's role (prepare's utility gate scores the reference models on it)."""
+        ...
+
     def unlearning_records(self, data: str, forget_split: str, needs_idk: bool) -> tuple:
-        """The records an unlearning run trains on (their hash ties a search to the checkpoints' data)."""
+        """The records an unlearning run trains on, (forget, retain, idk) (their hash ties a search to the
+        checkpoints' data)."""
+        ...
+
+    def unlearning_split_names(self, forget_split: str) -> tuple[str, str]:
+        """The names of the forget and retain splits an unlearning run trains on (MLflow's dataset inputs)."""
         ...
 
     def records_hash(self, *records: Any) -> str: ...

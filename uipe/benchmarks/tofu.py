@@ -124,6 +124,21 @@ class Tofu:
                  "related": "related_perturbed", "holdout": holdout_eval_split_for(forget_split)}
         return {names[role]: records for role, records in eval_records(data, forget_split).items()}
 
+    def training_parts(self, data: str, forget_split: str, role: str) -> Mapping[str, Sequence[Any]]:
+        from uipe.data import training_parts
+
+        return training_parts(data, forget_split, role)
+
+    def evaluation_records(self, data: str, forget_split: str) -> Mapping[str, Sequence[Any]]:
+        from uipe.eval.evaluate import eval_records
+
+        return eval_records(data, forget_split)
+
+    def unlearning_split_names(self, forget_split: str) -> tuple[str, str]:
+        from uipe.data import RETAIN_FOR
+
+        return forget_split, RETAIN_FOR[forget_split]
+
     def unlearning_records(self, data: str, forget_split: str, needs_idk: bool) -> tuple:
         from uipe.data import unlearning_records
 

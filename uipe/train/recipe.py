@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from uipe.benchmarks import get_benchmark
 from uipe.checkpoint import config_hash, model_identity, read_meta, require_weights
-from uipe.data import records_hash
 from uipe.config import ExperimentConfig
 from uipe.errors import UipeError
 from uipe.gate import rouge_failure, utility_failure
@@ -40,8 +40,6 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
     trained on, and model utilities within prepare.max_utility_gap of each other (checked when both were trained
     here; a given model.target is taken as it is). A model that fails is never published or reused.
     """
-    from uipe.data import ensure_data, training_parts
-    from uipe.eval.evaluate import eval_records
     from uipe.gate import gate_sample
     from uipe.tiny_model import prepare_base_model
 
@@ -51,10 +49,11 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
     for key, value in (("model.base", cfg.model.base), ("model.target", cfg.model.target)):
         if value and value != "tiny":
             require_weights(value, key)
-    source = ensure_data(cfg, paths)
+    bench = get_benchmark(cfg.data.benchmark)
+    source = bench.ensure_data(cfg, paths)
     split = cfg.data.forget_split
-    parts = {role: training_parts(source, split, role) for role in ("target", "retain")}
-    evaluation = {role: tuple(records) for role, records in eval_records(source, split).items()}
+    parts = {role: dict(bench.training_parts(source, split, role)) for role in ("target", "retain")}
+    evaluation = {role: tuple(records) for role, records in bench.evaluation_records(source, split).items()}
     base = prepare_base_model(cfg, paths, source)
     out: dict[str, Any] = {}
     trained_here = [(role, folder) for role, folder in (("target", paths.target_model), ("retain", paths.retain_model))
@@ -73,7 +72,7 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
         recipe = {"prepare": cfg.prepare.model_dump(mode="json", exclude={"retain"}),  # retain: which, not how
                   "train": train_identity(train_cfg), "model": cfg.model.model_dump(exclude={"target"}),
                   "base": model_identity(base)}
-        ident = {"role": role, "forget_split": split, "data_hash": records_hash(records),
+        ident = {"role": role, "forget_split": split, "data_hash": bench.records_hash(records),
                  "config_hash": config_hash(recipe)}
         meta = read_meta(folder)
         if reusable(meta, ident, folder, "trained on other data or settings", "refuse"):
@@ -134,16 +133,15 @@ def unlearn(cfg: ExperimentConfig, run_dir: str | Path, method: str, resume: boo
     Re-running resumes (same run name, same job hash); a run folder holding another config's results is an error.
     resume=False deletes this method's earlier results (folders and Ray checkpoints) first.
     """
-    from uipe.data import RETAIN_FOR, ensure_data, unlearning_records
-
     objective, params = get_objective(method), cfg.method_params(method)
     paths = RunPaths.of(run_dir)
     theta_ini = require_weights(cfg.model.target or paths.target_model, "target model")
     ensure_ray()
     check_workers(cfg.train)
-    source = ensure_data(cfg, paths)
-    forget, retain, idk = unlearning_records(source, cfg.data.forget_split, objective.needs_idk)
-    data_hash = records_hash(forget, retain, idk)
+    bench = get_benchmark(cfg.data.benchmark)
+    source = bench.ensure_data(cfg, paths)
+    forget, retain, idk = bench.unlearning_records(source, cfg.data.forget_split, objective.needs_idk)
+    data_hash = bench.records_hash(forget, retain, idk)
     ident = {"method": method, "params": params, "unlearn": cfg.unlearn.model_dump(include={"epochs", "lr"}),
              "train": train_identity(cfg.train), "model": cfg.model.model_dump(exclude={"target", "base"}),
              "theta_ini": model_identity(theta_ini), "data_hash": data_hash, "forget_split": cfg.data.forget_split}
@@ -171,7 +169,7 @@ def unlearn(cfg: ExperimentConfig, run_dir: str | Path, method: str, resume: boo
         runtime=runtime(cfg, paths), meta=meta,
     )
     t_fit = time.perf_counter()
-    splits = {cfg.data.forget_split: forget, RETAIN_FOR[cfg.data.forget_split]: retain}
+    splits = dict(zip(bench.unlearning_split_names(cfg.data.forget_split), (forget, retain)))
     result = fit(cfg, paths, job, run_name, keep_all=True, loop=train_loop, data=(source, splits))
     timing = {"fit_seconds": time.perf_counter() - t_fit, "worker_setup_seconds": result.return_value["setup_seconds"],
               "worker_loop_seconds": result.return_value["loop_seconds"]}
