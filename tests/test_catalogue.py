@@ -115,3 +115,27 @@ def test_tofu_declares_what_prepare_and_unlearn_train_on(tmp_path) -> None:
     assert tofu.unlearning_split_names("forget05") == ("forget05", "retain95") and not idk  # no IdK answers asked
     assert forget == target["forget05"] and kept == retain["retain95"]
     assert {"forget", "retain", "real_authors", "world_facts"} <= set(tofu.evaluation_records(data, "forget05"))
+
+
+def test_a_search_folder_made_before_benchmarks_had_names_keeps_its_identity() -> None:
+    """The identity a search wrote before this change: the space with its objective words spelled out (TOFU's
+    defaults) and a setup without a benchmark field. The same search now must hash the same, or every existing run
+    folder's searches would be refused as another search."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from uipe.config import EvalConfig
+    from uipe.search.driver import _identity
+    from uipe.search.trial import TrialSetup
+
+    setup = TrialSetup("ini", {1: "e1", 2: "e2"}, "tofu", "data", "forget05", "llama2", 64, EvalConfig(), "ref.json",
+                       "auto", 1)
+    space = SearchSpace(method="ga", objective="forget_quality")
+    old_space = space.model_dump() | {"signal": "holdout_ks"}
+    old_setup = {k: v for k, v in asdict(setup).items() if k != "benchmark"} | {"eval": setup.eval.model_dump()}
+    doc = {"space": old_space, "setup": old_setup, "epochs": [1, 2], "utility_threshold": 0.7}
+    old = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert _identity(space, setup, [1, 2], 0.7) == old
+    assert _identity(SearchSpace(method="ga"), setup, [1, 2], 0.7) == old  # the default objective is the same one
+    assert _identity(SearchSpace(method="ga", objective="holdout_ks"), setup, [1, 2], 0.7) != old

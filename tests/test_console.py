@@ -278,3 +278,11 @@ def test_a_failed_fit_is_one_line_on_the_console_and_a_traceback_in_the_log(unle
     log = Path(lines[0].removeprefix("log: "))
     text = log.read_text()
     assert "Traceback (most recent call last)" in text and "injected test fault in epoch 1 on rank 0" in text
+
+
+def test_the_floors_table_lists_the_highest_floor_first_whatever_order_the_json_kept() -> None:
+    from uipe.tables import floors_table
+
+    summary = _reference_free()
+    summary["floors"] = dict(sorted(summary["floors"].items()))  # as a result.json read back holds them
+    assert [r[1] for r in _lines(_render(floors_table([summary])), "ga")] == ["0.95", "0.9", "0.85"]

@@ -112,7 +112,8 @@ def floors_table(summaries: Sequence[Summary]) -> Table:
                 *(f"UIPE {catalogue.short(n)}" for n in names)):
         table.add_column(col, justify="right")
     for s in summaries:
-        for floor, arms in s.get("floors", {}).items():
+        # highest floor first, whatever order the JSON kept (atomic_write_json sorts keys as text)
+        for floor, arms in sorted(s.get("floors", {}).items(), key=lambda kv: -float(kv[0])):
             base, uipe = arms.get("base") or {}, arms.get("uipe") or {}
             table.add_row(s["method"], floor, str(base.get("epoch", "-")), *(fmt(value(base, n, s)) for n in names),
                           fmt(uipe.get("alpha")), str(uipe.get("epoch", "-")),

@@ -21,7 +21,7 @@ from ray import tune
 
 from uipe import faults, metrics, tracking
 from uipe.benchmarks import Benchmark, get_benchmark
-from uipe.config import FLOORS, ExperimentConfig
+from uipe.config import FLOORS, DataConfig, ExperimentConfig
 from uipe.console import say
 from uipe.errors import UipeError
 from uipe.io import atomic_write_json, code_version, exclusive
@@ -121,7 +121,15 @@ def _check_candidates(theta_ini: str, dirs: dict[int, str]) -> None:
 
 def _identity(space: SearchSpace, setup: TrialSetup, epochs: list[int], threshold: float,
               screening: bool = False) -> str:
-    doc = {"space": space.model_dump(), "setup": setup.identity(), "epochs": epochs, "utility_threshold": threshold}
+    """The search's identity: what a finished or interrupted search folder must match to be reused or resumed.
+    Written as searches wrote it before benchmarks had names, so their folders keep being reused: the objective
+    words resolved to the benchmark's defaults (spaces named them), the default benchmark left out."""
+    bench = get_benchmark(setup.benchmark)
+    words = {"objective": space.objective or bench.default_objective, "signal": space.signal or bench.default_signal}
+    setup_doc = setup.identity()
+    if setup_doc["benchmark"] == DataConfig.model_fields["benchmark"].default:
+        del setup_doc["benchmark"]
+    doc = {"space": space.model_dump() | words, "setup": setup_doc, "epochs": epochs, "utility_threshold": threshold}
     if screening:  # only when on: the searches made before the option keep their identity
         doc["screening"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -169,9 +177,10 @@ def _eval_splits(setup: TrialSetup) -> dict[str, list]:
     return {k: list(v) for k, v in get_benchmark(setup.benchmark).eval_splits(setup.data, setup.forget_split).items()}
 
 
-def _previous(paths: RunPaths, method: str, identity: str, resume: bool) -> SearchOutcome | None:
+def _previous(paths: RunPaths, method: str, identity: str, resume: bool, utility: str) -> SearchOutcome | None:
     """A finished search with this identity (returned as is), an interrupted one (None: restore it when `resume`),
-    or an error for a search folder made with another space, checkpoints or data."""
+    or an error for a search folder made with another space, checkpoints or data. `utility`: the benchmark's
+    utility metric, which a result.json written before the utility was named in it measured."""
     out = paths.search(method)
     state_path = out / STATE_FILE
     if not state_path.is_file():
@@ -182,7 +191,8 @@ def _previous(paths: RunPaths, method: str, identity: str, resume: bool) -> Sear
     reusable(recorded(state_path), {"identity": identity}, out, "holds a search with another space, checkpoints or "
              "data", "refuse")
     if (out / RESULT_FILE).is_file():
-        return SearchOutcome.from_json(json.loads((out / RESULT_FILE).read_text()), str(out / RESULT_FILE))
+        doc = {"utility_metric": utility, **json.loads((out / RESULT_FILE).read_text())}
+        return SearchOutcome.from_json(doc, str(out / RESULT_FILE))
     if not resume:
         raise UipeError(f"{out}: an interrupted search is there; pass --resume to continue it, or remove it")
     return None
@@ -255,7 +265,7 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
     ini = _start_metrics(setup, paths.root / "search" / "theta_ini_metrics.json")
     threshold = space.utility_floor * ini[get_benchmark(setup.benchmark).utility]
     identity = _identity(space, setup, epochs, threshold, cfg.search.screening)
-    previous = _previous(paths, method, identity, resume)
+    previous = _previous(paths, method, identity, resume, get_benchmark(setup.benchmark).utility)
     if previous is not None:
         say(f"[search {method}] finished before with the same space and checkpoints: reusing {out / RESULT_FILE}")
         return previous
