@@ -225,13 +225,17 @@ def _trial_id(result: Any) -> str:
     return match.group(1) if match else ""
 
 
-def _results(grid: tune.ResultGrid) -> list[TrialResult]:
+def _results(grid: tune.ResultGrid, utility: str) -> list[TrialResult]:
+    """The trials Tune kept. `utility`: the benchmark's utility metric, which a trial reported before the record had
+    a `utility` field carried only under its own name (a search interrupted then and resumed now)."""
     out = []
     for r in grid:
         cfg = r.config or {}
         alpha, epoch = float(cfg.get("alpha", float("nan"))), int(cfg.get("epoch", -1))
         if r.error is None and r.metrics and "objective" in r.metrics:
-            out.append(TrialResult.from_report(_trial_id(r), {"alpha": alpha, "epoch": epoch}, r.metrics))
+            reported = {"utility": r.metrics[utility]} if utility in r.metrics else {}
+            out.append(TrialResult.from_report(_trial_id(r), {"alpha": alpha, "epoch": epoch},
+                                               reported | r.metrics))
         else:
             error = str(r.error).splitlines()[-1][:300] if r.error else "no result"
             out.append(TrialResult.failed(_trial_id(r), alpha, epoch, error))
@@ -281,5 +285,6 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
                    utility.screening_utility)
     start = time.time()
     grid = tuner.fit()
-    return finish(cfg, paths, method, space, setup, _results(grid), ini, threshold, uri, parent, time.time() - start,
+    results = _results(grid, get_benchmark(setup.benchmark).utility)
+    return finish(cfg, paths, method, space, setup, results, ini, threshold, uri, parent, time.time() - start,
                   metric)

@@ -13,6 +13,8 @@ from uipe.console import Task
 class Progress(tune.Callback):
     """The search's progress display on the driver: trials done, the best feasible objective so far, an ETA."""
 
+    utility = "utility"  # a callback Tune pickled in an older search has no utility name of its own
+
     def __init__(self, method: str, total: int, label: str, utility: str) -> None:
         self.method, self.total, self.done, self.failed, self.best = method, total, 0, 0, None
         self.label, self.utility = label, utility  # the catalogue's short names of the objective and the utility
