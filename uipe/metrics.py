@@ -59,11 +59,10 @@ def unregister(name: str) -> None:
     CATALOGUE.pop(name, None)
 
 
-def get(name: str, catalogue: Mapping[str, Metric] | None = None) -> Metric:
-    cat = CATALOGUE if catalogue is None else catalogue
-    if name not in cat:
-        raise UipeError(f"metric {name!r}: not in the catalogue (known: {', '.join(sorted(cat)) or 'none'})")
-    return cat[name]
+def get(name: str) -> Metric:
+    if name not in CATALOGUE:
+        raise UipeError(f"metric {name!r}: not in the catalogue (known: {', '.join(sorted(CATALOGUE)) or 'none'})")
+    return CATALOGUE[name]
 
 
 def known(name: str) -> bool:
@@ -84,14 +83,22 @@ def objectives(reference: bool | None = None) -> list[str]:
             if m.objective and (reference is None or reference or not m.needs_reference)]
 
 
-def check_objective(name: str, what: str, reference_free: bool = False) -> Metric:
-    """The catalogue entry of an objective a config or space file names, or a one-line error naming `what`."""
-    m = CATALOGUE.get(name)
+def objective_problem(name: str, reference_free: bool = False, also: Iterable[str] = ()) -> str | None:
+    """Why `name` cannot be a search's objective (reference_free: one that needs no retain model), or None when it
+    can; `also`: other words the caller accepts (a space's "pareto", "reference_free")."""
+    also = tuple(also)
     allowed = objectives(reference=not reference_free)
-    if m is None or name not in allowed:
-        kind = "a reference-free objective" if reference_free else "an objective"
-        raise UipeError(f"{what}: {name!r} is not {kind} in the metric catalogue (choose from {', '.join(allowed)})")
-    return m
+    if name in also or name in allowed:
+        return None
+    kind = "a reference-free objective" if reference_free else "an objective"
+    return f"{name!r} is not {kind} in the metric catalogue (choose from {', '.join([*also, *allowed])})"
+
+
+def ordered(names: Iterable[str]) -> list[str]:
+    """Distinct names in catalogue order; names the catalogue does not know after them, in the order given."""
+    given = list(dict.fromkeys(names))
+    rank = {name: i for i, name in enumerate(CATALOGUE)}
+    return sorted(given, key=lambda n: (rank.get(n, len(rank)), given.index(n)))
 
 
 def headline(names: Iterable[str] | None = None) -> list[str]:
@@ -107,28 +114,28 @@ def benchmark_headline(names: Iterable[str]) -> list[str]:
     return [m.name for m in CATALOGUE.values() if m.headline and m.benchmark in owners]
 
 
-def derive_all(aggregates: Mapping[str, float], catalogue: Mapping[str, Metric] | None = None) -> dict[str, float]:
-    """The derived entries computable from `aggregates` (a derivation whose inputs are missing is left out)."""
-    out = {}
-    for m in (CATALOGUE if catalogue is None else catalogue).values():
-        if m.derive is None or m.name in aggregates:
-            continue
-        try:
-            out[m.name] = float(m.derive(aggregates))
-        except KeyError:
-            continue
-    return out
+def _derived(m: Metric, aggregates: Mapping[str, float]) -> float | None:
+    """`m` derived from `aggregates`; None when it has no derivation or its inputs are missing."""
+    if m.derive is None:
+        return None
+    try:
+        return float(m.derive(aggregates))
+    except KeyError:
+        return None
+
+
+def derive_all(aggregates: Mapping[str, float]) -> dict[str, float]:
+    """The derived entries computable from `aggregates` and not already in them."""
+    derived = {m.name: _derived(m, aggregates) for m in CATALOGUE.values() if m.name not in aggregates}
+    return {name: v for name, v in derived.items() if v is not None}
 
 
 def value_of(name: str, aggregates: Mapping[str, float]) -> float:
     """A metric's value in `aggregates`, or derived from them by its catalogue entry; NaN when neither."""
     if name in aggregates:
         return float(aggregates[name])
-    m = CATALOGUE.get(name)
-    try:
-        return float(m.derive(aggregates)) if m is not None and m.derive is not None else math.nan
-    except KeyError:
-        return math.nan
+    v = _derived(CATALOGUE[name], aggregates) if name in CATALOGUE else None
+    return math.nan if v is None else v
 
 
 def oriented(name: str, value: float) -> float:

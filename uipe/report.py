@@ -20,9 +20,7 @@ _TEXT = ("trial_id", "status", "alpha", "epoch", "feasible", "error", "fidelity"
 
 def metric_columns(rows: list[TrialResult]) -> list[str]:
     """Every metric the rows report: the catalogue's order, then any other name alphabetically."""
-    names = {k for r in rows for k in r.metrics}
-    order = {name: i for i, name in enumerate(catalogue.CATALOGUE)}
-    return sorted(names, key=lambda k: (order.get(k, len(order)), k))
+    return catalogue.ordered(sorted({k for r in rows for k in r.metrics}))
 
 
 def to_csv(rows: list[TrialResult]) -> str:

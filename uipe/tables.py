@@ -9,7 +9,7 @@ objectives get a column per objective, each filled where a point has that metric
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
@@ -27,16 +27,13 @@ Point = Mapping[str, Any]  # one point of it (TrialResult.summary())
 
 
 def objective_of(summary: Summary) -> str:
-    """The catalogue name of the metric the search maximised ("objective" for a summary that does not say)."""
-    return summary.get("objective") or "objective"
+    """The catalogue name of the metric the search maximised."""
+    return summary["objective"]
 
 
 def utility_of(summary: Summary) -> str:
-    """The catalogue name of the search's utility measure: the summary's, else the catalogue's one utility metric."""
-    if summary.get("utility_metric"):
-        return summary["utility_metric"]
-    utilities = [m.name for m in catalogue.CATALOGUE.values() if m.utility]
-    return utilities[0] if len(utilities) == 1 else "utility"
+    """The catalogue name of the search's utility measure."""
+    return summary["utility_metric"]
 
 
 def value(point: Point | None, name: str, summary: Summary) -> float | None:
@@ -45,17 +42,10 @@ def value(point: Point | None, name: str, summary: Summary) -> float | None:
     if not point:
         return None
     if name == objective_of(summary) and point.get("objective") is not None:
-        return catalogue.oriented(name, point["objective"]) if catalogue.known(name) else point["objective"]
+        return catalogue.oriented(name, point["objective"])
     if name == utility_of(summary) and point.get("utility") is not None:
         return point["utility"]
     return point.get(name)
-
-
-def _distinct(names: Iterable[str]) -> list[str]:
-    """Names in catalogue order (unknown ones after, in order of appearance), each once."""
-    seen = list(dict.fromkeys(names))
-    order = {name: i for i, name in enumerate(catalogue.CATALOGUE)}
-    return sorted(seen, key=lambda n: (order.get(n, len(order)), seen.index(n)))
 
 
 def _rows(summaries: Sequence[Summary]) -> list[tuple[str, Point, Summary]]:
@@ -79,8 +69,8 @@ def results_table(summaries: Sequence[Summary], run: str, context: Sequence[str]
     """Per method: the plain method at its best epoch beside UIPE at the chosen alpha and epoch. Columns: the
     searches' objectives and utility measures, then each `context` metric (the benchmark's table_metrics: forget
     quality beside a reference-free objective, related-knowledge forgetting) that some point has."""
-    objectives = _distinct(objective_of(s) for s in summaries)
-    utilities = [u for u in _distinct(utility_of(s) for s in summaries) if u not in objectives]
+    objectives = catalogue.ordered(objective_of(s) for s in summaries)
+    utilities = [u for u in catalogue.ordered(utility_of(s) for s in summaries) if u not in objectives]
     shown = set(objectives) | set(utilities)
     rows = _rows(summaries)
     extra = [n for n in context if n not in shown and any(value(p, n, s) is not None for _, p, s in rows)]
@@ -101,8 +91,8 @@ def floors_table(summaries: Sequence[Summary]) -> Table:
     """The best point of the base method and of UIPE at each utility floor (a fraction of theta_ini's utility), by
     the search's objective: the trade-off is the user's choice; the space file's utility_floor only picks the
     registered champion."""
-    objectives = _distinct(objective_of(s) for s in summaries)
-    utilities = [u for u in _distinct(utility_of(s) for s in summaries) if u not in objectives]
+    objectives = catalogue.ordered(objective_of(s) for s in summaries)
+    utilities = [u for u in catalogue.ordered(utility_of(s) for s in summaries) if u not in objectives]
     names = (*objectives, *utilities)
     table = Table(title=f"Best point at each utility floor ({' / '.join(catalogue.short(u) for u in utilities)} >= "
                         f"floor x theta_ini's), by {', '.join(catalogue.short(n) for n in objectives)} "

@@ -27,10 +27,11 @@ def get_benchmark(name: str) -> Benchmark:
 
 def check_objective_words(objective: str | None, signal: str | None, where: str) -> None:
     """A space's (or search config's) objective and signal against the catalogue, one line naming `where`."""
-    if objective is not None and objective not in OBJECTIVE_MODES:
-        metrics.check_objective(objective, f"{where}objective")
-    if signal is not None:
-        metrics.check_objective(signal, f"{where}signal", reference_free=True)
+    for key, name, reference_free, also in (("objective", objective, False, OBJECTIVE_MODES),
+                                            ("signal", signal, True, ())):
+        problem = None if name is None else metrics.objective_problem(name, reference_free, also)
+        if problem:
+            raise UipeError(f"{where}{key}: {problem}")
 
 
 def check_config(cfg: ExperimentConfig) -> Benchmark:

@@ -172,8 +172,6 @@ def _parent_run(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path:
 
 def _eval_splits(setup: TrialSetup) -> dict[str, list]:
     """The evaluation data a search scores every trial on, by the benchmark's split name."""
-    from uipe.benchmarks import get_benchmark
-
     return {k: list(v) for k, v in get_benchmark(setup.benchmark).eval_splits(setup.data, setup.forget_split).items()}
 
 
@@ -266,25 +264,25 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
     # finished loses at most that trial's bookkeeping; outcome.finish reconciles MLflow with what Tune kept.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     out = paths.search(method)
+    bench = get_benchmark(setup.benchmark)
     ini = _start_metrics(setup, paths.root / "search" / "theta_ini_metrics.json")
-    threshold = space.utility_floor * ini[get_benchmark(setup.benchmark).utility]
+    threshold = space.utility_floor * ini[bench.utility]
     identity = _identity(space, setup, epochs, threshold, cfg.search.screening)
-    previous = _previous(paths, method, identity, resume, get_benchmark(setup.benchmark).utility)
+    previous = _previous(paths, method, identity, resume, bench.utility)
     if previous is not None:
         say(f"[search {method}] finished before with the same space and checkpoints: reusing {out / RESULT_FILE}")
         return previous
     uri, exp_id, parent = _parent_run(cfg, paths, method, space_path, space, setup, threshold, identity, metric)
     total = space.trials_needed(epochs)
-    callbacks = [tracking.TrialLogger(uri, exp_id, parent, method), Progress(method, total, metrics.short(metric),
-                                                                  metrics.short(get_benchmark(setup.benchmark).utility))]
+    callbacks = [tracking.TrialLogger(uri, exp_id, parent, method),
+                 Progress(method, total, metrics.short(metric), metrics.short(bench.utility))]
     trainable = _trainable(cfg, paths, method, setup, threshold, metric, ini)
     # screening weighs a point at the space's floor and at every floor a result reports (uipe.report.FLOORS)
-    utility = get_benchmark(setup.benchmark)
-    thresholds = [threshold, *(f * ini[utility.utility] for f in FLOORS)] if cfg.search.screening else None
+    thresholds = [threshold, *(f * ini[bench.utility] for f in FLOORS)] if cfg.search.screening else None
     tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, thresholds,
-                   utility.screening_utility)
+                   bench.screening_utility)
     start = time.time()
     grid = tuner.fit()
-    results = _results(grid, get_benchmark(setup.benchmark).utility)
+    results = _results(grid, bench.utility)
     return finish(cfg, paths, method, space, setup, results, ini, threshold, uri, parent, time.time() - start,
                   metric)

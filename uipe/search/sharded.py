@@ -13,7 +13,6 @@ same step on each. Rank 0's metrics are the trial's. The trial process itself on
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any
 
 from uipe.faults import NONE, Faults
 from uipe.io import atomic_write_json
-from uipe.results import TrialResult
 from uipe.search.trial import TrialSetup, build_evaluator, record_point
 
 # Tune's trial actor only drives the worker group: it asks for no CPU, else k workers of one CPU each would never fit

@@ -61,20 +61,17 @@ class SearchSpace(Strict):
     @field_validator("objective")
     @classmethod
     def _objective(cls, name: str | None) -> str | None:
-        if name is not None and name not in OBJECTIVE_MODES:
-            allowed = metrics.objectives()
-            if name not in allowed:
-                raise ValueError(f"{name!r} is not an objective in the metric catalogue (choose from "
-                                 f"{', '.join([*OBJECTIVE_MODES, *allowed])})")
+        problem = None if name is None else metrics.objective_problem(name, also=OBJECTIVE_MODES)
+        if problem:
+            raise ValueError(problem)
         return name
 
     @field_validator("signal")
     @classmethod
     def _signal(cls, name: str | None) -> str | None:
-        allowed = metrics.objectives(reference=False)
-        if name is not None and name not in allowed:
-            raise ValueError(f"{name!r} is not a reference-free objective in the metric catalogue (choose from "
-                             f"{', '.join(allowed)})")
+        problem = None if name is None else metrics.objective_problem(name, reference_free=True)
+        if problem:
+            raise ValueError(problem)
         return name
 
     def objective_metric(self, benchmark: Benchmark) -> str:
