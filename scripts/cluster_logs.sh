@@ -7,6 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"
 
 [[ $# -eq 1 ]] || die "usage: scripts/cluster_logs.sh JOB_ID"
 need_ray
+cd "$UIPE_REPO" || die "cannot enter the repository root $UIPE_REPO"
 need_token
 use_tunnel
 say "ray job status $1"

@@ -3,7 +3,8 @@
 #   scripts/cluster_submit.sh CONFIG [uipe run options...]
 #   e.g. scripts/cluster_submit.sh configs/tofu_llama2_7b.yaml --set data.forget_split=forget05
 # The run folder lives on the shared storage (/mnt/uipe/runs/<name>), so re-submitting the same command after
-# a failure resumes: finished stages are skipped. Env: UIPE_RUN_ROOT (default /mnt/uipe/runs).
+# a failure resumes: finished stages are skipped. Env: UIPE_SHARED (the shared storage, /mnt/uipe), UIPE_RUN_ROOT
+# ($UIPE_SHARED/runs), UIPE_CLUSTER_YAML (an on-premises head on this machine is reached without a tunnel).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=cluster_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"
@@ -11,7 +12,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"
 [[ $# -ge 1 ]] || die "usage: scripts/cluster_submit.sh CONFIG [uipe run options...]"
 config="$1"
 shift
-run_root="${UIPE_RUN_ROOT:-/mnt/uipe/runs}"
+run_root="${UIPE_RUN_ROOT:-$SHARED_DIR/runs}"
 
 need_ray
 cd "$UIPE_REPO" || die "cannot enter the repository root $UIPE_REPO"
@@ -27,7 +28,7 @@ job_id="uipe-${name}-$(date +%Y%m%d-%H%M%S)"
 
 # PYTHONPATH=. makes the uploaded working dir's uipe win over the copy installed at `ray up` time, so code
 # changes need no new `ray up`. HF_HOME on the shared storage: every node downloads the 7B weights once.
-runtime_env='{"env_vars": {"PYTHONPATH": ".", "HF_HOME": "/mnt/uipe/hf", "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "token"}}'
+runtime_env='{"env_vars": {"PYTHONPATH": ".", "HF_HOME": "'"$SHARED_DIR"'/hf", "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "token"}}'
 
 say "ray job submit --submission-id $job_id --working-dir . -- uipe run --config $config --run-dir $run_root/$name $*"
 ray job submit --address "$RAY_ADDRESS" --no-wait --submission-id "$job_id" --working-dir . \

@@ -9,6 +9,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"
 mlflow_port="${UIPE_MLFLOW_PORT:-5000}"
 need_ray
 need_yaml
+if head_on_this_host; then
+    say "the head ($(yaml_value head_ip)) is this machine: no tunnel needed, its dashboard and MLflow answer there"
+    exit 0
+fi
 need_token
 need_cmd ssh "ray's port forwarding runs ssh -L"
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Launch (or update) the cluster and wait until N GPU worker nodes are up.
 #   scripts/cluster_up.sh [N]      N GPU nodes to hold (default 1); 0 releases the hold (scale to demand)
-# Env: UIPE_CLUSTER_YAML (default cluster.yaml), UIPE_GPUS_PER_NODE (8), UIPE_UP_TIMEOUT_S (1800).
+# On-premises servers (provider local: every worker_ips server joins, there is nothing to hold): N worker nodes to
+# wait for. Env: UIPE_CLUSTER_YAML (default cluster.yaml), UIPE_GPUS_PER_NODE (8), UIPE_UP_TIMEOUT_S (1800).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=cluster_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"
@@ -17,7 +18,9 @@ need_yaml
 if grep -q 'fs-REPLACE_ME' "$CLUSTER_YAML"; then
     die "$CLUSTER_YAML: set your EFS file system in the mount command (fs-REPLACE_ME), or remove it and use S3 (docs/OPERATIONS.md)"
 fi
-need_cloud_credentials
+placeholder="$(sed 's/#.*//' "$CLUSTER_YAML" | grep -o '[A-Za-z0-9._-]*REPLACE_ME[A-Za-z0-9._-]*' | head -n 1 || true)"
+[[ -z "$placeholder" ]] || die "$CLUSTER_YAML: replace the placeholder $placeholder (your servers' addresses, ssh user)"
+need_provider_access
 
 if [[ ! -s "$TOKEN_FILE" ]]; then
     say "generating the Ray auth token in $TOKEN_FILE (ray get-auth-token --generate)"
@@ -27,6 +30,26 @@ chmod 600 "$TOKEN_FILE"
 
 say "ray up -y $CLUSTER_YAML (head node, setup, Ray + MLflow on the head)"
 ray up -y "$CLUSTER_YAML"
+
+if [[ "$(provider_type)" == local ]]; then
+    # The local provider keeps every listed server: wait until N workers (and the head) are alive in `ray status`.
+    deadline=$((SECONDS + timeout_s))
+    while :; do
+        status="$(ray exec "$CLUSTER_YAML" "ray status" 2>/dev/null || true)"
+        # Autoscaler v1 lists live nodes per type under "Active:", e.g. " 3 local.cluster.node".
+        have="$(printf '%s\n' "$status" | sed -n '/^Active:/,/^Pending:/s/^ *\([0-9][0-9]*\) local\.cluster\.node.*/\1/p' | head -n 1)"
+        have="${have:-0}"
+        say "nodes up: $have / $((n_nodes + 1)) (head + $n_nodes workers)"
+        ((have >= n_nodes + 1)) && break
+        if ((SECONDS >= deadline)); then
+            printf '%s\n' "$status" >&2
+            die "timed out after ${timeout_s}s waiting for $n_nodes worker node(s): see 'ray exec $CLUSTER_YAML \"tail -n 50 /tmp/ray/session_latest/logs/monitor.*\"'"
+        fi
+        sleep 10
+    done
+    say "cluster ready. Next: scripts/cluster_submit.sh CONFIG (scripts/cluster_tunnel.sh first unless the head is this machine)"
+    exit 0
+fi
 
 # Workers have min_workers 0: ask the autoscaler to hold N GPU nodes (a persistent request; N=0 clears it).
 say "requesting $n_nodes GPU node(s) of $gpus_per_node GPUs from the autoscaler"
