@@ -20,12 +20,13 @@ def _items_loop(cfg: dict) -> None:
 
     from uipe.io import atomic_write_json
     from uipe.search.sharded import sharded_model
-    from uipe.search.trial import build_evaluator
+    from uipe.coefficients import Extrapolation
+    from uipe.search.trial import build_evaluator, resolve_point
 
     setup = cfg["setup"]
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (ray.train.get_context().get_world_size(),))
-    model = sharded_model(setup, EPOCH, ALPHA, torch.device("cpu"), mesh, torch.float32)
+    model = sharded_model(resolve_point(setup, Extrapolation(EPOCH, ALPHA)), torch.device("cpu"), mesh, torch.float32)
     res = build_evaluator(setup).evaluate(model, generate=False)
     local = sum(p.to_local().numel() for p in model.parameters())
     if ray.train.get_context().get_world_rank() == 0:  # Train V2 keeps no metrics without a checkpoint: a file

@@ -297,3 +297,24 @@ def test_study_of_two_seeds_resumes_after_a_kill_and_aggregates_per_seed_values(
         r.info.run_id for r in seed_runs}
     assert study_run.info.status == "FINISHED" and "study.json" in {a.path for a in c.list_artifacts(
         study_run.info.run_id)}
+
+
+def test_a_form_arm_is_chosen_compared_and_round_trips_like_uipe() -> None:
+    """study.forms: a groups arm (its own search's trials) gets floors, matched utility against the longer run's
+    trajectory, a hypervolume, and pairs against `more` and UIPE in the aggregate; study.json reads it back."""
+    longer = [_t(0.0, e, fq, mu, prob) for e, fq, mu, prob in [(1, 0.01, 0.78, 0.8), (2, 0.02, 0.74, 0.6),
+                                                                (3, 0.08, 0.70, 0.4), (4, 0.3, 0.62, 0.1)]]
+    start = {"model_utility": 0.8, "forget_quality": 1e-4, "forget_prob": 0.9}
+    groups = [_t(0.0, 2, 0.02, 0.78, 0.6), _t(0.9, 2, 0.2, 0.68, 0.2)]  # a point UIPE's search did not reach
+    rec = method_record(SEARCH, longer, start, 0.76, [0.95, 0.8], 2, 4, {"groups": groups})
+    # at 0.8 (utility >= 0.64): groups' best is (0.2, 0.68); the trajectory at forget prob 0.2 is 0.64667
+    assert rec.arms["groups"][0.8].forget_quality == 0.2
+    assert rec.matched_forms["groups"][0.8] == pytest.approx(0.68 - (0.62 + 0.08 / 3))
+    again = SeedResult.from_json(json.loads(json.dumps(SeedResult(1, {"ga": rec}).to_json())), "study.json")
+    assert again.methods["ga"] == rec
+    agg = aggregate([SeedResult(1, {"ga": rec}), SeedResult(2, {"ga": rec})], [0.95, 0.8])["methods"]["ga"]
+    assert {"groups-more", "groups-uipe"} <= set(agg["paired"])
+    uipe_fq = rec.arms["uipe"][0.8].forget_quality_report
+    want = math.log10(0.2 / 2) - math.log10(uipe_fq)  # the report fold holds fq / 2 in _t
+    assert agg["paired"]["groups-uipe"]["0.8"]["log10_fq_report"]["mean"] == pytest.approx(want)
+    assert agg["matched_forms"]["groups"]["0.8"]["wins"] == 2

@@ -232,7 +232,7 @@ def search(method: MethodOpt, config: ConfigOpt = None, run_dir: RunDirOpt = Non
             print_data(json.dumps(summary.to_json(), indent=1, default=str))
             return
         show_search_tables([summary], cfg)
-        say(f"summary: {paths.search(method) / RESULT_FILE}")
+        say(f"summary: {paths.search(summary.label) / RESULT_FILE}")
 
 
 @app.command()

@@ -159,6 +159,10 @@ class SearchConfig(Strict):
     objective: str | None = None
     signal: str | None = None
     select_on: Literal["all", "selection_fold"] | None = None  # overrides the space files' (uipe study: the fold)
+    # overrides the space files' extrapolation form (uipe.coefficients: global, groups, weighted) and anchor option,
+    # e.g. --set search.form=groups; a search of another form than global gets a folder of its own
+    form: Literal["global", "groups", "weighted"] | None = None
+    anchor: bool | None = None
     # Two-fidelity trials (uipe/search/screening.py): a sampled point is scored without generation first and gets the
     # full evaluation (greedy generation, ROUGE-L, model utility) only when it is on or near the front so far; the
     # base method's points always get it, and only fully evaluated points can be chosen.
@@ -186,6 +190,9 @@ class StudyConfig(Strict):
     # false: only the base method and UIPE (a sweep over worlds that asks only "how much does UIPE add"), saving
     # the longer unlearning run and its scoring per method and seed
     more_baseline: bool = True
+    # forms beyond one alpha (uipe.coefficients), each an arm searched on the same checkpoints: groups, weighted,
+    # anchor (the global form from an earlier epoch); each reported like UIPE, against `more` and against UIPE
+    forms: list[Literal["groups", "weighted", "anchor"]] = []
 
     @field_validator("seeds")
     @classmethod

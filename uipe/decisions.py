@@ -64,7 +64,7 @@ def best_at_floors(rows: Sequence[TrialResult], start_utility: float,
     with utility >= f x theta_ini's, by the search's objective; None where no trial reaches the floor."""
     out = {}
     for floor in floors:
-        base = best_above([r for r in rows if r.alpha == 0.0], floor * start_utility)
+        base = best_above([r for r in rows if r.is_base], floor * start_utility)
         uipe = best_above(rows, floor * start_utility)
         out[floor_key(floor)] = {"base": base.summary() if base else None, "uipe": uipe.summary() if uipe else None}
     return out
@@ -72,4 +72,4 @@ def best_at_floors(rows: Sequence[TrialResult], start_utility: float,
 
 def base_row(rows: Sequence[TrialResult]) -> TrialResult | None:
     """The plain base method (alpha = 0) at its best epoch, chosen by the same rule as the UIPE trials."""
-    return choose([r for r in rows if r.alpha == 0.0])
+    return choose([r for r in rows if r.is_base])

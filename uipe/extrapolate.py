@@ -4,26 +4,31 @@ UIPE (arXiv 2503.04693) scales the update of a base unlearning run, v = theta_un
 removes the related knowledge the model could use to rebuild forgotten facts:
     theta_uipe = theta_un + alpha * v = theta_ini + (1 + alpha) * v.
 
-Two forms share one chunked kernel, `extrapolate_into`, so they agree bit for bit:
+Three paths share one chunked kernel, `extrapolate_into`, so they agree bit for bit:
 - `extrapolate_folder`: Hugging Face safetensors folder -> new folder, streamed shard by shard with reads, arithmetic
   and writes overlapped (peak memory about three shards, never the whole model);
-- `uipe.update_vector.UpdateVector`: streams both mmap'ed checkpoints into a live model's weights per search trial.
+- `uipe.update_vector.UpdateVector`: streams both mmap'ed checkpoints into a live model's weights per search trial;
+- `uipe.train.sharding.load_own_shards`: each FSDP2 rank extrapolates its own rows (a sharded trial).
+Each takes a plain alpha or per-tensor coefficients (uipe.coefficients: the groups form's alpha per tensor, the
+weighted form's per-element scales from an importance folder, `Importance`); theta_ini may be an earlier epoch's
+checkpoint (the anchor form).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from uipe.coefficients import Coefficients, check_coefficient
 from uipe.errors import UipeError
 from uipe.io import atomic_dir, atomic_write_json
-from uipe.safetensors_io import INDEX_FILE, Spec, carried_files, read_checkpoint, validate_pair
+from uipe.safetensors_io import (INDEX_FILE, Checkpoint, ShardReader, Spec, carried_files, read_checkpoint,
+                                 validate_pair)
 from uipe.shard_pipeline import Shard, ShardPipeline, ShardPlan
 from uipe.stages import META_FILE
 
@@ -34,13 +39,7 @@ CHUNK = 1 << 18
 
 def check_alpha(alpha: float) -> float:
     """alpha as a finite float, or a UipeError naming the bad value."""
-    try:
-        value = float(alpha)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not math.isfinite(value):
-        raise UipeError(f"alpha must be a finite number, got {alpha!r}")
-    return value
+    return check_coefficient(alpha)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,13 +99,17 @@ class Scratch:
 
 def extrapolate_into(
     theta_ini: torch.Tensor, theta_un: torch.Tensor, alpha: float, out: torch.Tensor, scratch: Scratch | None = None,
+    importance: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
-    """out <- theta_un + alpha*(theta_un - theta_ini) (UIPE, arXiv 2503.04693), chunk by chunk, and return out.
+    """out <- theta_un + alpha*(theta_un - theta_ini) (UIPE, arXiv 2503.04693, eq. 4), chunk by chunk; return out.
 
     Per element, in compute_dtype (fp32 for bf16/fp16/fp32): v = un - ini; alpha*v; then + un; one rounding per op,
     never a fused multiply-add, so every element comes out the same whatever the chunking, device or form; one cast
     to out's dtype at the end. alpha == 0 and int/bool tensors: out <- theta_un, no arithmetic (bit-identical).
     out must be contiguous, theta_un's shape; it may be another dtype or device (a CUDA model's weights).
+    `importance` (f_forget, f_retain, retain_lambda), theta_un's shape: the weighted form, alpha*v times
+    s = f_forget / (f_forget + retain_lambda*f_retain) per element (0 where both are 0; `weighted_scale`).
+    theta_ini may be any earlier checkpoint (the anchor form: theta_e + alpha*(theta_e - theta_e')).
     """
     scratch = scratch or Scratch()
     un, ini, dst = theta_un.reshape(-1), theta_ini.reshape(-1), out.view(-1)
@@ -124,10 +127,26 @@ def extrapolate_into(
         direct = dst.dtype == dt  # fp32 out: compute in place, no cast needed
         v = dst[s:e] if direct else scratch.buffer("v", dt, dst.device)[: e - s]
         torch.sub(u, i, out=v)  # v = theta_un - theta_ini
-        torch.mul(v, alpha, out=v).add_(u)  # theta_un + alpha * v, as two separately rounded ops (no FMA)
+        torch.mul(v, alpha, out=v)
+        if importance is not None:
+            v.mul_(weighted_scale(importance, s, e, dt, dst.device, scratch))
+        v.add_(u)  # theta_un + alpha * v, as separately rounded ops (no FMA)
         if not direct:
             dst[s:e].copy_(v)  # round to out's dtype once, at the end
     return out
+
+
+def weighted_scale(importance: tuple[torch.Tensor, torch.Tensor, float], s: int, e: int, dt: torch.dtype,
+                   device: torch.device, scratch: Scratch) -> torch.Tensor:
+    """Elements [s, e) of s = f_forget / (f_forget + retain_lambda * f_retain), in [0, 1]: near 1 where the forget
+    loss's Fisher dominates, near 0 where the retain loss's does, 0 where neither loss moves the element."""
+    f_forget, f_retain, lam = importance
+    ff = scratch.load("f_forget", f_forget.reshape(-1)[s:e], dt, device)
+    fr = scratch.load("f_retain", f_retain.reshape(-1)[s:e], dt, device)
+    scale = scratch.buffer("scale", dt, device)[: e - s]
+    torch.mul(fr, lam, out=scale).add_(ff)  # the denominator
+    torch.div(ff, scale, out=scale)
+    return scale.nan_to_num_(0.0)  # 0/0: an element neither loss moves stays at theta_un
 
 
 def extrapolate_tensor(
@@ -172,17 +191,70 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def as_coefficients(alpha: float | Coefficients) -> Coefficients:
+    """A plain alpha as the global form's coefficients; coefficients checked finite."""
+    if isinstance(alpha, Coefficients):
+        for value in [alpha.alpha, *(alpha.alphas or {}).values()]:
+            check_alpha(value)
+        return alpha
+    return Coefficients(check_alpha(alpha))
+
+
+IMPORTANCE_KEYS = ("f_forget.", "f_retain.")  # an importance folder's tensors: f_forget.<name>, f_retain.<name>
+
+
+class Importance:
+    """The weighted form's per-element estimates (uipe.search.importance writes them), mmap'ed from an importance
+    folder. `get(key)` is the kernel's `importance` argument for one tensor (None: not the weighted form)."""
+
+    def __init__(self, coef: Coefficients, folder: Checkpoint | str | Path | None, un: Checkpoint) -> None:
+        self.lam = coef.retain_lambda
+        self.ckpt: Checkpoint | None = None
+        self.reader: ShardReader | None = None
+        if self.lam is None:
+            return
+        if folder is None:
+            raise UipeError("the weighted form needs an importance folder (f_forget / f_retain of every tensor)")
+        self.ckpt = folder if isinstance(folder, Checkpoint) else read_checkpoint(folder)
+        for key in sorted(k for k, spec in un.specs.items() if _is_float(spec)):
+            for name in (p + key for p in IMPORTANCE_KEYS):
+                if name not in self.ckpt.specs:
+                    raise UipeError(f"{self.ckpt.folder}: importance tensor {name!r} is missing")
+                if self.ckpt.specs[name][1] != un.specs[key][1]:
+                    raise UipeError(f"{self.ckpt.folder}: importance tensor {name!r} has shape "
+                                    f"{list(self.ckpt.specs[name][1])}, {key!r} has {list(un.specs[key][1])}")
+
+    def __enter__(self) -> Importance:
+        if self.ckpt is not None:
+            self.reader = ShardReader(self.ckpt).__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+    def get(self, key: str, cut: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+            ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if self.reader is None or self.lam is None:
+            return None
+        return cut(self.reader.get(IMPORTANCE_KEYS[0] + key)), cut(self.reader.get(IMPORTANCE_KEYS[1] + key)), self.lam
+
+
 def extrapolate_folder(
-    init: str | Path, unlearned: str | Path, alpha: float, out: str | Path,
-    overwrite: bool = False, progress: bool = True, overlap: bool = True,
+    init: str | Path, unlearned: str | Path, alpha: float | Coefficients, out: str | Path,
+    overwrite: bool = False, progress: bool = True, overlap: bool = True, importance: str | Path | None = None,
+    record: dict | None = None,
 ) -> Path:
-    """Write theta_un + alpha*(theta_un - theta_ini) as a model folder at `out` (shards and index as theta_un's).
+    """Write theta_un + alpha*(theta_un - theta_ini) as a model folder at `out` (shards and index as theta_un's);
+    `alpha` may be per-tensor coefficients (uipe.coefficients; the weighted form also reads `importance`) and
+    `init` any earlier checkpoint (the anchor form). `record`: what the form was, written into the folder's record.
 
     Everything is validated before anything is written; the folder appears at `out` only when complete. Shards are
     read, computed and written by overlapped stages (`uipe.shard_pipeline`); overlap=False runs them one after the
     other, with the same result bit for bit.
     """
-    alpha = check_alpha(alpha)
+    coef = as_coefficients(alpha)
     init, unlearned, out = Path(init), Path(unlearned), Path(out)
     if out.resolve() in (init.resolve(), unlearned.resolve()):
         raise UipeError(f"{out}: output folder must differ from the init and unlearned folders")
@@ -190,18 +262,20 @@ def extrapolate_folder(
         raise UipeError(f"{out}: already exists (use --overwrite to replace it)")
     ini, un = read_checkpoint(init), read_checkpoint(unlearned)
     validate_pair(ini, un)
-    plans = [ShardPlan.of(un, shard, lambda k: alpha != 0 and _is_float(un.specs[k])) for shard in un.shards]
+    weights = Importance(coef, importance, un)
+    plans = [ShardPlan.of(un, shard, lambda k: coef.of(k) != 0 and _is_float(un.specs[k])) for shard in un.shards]
     scratch = Scratch()
     # One torch thread: the reader and writer threads keep the other core busy copying bytes; a second intra-op
     # thread on 1 MB chunks only fights them (measured: docs/BENCHMARKS.md, "Extrapolation").
-    with atomic_dir(out, overwrite=overwrite) as tmp, torch_threads(1), \
+    with atomic_dir(out, overwrite=overwrite) as tmp, torch_threads(1), weights, \
             ShardPipeline(ini, un, plans, tmp, overlap, _progress_line if progress else None) as pipe:
         for tensors in pipe:
-            for _, t_out, t_un in tensors:
+            for key, t_out, t_un in tensors:
                 if t_un is not None:  # t_out holds theta_ini; each chunk is read before its result is written
-                    extrapolate_into(t_out, t_un, alpha, t_out, scratch)
+                    extrapolate_into(t_out, t_un, coef.of(key), t_out, scratch, weights.get(key))
         _copy_other_files(un.folder, tmp)
         atomic_write_json(tmp / META_FILE, {
-            "init": str(init.resolve()), "unlearned": str(unlearned.resolve()), "alpha": alpha, "operator": OPERATOR,
+            "init": str(init.resolve()), "unlearned": str(unlearned.resolve()), "alpha": coef.alpha,
+            "operator": OPERATOR, **(record or {}),
         })
     return out

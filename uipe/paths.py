@@ -53,8 +53,10 @@ class RunPaths:
     def manifest(self, method: str) -> Path:
         return self.unlearn(method) / "manifest.json"
 
-    def search(self, method: str) -> Path:
-        return self.root / "search" / method
+    def search(self, label: str) -> Path:
+        """A search's folder: search/<method> for the global form, search/<method>-<form> for another
+        (SearchSpace.label)."""
+        return self.root / "search" / label
 
     @property
     def mlflow_db(self) -> Path:

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from uipe import metrics as catalogue
+from uipe.coefficients import is_coefficient
 from uipe.decisions import base_row, choose, completed, pareto_front
 from uipe.results import CORE, NUMERIC_CORE, TrialResult
 
@@ -24,14 +25,16 @@ def metric_columns(rows: list[TrialResult]) -> list[str]:
 
 
 def to_csv(rows: list[TrialResult]) -> str:
-    """One line per trial, sorted by epoch then alpha: the core fields, then a column per metric; a failed trial's
-    numbers are empty cells."""
+    """One line per trial, sorted by epoch then alpha: the core fields, a form's coefficient vector (none for the
+    global form), then a column per metric; a failed trial's numbers are empty cells."""
     buf = io.StringIO()
     extra = metric_columns(rows)
-    writer = csv.DictWriter(buf, fieldnames=CORE + extra, lineterminator="\n", restval="")
+    coefficients = sorted({k for r in rows for k in r.coefficients})
+    writer = csv.DictWriter(buf, fieldnames=CORE + coefficients + extra, lineterminator="\n", restval="")
     writer.writeheader()
     for row in sorted(rows, key=lambda r: (r.epoch, r.alpha)):
-        cells = {k: getattr(row, k) for k in CORE} | {k: row.metrics[k] for k in extra if k in row.metrics}
+        cells = ({k: getattr(row, k) for k in CORE} | dict(row.coefficients)
+                 | {k: row.metrics[k] for k in extra if k in row.metrics})
         if not row.ok:
             cells = {k: v if k in ("trial_id", "status", "alpha", "epoch", "error") else "" for k, v in cells.items()}
         writer.writerow(cells)
@@ -49,8 +52,10 @@ def from_csv(text: str) -> list[TrialResult]:
         # an empty cell: a metric this trial did not report (another row did); "nan": reported as NaN
         number = {k: float(v) for k, v in cells.items() if k not in _TEXT and v not in ("", None)}
         core = {k: number.pop(k) for k in NUMERIC_CORE if k in number}
+        vector = {k: number.pop(k) for k in list(number) if is_coefficient(k)}
         out.append(TrialResult(cells["trial_id"], "ok", alpha, epoch, feasible=cells["feasible"] == "True",
-                               error=cells["error"], fidelity=cells.get("fidelity") or "full", metrics=number, **core))
+                               error=cells["error"], fidelity=cells.get("fidelity") or "full", metrics=number,
+                               coefficients=vector, **core))
     return out
 
 

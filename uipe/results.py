@@ -16,6 +16,7 @@ from typing import Any
 
 from uipe import benchmarks  # noqa: F401 - imported for its effect: every benchmark's metrics in the catalogue
 from uipe import metrics as catalogue
+from uipe.coefficients import GROUP_PREFIX, is_coefficient
 
 NAN = math.nan
 CONSTRAINT = "utility_constraint"  # floor * utility(theta_ini) - utility(trial): feasible when <= 0 (Optuna's rule)
@@ -42,10 +43,18 @@ class TrialResult:
     peak_memory_bytes: float = NAN  # the trial process's: CUDA allocated peak of this trial, else peak RSS
     error: str = ""
     metrics: Mapping[str, float] = field(default_factory=dict)  # the evaluator's aggregates, by catalogue name
+    # beyond (alpha, epoch): a form's coefficient vector (alpha_<group>, retain_lambda, anchor_epoch), empty for the
+    # global form; `alpha` is then the form's summary (uipe.coefficients.Extrapolation)
+    coefficients: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def is_base(self) -> bool:
+        """The base method's own checkpoint: alpha 0 and every group's alpha 0."""
+        return self.alpha == 0.0 and not any(v for k, v in self.coefficients.items() if k.startswith(GROUP_PREFIX))
 
     @property
     def full(self) -> bool:
@@ -59,7 +68,7 @@ class TrialResult:
     @classmethod
     def scored(cls, alpha: float, epoch: int, aggregates: Mapping[str, float], threshold: float, seconds: float,
                objective_metric: str, utility_metric: str, trial_id: str = "",
-               peak_memory_bytes: float = NAN) -> TrialResult:
+               peak_memory_bytes: float = NAN, coefficients: Mapping[str, float] | None = None) -> TrialResult:
         """A completed trial from the evaluator's aggregates and the utility threshold (floor x utility(theta_ini));
         without the utility metric (a screening pass generates nothing) a screened trial, infeasible until evaluated
         in full."""
@@ -74,7 +83,7 @@ class TrialResult:
         return cls(trial_id, "ok", float(alpha), int(epoch), objective=objective, utility=utility,
                    feasible=constraint <= 0, utility_constraint=constraint,
                    fidelity="screen" if screened else "full", trial_seconds=seconds,
-                   peak_memory_bytes=peak_memory_bytes, metrics=values)
+                   peak_memory_bytes=peak_memory_bytes, metrics=values, coefficients=dict(coefficients or {}))
 
     @classmethod
     def failed(cls, trial_id: str, alpha: float, epoch: int, error: str) -> TrialResult:
@@ -83,7 +92,7 @@ class TrialResult:
     def to_report(self) -> dict[str, float]:
         """What the trial reports to Tune: every number (Tune, Optuna and the MLflow child run read these), the
         fidelity as `full_fidelity` 1/0."""
-        return {**self.metrics, **self.numbers(), FULL_FIDELITY: float(self.fidelity == "full")}
+        return {**self.metrics, **self.numbers(), **self.coefficients, FULL_FIDELITY: float(self.fidelity == "full")}
 
     def numbers(self) -> dict[str, float]:
         """The record's own numeric fields (feasible as 0/1), for CSV, MLflow and summary.json."""
@@ -102,20 +111,29 @@ class TrialResult:
         catalogue name (Tune's own bookkeeping is neither)."""
         numeric = {k: float(v) for k, v in reported.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         core = {k: numeric[k] for k in NUMERIC_CORE if k in numeric}
-        return cls(trial_id, "ok", float(config["alpha"]), int(config["epoch"]),
+        # a form's summary alpha is the trial's to report (the groups form's config has one alpha per group)
+        alpha = float(reported.get("alpha", config.get("alpha", NAN)))
+        return cls(trial_id, "ok", alpha, int(config["epoch"]),
                    feasible=numeric.get("feasible", 0.0) > 0,
                    fidelity="full" if numeric.get(FULL_FIDELITY, 1.0) else "screen",
-                   metrics={k: v for k, v in numeric.items() if catalogue.known(k) and k not in CORE}, **core)
+                   metrics={k: v for k, v in numeric.items() if catalogue.known(k) and k not in CORE},
+                   coefficients={k: v for k, v in numeric.items() if is_coefficient(k)}, **core)
 
     def summary(self) -> dict[str, Any]:
         """The point as summary.json and the console tables show it: core fields and the headline metrics."""
-        return {"alpha": self.alpha, "epoch": self.epoch, "feasible": self.feasible,
+        return {"alpha": self.alpha, "epoch": self.epoch, **self.coefficients, "feasible": self.feasible,
                 "objective": or_none(self.objective), "utility": or_none(self.utility),
                 **{k: or_none(self.metric(k)) for k in catalogue.benchmark_headline(self.metrics)}}
 
 
-CORE = [f.name for f in fields(TrialResult) if f.name != "metrics"]
+CORE = [f.name for f in fields(TrialResult) if f.name not in ("metrics", "coefficients")]
 NUMERIC_CORE = ("objective", "utility", CONSTRAINT, "trial_seconds", "screen_seconds", "peak_memory_bytes")
+
+
+def search_label(method: str, form: str) -> str:
+    """A search's name and folder under search/: the method for the paper's one alpha, else method-form, "-anchor"
+    added when the anchor epoch is searched too (form "groups+anchor" -> "ga-groups-anchor")."""
+    return method if form == "global" else f"{method}-{form.replace('+', '-')}"
 
 
 def or_none(x: float | None) -> float | None:
@@ -148,6 +166,12 @@ class SearchOutcome:
     parent_run_id: str
     chosen_model: str = ""
     registered: Mapping[str, Any] | None = None  # the registry's name, version, alias and source
+    form: str = "global"  # the extrapolation form searched (uipe.coefficients), "+anchor" when the anchor was too
+
+    @property
+    def label(self) -> str:
+        """The search's name and folder under search/."""
+        return search_label(self.method, self.form)
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -65,6 +65,12 @@ def show_search_tables(outcomes: Sequence[SearchOutcome], cfg: ExperimentConfig)
     show_table(floors_table(summaries))
 
 
+def method_label(s: Summary) -> str:
+    """The method, and the extrapolation form where it is not the paper's one alpha: "ga (groups)"."""
+    form = s.get("form", "global")
+    return s["method"] if form == "global" else f"{s['method']} ({form})"
+
+
 def results_table(summaries: Sequence[Summary], run: str, context: Sequence[str] = ()) -> Table:
     """Per method: the plain method at its best epoch beside UIPE at the chosen alpha and epoch. Columns: the
     searches' objectives and utility measures, then each `context` metric (the benchmark's table_metrics: forget
@@ -82,7 +88,7 @@ def results_table(summaries: Sequence[Summary], run: str, context: Sequence[str]
     for name in names:
         table.add_column(catalogue.short(name), justify="right")
     for label, row, s in rows:
-        table.add_row(s["method"], label + ("" if row.get("feasible") else " (infeasible)"), fmt(row.get("alpha")),
+        table.add_row(method_label(s), label + ("" if row.get("feasible") else " (infeasible)"), fmt(row.get("alpha")),
                       str(row.get("epoch", "-")), *(fmt(value(row, n, s)) for n in names))
     return table
 
@@ -105,7 +111,7 @@ def floors_table(summaries: Sequence[Summary]) -> Table:
         # highest floor first, whatever order the JSON kept (atomic_write_json sorts keys as text)
         for floor, arms in sorted(s.get("floors", {}).items(), key=lambda kv: -float(kv[0])):
             base, uipe = arms.get("base") or {}, arms.get("uipe") or {}
-            table.add_row(s["method"], floor, str(base.get("epoch", "-")), *(fmt(value(base, n, s)) for n in names),
+            table.add_row(method_label(s), floor, str(base.get("epoch", "-")), *(fmt(value(base, n, s)) for n in names),
                           fmt(uipe.get("alpha")), str(uipe.get("epoch", "-")),
                           *(fmt(value(uipe, n, s)) for n in names))
     return table

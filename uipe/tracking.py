@@ -212,7 +212,8 @@ class TrialLogger(tune.Callback):
         self._log(TrialResult.from_report(trial.trial_id, trial.config, reported))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        record = TrialResult.failed(trial.trial_id, trial.config["alpha"], trial.config["epoch"], _error_text(trial))
+        record = TrialResult.failed(trial.trial_id, trial.config.get("alpha", float("nan")), trial.config["epoch"],
+                                    _error_text(trial))
         self._log(record, str(getattr(trial, "error_file", "") or ""))
 
     def _log(self, record: TrialResult, error_file: str = "") -> None:
@@ -233,14 +234,14 @@ class TrialLogger(tune.Callback):
 
 def log_trial(uri: str, experiment_id: str, parent_id: str, method: str, record: TrialResult,
               error_file: str = "") -> str | None:
-    """The child run of one trial (none if that trial has one already): alpha and epoch as params, every number
-    as a metric, a failed trial's error as tags."""
+    """The child run of one trial (none if that trial has one already): alpha, epoch and a form's coefficient
+    vector as params, every number as a metric, a failed trial's error as tags."""
     if record.trial_id in child_runs(uri, experiment_id, parent_id):
         return None
     run_id = create_run(uri, experiment_id, f"{method}-a{record.alpha:.3f}-e{record.epoch}",
                         {TRIAL_TAG: record.trial_id, "uipe.method": method, "uipe.fidelity": record.fidelity},
                         parent=parent_id)
-    params = {"alpha": record.alpha, "epoch": record.epoch}
+    params = {"alpha": record.alpha, "epoch": record.epoch, **record.coefficients}
     if record.ok:
         log_flat(uri, run_id, record.to_report(), params)
     else:

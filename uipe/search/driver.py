@@ -48,7 +48,8 @@ def run_search(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: 
                         "search.workers_per_trial 1 (sharded trials evaluate in full)")
     setup = make_setup(cfg, paths, method, reference_free=space.objective == "reference_free")
     epochs = space.candidate_epochs(sorted(setup.epoch_dirs))
-    with exclusive(paths.search(method), f"a search of {method}"):
+    setup = with_form(cfg, space, setup, epochs)
+    with exclusive(paths.search(space.label(method)), f"a search of {space.label(method)}"):
         return _execute(cfg, paths, method, path, space, setup, epochs, resume, space.objective_metric(bench))
 
 
@@ -62,8 +63,10 @@ def benchmark_of(cfg: ExperimentConfig) -> Benchmark:
 def resolve_space(cfg: ExperimentConfig, method: str, space_path: Path | None) -> tuple[Path, SearchSpace]:
     path = Path(space_path) if space_path else default_space_path(method, cfg.search.space_dir)
     space = load_space(path, method)
-    overrides = {k: getattr(cfg.search, k) for k in ("num_samples", "objective", "signal", "select_on")
+    overrides = {k: getattr(cfg.search, k) for k in ("num_samples", "objective", "signal", "select_on", "form")
                  if getattr(cfg.search, k)}
+    if cfg.search.anchor is not None:
+        overrides["anchor"] = cfg.search.anchor
     return path, space.model_copy(update=overrides)
 
 
@@ -83,6 +86,38 @@ def make_setup(cfg: ExperimentConfig, paths: RunPaths, method: str, reference_fr
                         "reference_free (search.objective)")
     return TrialSetup(theta_ini, dirs, bench.name, data, cfg.data.forget_split, cfg.model.prompt_template,
                       cfg.model.max_length, cfg.eval, reference, cfg.model.dtype, max(1, int(cfg.search.cpus_per_trial)))
+
+
+def with_form(cfg: ExperimentConfig, space: SearchSpace, setup: TrialSetup, epochs: list[int]) -> TrialSetup:
+    """The setup with what the space's form reads: its groups (every parameter in exactly one, checked now rather
+    than in every trial) and, for the weighted form, each candidate epoch's importance folder (estimated where
+    missing; uipe.search.importance)."""
+    from dataclasses import replace
+
+    from uipe.coefficients import DEFAULT_GROUPS, assign_groups
+    from uipe.safetensors_io import read_checkpoint
+
+    if space.form == "groups":
+        groups = space.groups or DEFAULT_GROUPS
+        assign_groups(sorted(read_checkpoint(setup.theta_ini).specs), groups, "search space groups")
+        setup = replace(setup, groups=dict(groups))
+    if space.form == "weighted":
+        from uipe.search.importance import ensure_importance
+
+        ensure_ray()
+        setup = replace(setup, importance=ensure_importance(setup, epochs, space.weighted.items,
+                                                            cfg.search.cpus_per_trial, cfg.search.gpus_per_trial))
+    return setup
+
+
+def _warm_start(paths: RunPaths, method: str, space: SearchSpace) -> dict | None:
+    """The global search's chosen (alpha, epoch) of this method, where it has finished in this run folder: a form
+    beyond one alpha starts from it, so it begins where the paper's operator ended."""
+    result = paths.search(method) / RESULT_FILE
+    if not space.beyond_global or not result.is_file():
+        return None
+    chosen = json.loads(result.read_text()).get("chosen") or {}
+    return chosen if "alpha" in chosen and "epoch" in chosen else None
 
 
 def _epoch_dirs(paths: RunPaths, method: str, cfg: ExperimentConfig, data: str,
@@ -129,7 +164,11 @@ def _identity(space: SearchSpace, setup: TrialSetup, epochs: list[int], threshol
     setup_doc = setup.identity()
     if setup_doc["benchmark"] == DataConfig.model_fields["benchmark"].default:
         del setup_doc["benchmark"]
-    doc = {"space": space.model_dump() | words, "setup": setup_doc, "epochs": epochs, "utility_threshold": threshold}
+    space_doc = space.model_dump() | words
+    if not space.beyond_global:  # the global form's searches keep the identity they had before forms existed
+        for key in ("form", "groups", "weighted", "anchor", "trials_per_extra_dimension"):
+            del space_doc[key]
+    doc = {"space": space_doc, "setup": setup_doc, "epochs": epochs, "utility_threshold": threshold}
     if screening:  # only when on: the searches made before the option keep their identity
         doc["screening"] = True
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -146,14 +185,14 @@ def _start_metrics(setup: TrialSetup, cache: Path) -> dict[str, float]:
 
 def _parent_run(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
                 setup: TrialSetup, threshold: float, identity: str, metric: str) -> tuple[str, str, str]:
-    state_path = paths.search(method) / STATE_FILE
+    state_path = paths.search(space.label(method)) / STATE_FILE
     uri, exp_id = tracking.ensure_experiment(cfg, paths)
     if state_path.is_file():
         return uri, exp_id, json.loads(state_path.read_text())["parent_run_id"]
     from uipe.eval.reference import model_hash
 
-    run_id = tracking.create_run(uri, exp_id, f"search-{method}", {
-        "uipe.method": method, "uipe.kind": "search", "uipe.code_version": code_version(),
+    run_id = tracking.create_run(uri, exp_id, f"search-{space.label(method)}", {
+        "uipe.method": method, "uipe.kind": "search", "uipe.form": space.form, "uipe.code_version": code_version(),
         "uipe.space_file": str(space_path), "uipe.theta_ini": setup.theta_ini, **tracking.source_tags()},
         parent=cfg.tracking.parent_run_id)
     tracking.log_datasets(uri, run_id, setup.data, _eval_splits(setup), "evaluation")
@@ -161,6 +200,7 @@ def _parent_run(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path:
         "method": method, "space_file": str(space_path), "sampler": space.sampler, "objective": space.objective,
         "objective_metric": metric,
         "alpha_low": space.alpha.low, "alpha_high": space.alpha.high, "num_samples": space.num_samples,
+        "form": space.form, "anchor": space.anchor, "dimensions": space.dimensions(),
         "utility_floor": space.utility_floor, "forget_split": setup.forget_split, "theta_ini": setup.theta_ini,
         "checkpoints": json.dumps(setup.epoch_dirs), "data": setup.data, "retain_reference": setup.reference,
         "theta_ini_hash": model_hash(setup.theta_ini), "utility_threshold": threshold,
@@ -175,11 +215,11 @@ def _eval_splits(setup: TrialSetup) -> dict[str, list]:
     return {k: list(v) for k, v in get_benchmark(setup.benchmark).eval_splits(setup.data, setup.forget_split).items()}
 
 
-def _previous(paths: RunPaths, method: str, identity: str, resume: bool, utility: str) -> SearchOutcome | None:
+def _previous(paths: RunPaths, label: str, identity: str, resume: bool, utility: str) -> SearchOutcome | None:
     """A finished search with this identity (returned as is), an interrupted one (None: restore it when `resume`),
     or an error for a search folder made with another space, checkpoints or data. `utility`: the benchmark's
     utility metric, which a result.json written before the utility was named in it measured."""
-    out = paths.search(method)
+    out = paths.search(label)
     state_path = out / STATE_FILE
     if not state_path.is_file():
         if (out / "tune").exists():
@@ -200,17 +240,17 @@ def _tuner(paths: RunPaths, method: str, space: SearchSpace, trainable: Any, epo
            callbacks: list, resume: bool, screening: list[float] | None = None, proxy: str = "") -> tune.Tuner:
     """`screening`: the utility thresholds the ScreeningScheduler weighs screened points at (None: every trial is
     evaluated in full)."""
-    tune_dir = paths.search(method) / "tune"
+    tune_dir = paths.search(space.label(method)) / "tune"
     if resume and tune_dir.exists() and tune.Tuner.can_restore(str(tune_dir)):
         # resume_errored=False: a trial that raised stays failed (and Ray 2.60's restart_errored breaks Optuna).
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True)
-    searcher = build_searcher(space, epochs, seed)
+    searcher = build_searcher(space, epochs, seed, _warm_start(paths, method, space))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=space.trials_needed(epochs),
                                     max_concurrent_trials=space.max_concurrent_trials, reuse_actors=True,
                                     scheduler=ScreeningScheduler(screening, proxy) if screening else None),
-        run_config=tune.RunConfig(name="tune", storage_path=str(paths.search(method)), callbacks=callbacks,
+        run_config=tune.RunConfig(name="tune", storage_path=str(paths.search(space.label(method))), callbacks=callbacks,
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
     )
 
@@ -232,16 +272,15 @@ def _results(grid: tune.ResultGrid, utility: str) -> list[TrialResult]:
         alpha, epoch = float(cfg.get("alpha", float("nan"))), int(cfg.get("epoch", -1))
         if r.error is None and r.metrics and "objective" in r.metrics:
             reported = {"utility": r.metrics[utility]} if utility in r.metrics else {}
-            out.append(TrialResult.from_report(_trial_id(r), {"alpha": alpha, "epoch": epoch},
-                                               reported | r.metrics))
+            out.append(TrialResult.from_report(_trial_id(r), cfg, reported | r.metrics))
         else:
             error = str(r.error).splitlines()[-1][:300] if r.error else "no result"
             out.append(TrialResult.failed(_trial_id(r), alpha, epoch, error))
     return out
 
 
-def _trainable(cfg: ExperimentConfig, paths: RunPaths, method: str, setup: TrialSetup, threshold: float,
-               metric: str, ini: dict[str, float]) -> Any:
+def _trainable(cfg: ExperimentConfig, out: Path, setup: TrialSetup, threshold: float, metric: str,
+               ini: dict[str, float]) -> Any:
     """The Tune trainable with its resources: an in-process trial, or one that drives a sharded worker group."""
     common = {"setup": setup, "utility_threshold": threshold, "objective_metric": metric,
               "catalogue": metrics.snapshot(),
@@ -254,7 +293,7 @@ def _trainable(cfg: ExperimentConfig, paths: RunPaths, method: str, setup: Trial
 
     return tune.with_resources(
         tune.with_parameters(sharded_trial, workers=k, gpus_per_worker=cfg.search.gpus_per_trial,
-                             storage=storage_for(paths.search(method)), **common), DRIVER_RESOURCES)
+                             storage=storage_for(out), **common), DRIVER_RESOURCES)
 
 
 def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
@@ -263,20 +302,21 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
     # Save Tune's experiment state after every step (not every >= 10 s), so a driver killed right after a trial
     # finished loses at most that trial's bookkeeping; outcome.finish reconciles MLflow with what Tune kept.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    out = paths.search(method)
+    out = paths.search(space.label(method))
     bench = get_benchmark(setup.benchmark)
     ini = _start_metrics(setup, paths.root / "search" / "theta_ini_metrics.json")
     threshold = space.utility_floor * ini[bench.utility]
     identity = _identity(space, setup, epochs, threshold, cfg.search.screening)
-    previous = _previous(paths, method, identity, resume, bench.utility)
+    previous = _previous(paths, space.label(method), identity, resume, bench.utility)
     if previous is not None:
-        say(f"[search {method}] finished before with the same space and checkpoints: reusing {out / RESULT_FILE}")
+        say(f"[search {space.label(method)}] finished before with the same space and checkpoints: reusing "
+            f"{out / RESULT_FILE}")
         return previous
     uri, exp_id, parent = _parent_run(cfg, paths, method, space_path, space, setup, threshold, identity, metric)
     total = space.trials_needed(epochs)
     callbacks = [tracking.TrialLogger(uri, exp_id, parent, method),
-                 Progress(method, total, metrics.short(metric), metrics.short(bench.utility))]
-    trainable = _trainable(cfg, paths, method, setup, threshold, metric, ini)
+                 Progress(space.label(method), total, metrics.short(metric), metrics.short(bench.utility))]
+    trainable = _trainable(cfg, out, setup, threshold, metric, ini)
     # screening weighs a point at the space's floor and at every floor a result reports (uipe.report.FLOORS)
     thresholds = [threshold, *(f * ini[bench.utility] for f in FLOORS)] if cfg.search.screening else None
     tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, thresholds,

@@ -24,7 +24,8 @@ from uipe.paths import RunPaths
 from uipe.report import plot_search, to_csv
 from uipe.results import SearchOutcome, TrialResult
 from uipe.search.space import SearchSpace
-from uipe.search.trial import TrialSetup
+from uipe.coefficients import Extrapolation
+from uipe.search.trial import TrialSetup, resolve_point
 
 RESULT_FILE = "result.json"
 LARGE_MODEL_BYTES = 2 * 2**30  # above this the registry gets a pointer to the folder, not a copy
@@ -36,7 +37,7 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
     """Table, plots, choice, chosen model; everything also on the MLflow parent run. result.json is written last,
     so a search that stops here (a tracking server down) is finished by the next --resume. `objective`: the
     catalogue name of the metric the search maximised."""
-    out = paths.search(method)
+    out = paths.search(space.label(method))
     utility = get_benchmark(setup.benchmark).utility
     atomic_write_text(out / "results.csv", to_csv(results))
     plots = plot_search(results, method, threshold, out, objective, utility)
@@ -64,17 +65,16 @@ def finish(cfg: ExperimentConfig, paths: RunPaths, method: str, space: SearchSpa
         trial_work_seconds=work, fidelity=fidelity_split(results),
         # (wall - trial work) / wall, with wall counted once per concurrent trial slot
         tune_overhead=1 - work / (wall * space.max_concurrent_trials) if wall > 0 else None,
-        max_concurrent_trials=space.max_concurrent_trials, parent_run_id=parent, chosen_model=str(chosen_dir))
-    atomic_write_text(out / "chosen.yaml", yaml.safe_dump({"method": method, "alpha": best.alpha,
-                                                          "epoch": best.epoch, "theta_ini": setup.theta_ini,
-                                                          "theta_un": setup.epoch_dirs[best.epoch],
-                                                          "model": str(chosen_dir)}, sort_keys=False))
+        max_concurrent_trials=space.max_concurrent_trials, parent_run_id=parent, chosen_model=str(chosen_dir),
+        form=space.form_name)
+    atomic_write_text(out / "chosen.yaml", yaml.safe_dump(_chosen_doc(method, space, setup, best, chosen_dir),
+                                                          sort_keys=False))
     tracking.log_files(uri, parent, [out / "results.csv", out / "chosen.yaml", *plots])
     chosen = best.numbers() | {k: best.metric(k) for k in metrics.headline(best.metrics)}
     tracking.log_flat(uri, parent, {f"chosen_{k}": v for k, v in chosen.items()}
                       | {"tune_overhead": outcome.tune_overhead or 0.0, "search_seconds": wall})
     if cfg.tracking.register_model:
-        outcome = replace(outcome, registered=_register(cfg, uri, parent, method, chosen_dir, best))
+        outcome = replace(outcome, registered=_register(cfg, uri, parent, method, space, chosen_dir, best))
     tracking.set_terminated(uri, parent, "FINISHED")
     atomic_write_json(out / RESULT_FILE, outcome.to_json())
     return outcome
@@ -108,17 +108,29 @@ def reconcile_children(uri: str, parent: str, method: str, results: list[TrialRe
         tracking.set_tag(uri, parent, "uipe.trial_runs_backfilled", str(len(missing)))
 
 
+def _chosen_doc(method: str, space: SearchSpace, setup: TrialSetup, best: TrialResult, model: Path) -> dict:
+    """chosen.yaml: the point with its full coefficient vector and the folders it was extrapolated from."""
+    r = resolve_point(setup, Extrapolation.from_vector(best.epoch, best.alpha, best.coefficients))
+    return {"method": method, "form": space.form, "alpha": best.alpha, "epoch": best.epoch, **best.coefficients,
+            "theta_ini": setup.theta_ini, "base": r.base, "theta_un": r.unlearned, "importance": r.importance,
+            "model": str(model)}
+
+
 def _write_chosen(setup: TrialSetup, best: TrialResult, dest: Path) -> Path:
     from uipe.extrapolate import extrapolate_folder
 
-    return extrapolate_folder(setup.theta_ini, setup.epoch_dirs[best.epoch], best.alpha, dest,
-                              overwrite=True, progress=False)
+    r = resolve_point(setup, Extrapolation.from_vector(best.epoch, best.alpha, best.coefficients))
+    return extrapolate_folder(r.base, r.unlearned, r.coefficients, dest, overwrite=True, progress=False,
+                              importance=r.importance, record={"form": r.point.form, **r.point.vector()})
 
 
-def _register(cfg: ExperimentConfig, uri: str, parent: str, method: str, chosen: Path, best: TrialResult) -> dict:
-    """A copy of a small model goes into the parent run's artifacts; a large one is registered by its path."""
+def _register(cfg: ExperimentConfig, uri: str, parent: str, method: str, space: SearchSpace, chosen: Path,
+              best: TrialResult) -> dict:
+    """A copy of a small model goes into the parent run's artifacts; a large one is registered by its path. Tags:
+    the point's alpha, epoch, form and full coefficient vector."""
     size = sum(p.stat().st_size for p in chosen.iterdir() if p.is_file())
-    name = cfg.tracking.registered_model_name or f"uipe-{cfg.name}-{method}"
-    version, source = register_model(uri, name, chosen, parent, {"alpha": str(best.alpha), "epoch": str(best.epoch),
-                                                                 "method": method}, copy=size <= LARGE_MODEL_BYTES)
+    name = cfg.tracking.registered_model_name or f"uipe-{cfg.name}-{space.label(method)}"
+    tags = {"alpha": str(best.alpha), "epoch": str(best.epoch), "method": method, "form": space.form,
+            **{k: str(v) for k, v in best.coefficients.items()}}
+    version, source = register_model(uri, name, chosen, parent, tags, copy=size <= LARGE_MODEL_BYTES)
     return {"name": name, "version": version, "alias": CHAMPION, "source": source}

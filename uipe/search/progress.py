@@ -27,13 +27,15 @@ class Progress(tune.Callback):
         r = trial.last_result or {}
         if r.get("feasible") and (self.best is None or r["objective"] > self.best):
             self.best = r["objective"]
-        self._advance(f"last alpha {trial.config['alpha']:.3f} epoch {trial.config['epoch']} "
+        # a form's summary alpha is what the trial reported (the groups form's config holds one alpha per group)
+        alpha = r.get("alpha", trial.config.get("alpha", float("nan")))
+        self._advance(f"last alpha {alpha:.3f} epoch {trial.config['epoch']} "
                       f"{self.label} {r.get('objective', float('nan')):.3g} "
                       f"{self.utility} {r.get('utility', float('nan')):.3f}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.failed += 1
-        self._advance(f"last alpha {trial.config['alpha']:.3f} epoch {trial.config['epoch']} FAILED "
+        self._advance(f"last alpha {trial.config.get('alpha', float('nan')):.3f} epoch {trial.config['epoch']} FAILED "
                       "(recorded in MLflow; the search goes on)")
 
     def _advance(self, last: str) -> None:

@@ -20,7 +20,8 @@ from typing import Any
 
 from uipe.faults import NONE, Faults
 from uipe.io import atomic_write_json
-from uipe.search.trial import TrialSetup, build_evaluator, record_point
+from uipe.coefficients import Extrapolation
+from uipe.search.trial import Resolved, TrialSetup, build_evaluator, record_point, resolve_point
 
 # Tune's trial actor only drives the worker group: it asks for no CPU, else k workers of one CPU each would never fit
 # on k CPUs (measured: a 0.01 CPU share left a 2-worker trial waiting forever on a 2-CPU node). Tune refuses an
@@ -36,15 +37,15 @@ def sharded_trial(config: dict, setup: TrialSetup, utility_threshold: float, wor
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    alpha, epoch = float(config["alpha"]), int(config["epoch"])
-    faults.point("trial", alpha=alpha, epoch=epoch)  # tests only: see uipe/faults.py
+    point = Extrapolation.from_config(config)
+    faults.point("trial", alpha=point.alpha, epoch=point.epoch)  # tests only: see uipe/faults.py
     use_gpu = gpus_per_worker > 0
     name = f"trial-{tune.get_context().get_trial_id()}"
     result_file = Path(storage) / name / "result.json"  # rank 0 writes it (Train V2 keeps no metrics without a
     # checkpoint, and a trial has nothing to checkpoint)
     trainer = TorchTrainer(
         evaluate_on_rank,
-        train_loop_config={"setup": setup, "alpha": alpha, "epoch": epoch, "threshold": utility_threshold,
+        train_loop_config={"setup": setup, "point": point, "threshold": utility_threshold,
                            "metric": objective_metric, "start": dict(start or {}), "use_gpu": use_gpu,
                            "catalogue": dict(catalogue or {}),
                            "result_file": str(result_file)},
@@ -59,7 +60,8 @@ def sharded_trial(config: dict, setup: TrialSetup, utility_threshold: float, wor
                                                               "OMP_NUM_THREADS": str(setup.threads)}}),
     )
     trainer.fit()
-    tune.report({**json.loads(result_file.read_text()), "alpha": alpha, "epoch": epoch})
+    reported = json.loads(result_file.read_text())
+    tune.report({**reported, "epoch": point.epoch})
 
 
 def evaluate_on_rank(cfg: dict[str, Any]) -> None:
@@ -78,21 +80,24 @@ def evaluate_on_rank(cfg: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg["use_gpu"] else torch.device("cpu")
     mesh = init_device_mesh(device.type, (ctx.get_world_size(),))
     t0 = time.perf_counter()
-    model = sharded_model(setup, cfg["epoch"], cfg["alpha"], device, mesh, resolve_dtype(setup.dtype, device))
+    resolved = resolve_point(setup, cfg["point"])
+    model = sharded_model(resolved, device, mesh, resolve_dtype(setup.dtype, device))
     aggregates = build_evaluator(setup).evaluate(model).aggregates
-    result = record_point(setup, cfg["alpha"], cfg["epoch"], aggregates, cfg["start"], cfg["threshold"],
-                          cfg["metric"], time.perf_counter() - t0, peak_memory_bytes(device))
+    result = record_point(setup, resolved.point, aggregates, cfg["start"], cfg["threshold"], cfg["metric"],
+                          time.perf_counter() - t0, peak_memory_bytes(device))
     if ctx.get_world_rank() == 0:
         atomic_write_json(cfg["result_file"], result.to_report())
 
 
-def sharded_model(setup: TrialSetup, epoch: int, alpha: float, device: Any, mesh: Any, dtype: Any) -> Any:
-    """theta_un + alpha*(theta_un - theta_ini) of one epoch, FSDP2-sharded over `mesh`, in eval mode (collective)."""
+def sharded_model(resolved: Resolved, device: Any, mesh: Any, dtype: Any) -> Any:
+    """A point's extrapolation (theta_un + alpha*(theta_un - theta_ini), any form), FSDP2-sharded over `mesh`, in
+    eval mode (collective)."""
     from uipe.train.sharding import build_sharded
 
-    # the weights are made in the compute dtype already: no mixed-precision policy needed
-    model = build_sharded(setup.theta_ini, device, mesh, dtype, bf16=False, reshard_after_forward=True,
-                          unlearned=setup.epoch_dirs[epoch], alpha=alpha)
+    # the weights are made in the compute dtype already: no mixed-precision policy needed; theta_ini's folder
+    # gives the architecture, the point's base (theta_ini or the anchor epoch) the weights extrapolated from
+    model = build_sharded(resolved.base, device, mesh, dtype, bf16=False, reshard_after_forward=True,
+                          unlearned=resolved.unlearned, alpha=resolved.coefficients, importance=resolved.importance)
     model.requires_grad_(False)
     return model.eval()
 

@@ -18,10 +18,11 @@ from ray.tune.search.optuna import OptunaSearch
 
 from uipe import metrics
 from uipe.benchmarks import OBJECTIVE_MODES, Benchmark
+from uipe.coefficients import ANCHOR_KEY, DEFAULT_GROUPS, GROUP_PREFIX, LAMBDA_KEY, Group
 from uipe.config import MethodName
 from uipe.errors import UipeError
 from uipe.methods import check_method
-from uipe.results import CONSTRAINT, FULL_FIDELITY
+from uipe.results import CONSTRAINT, FULL_FIDELITY, search_label
 from uipe.schema import Strict, one_line
 
 
@@ -37,6 +38,15 @@ class AlphaRange(Strict):
         if self.log and self.low <= 0:
             raise ValueError("a log alpha range needs low > 0")
         return self
+
+
+class WeightedSpace(Strict):
+    """The weighted form (uipe.coefficients): s = f_forget / (f_forget + retain_lambda * f_retain) per element."""
+
+    retain_lambda: AlphaRange = AlphaRange(low=0.01, high=100.0, log=True)
+    # s <= 1 shrinks every step, so the form's alpha range is the space's times this
+    alpha_scale: float = Field(2.0, gt=0)
+    items: int = Field(64, ge=1)  # forget items (and as many retain items) per Fisher estimate
 
 
 class SearchSpace(Strict):
@@ -57,6 +67,45 @@ class SearchSpace(Strict):
     # all: forget quality over the whole forget split; selection_fold: over the selection author fold only, so the
     # chosen point can be reported on the report fold, items the choice never saw (uipe study).
     select_on: Literal["all", "selection_fold"] = "all"
+    # Beyond one alpha (uipe.coefficients): global (the paper's), groups (one alpha per parameter group, each in the
+    # alpha range; groups: name -> patterns and depth, default: embeddings, attention and MLP of each third of the
+    # blocks, final norm and head), weighted (alpha times importance scales); anchor: also search the base epoch
+    # e' < e to extrapolate from (theta_e + alpha*(theta_e - theta_e'), ExPO). A form with more dimensions gets
+    # trials_per_extra_dimension more trials per dimension beyond (alpha, epoch).
+    form: Literal["global", "groups", "weighted"] = "global"
+    groups: dict[str, Group] | None = None
+    weighted: WeightedSpace = WeightedSpace()
+    anchor: bool = False
+    trials_per_extra_dimension: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _form(self) -> SearchSpace:
+        if self.sampler == "grid" and (self.form != "global" or self.anchor):
+            raise ValueError(f"sampler grid: searches the global form only (form {self.form}, anchor {self.anchor})")
+        if self.groups is not None and not self.groups:
+            raise ValueError("groups: name at least one group (or leave it out for the default groups)")
+        return self
+
+    @property
+    def beyond_global(self) -> bool:
+        return self.form != "global" or self.anchor
+
+    @property
+    def form_name(self) -> str:
+        """The form searched, "+anchor" when the anchor epoch is searched too: "global", "groups+anchor", ..."""
+        return self.form + ("+anchor" if self.anchor else "")
+
+    def label(self, method: str) -> str:
+        """The search's name and folder (uipe.results.search_label)."""
+        return search_label(method, self.form_name)
+
+    def group_names(self) -> list[str]:
+        return list(self.groups or DEFAULT_GROUPS)
+
+    def dimensions(self) -> int:
+        """Searched dimensions, the epoch included: (alpha, epoch) for the global form."""
+        coefficients = {"global": 1, "groups": len(self.group_names()), "weighted": 2}[self.form]
+        return coefficients + 1 + int(self.anchor)
 
     @field_validator("objective")
     @classmethod
@@ -91,8 +140,12 @@ class SearchSpace(Strict):
         return sorted(set(self.epochs))
 
     def trials_needed(self, epochs: list[int]) -> int:
-        # at least the base method at every epoch (points evaluated first), then the sampler's own trials
-        return len(self.alpha_grid()) * len(epochs) if self.sampler == "grid" else max(self.num_samples, len(epochs))
+        # at least the base method at every epoch (points evaluated first), then the sampler's own trials; a form
+        # with more dimensions gets more (the space file states how many per dimension)
+        if self.sampler == "grid":
+            return len(self.alpha_grid()) * len(epochs)
+        extra = self.trials_per_extra_dimension * (self.dimensions() - 2)
+        return max(self.num_samples + extra, len(epochs))
 
 
 def default_space_path(method: str, space_dir: str = "tune_spaces") -> Path:
@@ -144,22 +197,62 @@ def _sampler(space: SearchSpace, epochs: list[int], seed: int):
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=space.startup_trials)
     if space.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=space.startup_trials, constant_liar=True)
+    # more than (alpha, epoch): multivariate TPE models the coefficients jointly (group alphas interact)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=space.startup_trials, constant_liar=True,
+                                      multivariate=space.beyond_global)
 
 
-def build_searcher(space: SearchSpace, epochs: list[int], seed: int) -> ConstrainedOptunaSearch:
-    """The base method first: alpha 0 at the last epoch, then at every other epoch, so every result shows its gain
-    over the plain method at its best epoch. The grid holds those points already."""
+def distributions(space: SearchSpace, epochs: list[int]) -> dict:
+    """Optuna's distributions of the space's form: alpha (or one alpha per group), retain_lambda, the anchor gap."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    dists = {"alpha": FloatDistribution(space.alpha.low, space.alpha.high, log=space.alpha.log),
-             "epoch": CategoricalDistribution(epochs)}
+    a = space.alpha
+    if space.form == "groups":
+        dists = {f"{GROUP_PREFIX}{g}": FloatDistribution(a.low, a.high, log=a.log) for g in space.group_names()}
+    elif space.form == "weighted":
+        k, lam = space.weighted.alpha_scale, space.weighted.retain_lambda
+        dists = {"alpha": FloatDistribution(a.low * k, a.high * k, log=a.log),
+                 LAMBDA_KEY: FloatDistribution(lam.low, lam.high, log=lam.log)}
+    else:
+        dists = {"alpha": FloatDistribution(a.low, a.high, log=a.log)}
+    dists["epoch"] = CategoricalDistribution(epochs)
+    if space.anchor:  # e' = e - gap, theta_ini once the gap reaches e
+        dists[ANCHOR_KEY] = CategoricalDistribution(list(range(1, max(epochs) + 1)))
+    return dists
+
+
+def start_points(space: SearchSpace, epochs: list[int], warm: dict | None = None) -> list[dict]:
+    """The base method at every epoch, last epoch first (every coefficient at 0, or the range's low end), then
+    `warm`: a point of the global form (alpha, epoch) carried into this form (each group at that alpha; the weighted
+    form at that alpha with the smallest retain_lambda, where s is near 1 wherever the forget loss moves)."""
     start = 0.0 if space.alpha.low <= 0 <= space.alpha.high else space.alpha.low
-    base = [{"alpha": start, "epoch": e} for e in reversed(epochs)]
+
+    def point(alpha: float, epoch: int) -> dict:
+        if space.form == "groups":
+            out = {f"{GROUP_PREFIX}{g}": alpha for g in space.group_names()}
+        elif space.form == "weighted":
+            out = {"alpha": alpha, LAMBDA_KEY: space.weighted.retain_lambda.low}
+        else:
+            out = {"alpha": alpha}
+        out["epoch"] = epoch
+        if space.anchor:
+            out[ANCHOR_KEY] = max(epochs)  # from theta_ini: the paper's operator
+        return out
+
+    points = [point(start, e) for e in reversed(epochs)]
+    if warm and warm.get("epoch") in epochs and space.beyond_global:
+        points.append(point(float(warm["alpha"]), int(warm["epoch"])))
+    return points
+
+
+def build_searcher(space: SearchSpace, epochs: list[int], seed: int,
+                   warm: dict | None = None) -> ConstrainedOptunaSearch:
+    """The base method first: alpha 0 at the last epoch, then at every other epoch, so every result shows its gain
+    over the plain method at its best epoch (the grid holds those points already); then `warm` (start_points)."""
     if space.objective == "pareto":
         metric, mode = ["objective", "utility"], ["max", "max"]
     else:
         metric, mode = "objective", "max"
-    first = None if space.sampler == "grid" else base
-    return ConstrainedOptunaSearch(space=dists, metric=metric, mode=mode, points_to_evaluate=first,
-                                   sampler=_sampler(space, epochs, seed))
+    first = None if space.sampler == "grid" else start_points(space, epochs, warm)
+    return ConstrainedOptunaSearch(space=distributions(space, epochs), metric=metric, mode=mode,
+                                   points_to_evaluate=first, sampler=_sampler(space, epochs, seed))

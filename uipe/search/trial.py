@@ -13,8 +13,10 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from uipe.coefficients import Coefficients, Extrapolation, Group
 from uipe.config import EvalConfig
 from uipe.faults import NONE, Faults
 from uipe.results import TrialResult
@@ -35,9 +37,19 @@ class TrialSetup:
     reference: str | None  # the retain reference (forget quality); None for a reference-free search
     dtype: str
     threads: int
+    # forms beyond one alpha (uipe.coefficients): the groups form's groups (None: the default groups) and the
+    # weighted form's importance folder per epoch (uipe.search.importance)
+    groups: dict[str, Group] | None = None
+    importance: dict[int, str] | None = None
 
     def identity(self) -> dict[str, Any]:
-        return {**asdict(self), "eval": self.eval.model_dump()}
+        doc = {**asdict(self), "eval": self.eval.model_dump()}
+        for key in ("groups", "importance"):  # absent when unused: a global search keeps its identity
+            if doc[key] is None:
+                del doc[key]
+        if self.groups is not None:
+            doc["groups"] = {g: spec.model_dump() for g, spec in self.groups.items()}
+        return doc
 
 
 _CONTEXT: dict[str, tuple] = {}  # per worker process: (model, evaluator, device), kept across trials by reuse_actors
@@ -96,45 +108,81 @@ def scored_metrics(aggregates: Mapping[str, float], start: Mapping[str, float] |
     return out | metrics.derive_all(out)
 
 
-def evaluate_point(setup: TrialSetup, alpha: float, epoch: int, utility_threshold: float,
+@dataclass(frozen=True)
+class Resolved:
+    """A point made concrete for one setup: the folders the kernel reads and the per-tensor coefficients."""
+
+    point: Extrapolation  # with its summary alpha
+    base: str  # theta_ini, or the anchor epoch's checkpoint
+    unlearned: str
+    importance: str | None
+    coefficients: Coefficients
+
+
+def resolve_point(setup: TrialSetup, point: Extrapolation) -> Resolved:
+    """The point's folders and coefficients (headers only are read); UipeError naming a bad group pattern, a
+    coefficient vector of the wrong length, an anchor without a checkpoint or a missing importance folder."""
+    from uipe.coefficients import resolve
+    from uipe.errors import UipeError
+    from uipe.safetensors_io import read_checkpoint
+
+    if point.anchor and point.anchor not in setup.epoch_dirs:
+        raise UipeError(f"anchor epoch {point.anchor}: no checkpoint (have {sorted(setup.epoch_dirs)})")
+    base = setup.theta_ini if point.anchor == 0 else setup.epoch_dirs[point.anchor]
+    importance = None
+    if point.retain_lambda is not None:
+        importance = (setup.importance or {}).get(point.epoch)
+        if importance is None or not Path(importance).is_dir():
+            raise UipeError(f"epoch {point.epoch}: the weighted form's importance folder is missing ({importance})")
+    unlearned = setup.epoch_dirs[point.epoch]
+    sizes = {k: math.prod(spec[1]) for k, spec in read_checkpoint(unlearned).specs.items()}
+    point, coef = resolve(point, sizes, setup.groups, "search space groups")
+    return Resolved(point, base, unlearned, importance, coef)
+
+
+def evaluate_point(setup: TrialSetup, alpha: float | Extrapolation, epoch: int, utility_threshold: float,
                    objective_metric: str | None = None, start: Mapping[str, float] | None = None,
                    generate: bool = True) -> TrialResult:
     """Extrapolate in memory and evaluate (with `start`, theta_ini's aggregates, also forgetting relative to it);
-    raise when the extrapolated model's metrics are not finite. generate=False: a screening pass, every scoring
+    raise when the extrapolated model's metrics are not finite. `alpha`: a plain alpha at `epoch`, or a point of
+    any form (uipe.coefficients.Extrapolation; its own epoch). generate=False: a screening pass, every scoring
     metric (forget quality, probabilities, truth ratios) without greedy generation, ROUGE-L or model utility."""
+    from uipe.models import peak_memory_bytes, reset_peak_memory
     from uipe.update_vector import cached_update_vector
 
-    from uipe.models import peak_memory_bytes, reset_peak_memory
-
     t0 = time.perf_counter()
+    point = alpha if isinstance(alpha, Extrapolation) else Extrapolation(int(epoch), float(alpha))
     model, evaluator, device = context(setup)
     reset_peak_memory(device)
-    cached_update_vector(setup.theta_ini, setup.epoch_dirs[epoch], device=device).apply(model, alpha)
+    r = resolve_point(setup, point)
+    cached_update_vector(r.base, r.unlearned, device=device, importance=r.importance).apply(model, r.coefficients)
+    point = r.point
     # the full pass of a point this process has just screened reuses its scores (same weights: the extrapolation
-    # depends only on alpha and the epoch), so it pays only for generation
-    point = (_key(setup), float(alpha), int(epoch))
-    result = evaluator.evaluate(model, generate=generate, scores=None if not generate else _SCREENED.pop(point, None))
+    # depends only on the point), so it pays only for generation
+    key = (_key(setup), point)
+    result = evaluator.evaluate(model, generate=generate, scores=None if not generate else _SCREENED.pop(key, None))
     _SCREENED.clear()
     if not generate:
-        _SCREENED[point] = result.scores
+        _SCREENED[key] = result.scores
     if objective_metric is None:  # the benchmark's default objective
         from uipe.benchmarks import get_benchmark
 
         objective_metric = get_benchmark(setup.benchmark).default_objective
-    return record_point(setup, alpha, epoch, result.aggregates, start, utility_threshold, objective_metric,
+    return record_point(setup, point, result.aggregates, start, utility_threshold, objective_metric,
                         time.perf_counter() - t0, peak_memory_bytes(device), generate)
 
 
-def record_point(setup: TrialSetup, alpha: float, epoch: int, aggregates: Mapping[str, float],
+def record_point(setup: TrialSetup, point: Extrapolation, aggregates: Mapping[str, float],
                  start: Mapping[str, float] | None, utility_threshold: float, objective_metric: str, seconds: float,
                  peak_memory: float, generate: bool = True) -> TrialResult:
     """The trial's record from an evaluation; raise when the objective or utility is not finite."""
     metrics = scored_metrics(aggregates, start)
     bad = [k for k in (objective_metric, utility_metric(setup, generate)) if not math.isfinite(metrics.get(k, math.nan))]
     if bad:
-        raise ValueError(f"alpha={alpha} epoch={epoch}: {bad[0]} is not finite (the extrapolated model broke)")
-    return TrialResult.scored(alpha, epoch, metrics, utility_threshold, seconds, objective_metric,
-                              utility_metric(setup), peak_memory_bytes=peak_memory)
+        raise ValueError(f"alpha={point.alpha} epoch={point.epoch} {point.vector()}: {bad[0]} is not finite (the "
+                         "extrapolated model broke)")
+    return TrialResult.scored(point.alpha, point.epoch, metrics, utility_threshold, seconds, objective_metric,
+                              utility_metric(setup), peak_memory_bytes=peak_memory, coefficients=point.vector())
 
 
 def theta_ini_metrics(setup: TrialSetup) -> dict[str, float]:
@@ -154,14 +202,14 @@ def trial(config: dict, setup: TrialSetup, utility_threshold: float, objective_m
     from uipe import metrics
 
     metrics.adopt(catalogue or {})  # entries the driver registered at run time (a user's objective)
-    alpha, epoch = float(config["alpha"]), int(config["epoch"])
-    faults.point("trial", alpha=alpha, epoch=epoch)  # tests only: see uipe/faults.py
+    point = Extrapolation.from_config(config)
+    faults.point("trial", alpha=point.alpha, epoch=point.epoch)  # tests only: see uipe/faults.py
     screened_seconds = 0.0
-    if screening and alpha != 0.0:
-        screen = evaluate_point(setup, alpha, epoch, utility_threshold, objective_metric, start, generate=False)
-        tune.report({**screen.to_report(), "alpha": alpha, "epoch": epoch})
+    if screening and not point.is_base:
+        screen = evaluate_point(setup, point, point.epoch, utility_threshold, objective_metric, start, generate=False)
+        tune.report({**screen.to_report(), "alpha": screen.alpha, "epoch": point.epoch})
         screened_seconds = screen.trial_seconds
-    result = evaluate_point(setup, alpha, epoch, utility_threshold, objective_metric, start)
+    result = evaluate_point(setup, point, point.epoch, utility_threshold, objective_metric, start)
     # the trial's work is both passes; the screening part is kept apart for the search's time split
     result = replace(result, trial_seconds=result.trial_seconds + screened_seconds, screen_seconds=screened_seconds)
-    tune.report({**result.to_report(), "alpha": alpha, "epoch": epoch})
+    tune.report({**result.to_report(), "alpha": result.alpha, "epoch": point.epoch})

@@ -22,11 +22,23 @@ from scipy import stats
 
 from uipe.decisions import floor_key
 from uipe.errors import UipeError
-from uipe.study.records import ARMS, BASE, MORE, UIPE, UTILITY, ArmPoint, MethodRecord, SeedResult, seed_results
+from uipe.study.records import (ARMS, BASE, FORM_ARMS, MORE, UIPE, UTILITY, ArmPoint, MethodRecord, SeedResult,
+                                seed_results)
 from uipe.study.render import ci, diff, finish_figure, geo, label, md_table
 
 UIPE_BASE, UIPE_MORE = f"{UIPE}-{BASE}", f"{UIPE}-{MORE}"
 PAIRS = {UIPE_BASE: (UIPE, BASE), UIPE_MORE: (UIPE, MORE)}
+
+
+def arms_of(recs: Sequence[tuple[int, MethodRecord]]) -> list[str]:
+    """The study's arms, then each form's arm some seed ran (study.forms)."""
+    return [*ARMS, *(f for f in FORM_ARMS if any(f in rec.arms for _, rec in recs))]
+
+
+def pairs_of(arms: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """UIPE against base and more; each form against more (the question of issue 26) and against UIPE."""
+    forms = [a for a in arms if a in FORM_ARMS]
+    return PAIRS | {f"{f}-{b}": (f, b) for f in forms for b in (MORE, UIPE)}
 FQ_FLOOR = 1e-300  # a KS p-value can underflow to 0
 # log10 forget quality at a chosen point, as the aggregate names it: on the fold the search did not choose on (what
 # the study reports), on the whole forget split, and on the fold it chose on
@@ -88,6 +100,8 @@ def _paired(diffs: Sequence[float]) -> dict:
 
 
 def _points(rec: MethodRecord, arm: str, floor: float, where: str) -> ArmPoint | None:
+    if arm not in rec.arms and arm in FORM_ARMS:  # a form this seed did not run
+        return None
     by_floor = rec.arms[arm]
     if floor not in by_floor:
         recorded = ", ".join(floor_key(f) for f in by_floor) or "none"
@@ -108,12 +122,13 @@ def _by_method(seeds: Sequence[SeedResult]) -> dict[str, list[tuple[int, MethodR
     return out
 
 
-def _columns(method: str, recs: list[tuple[int, MethodRecord]], floors: Sequence[float]) -> tuple[dict, dict]:
+def _columns(method: str, recs: list[tuple[int, MethodRecord]], floors: Sequence[float],
+             arms: Sequence[str] = ARMS) -> tuple[dict, dict]:
     """values[arm][floor key][statistic] = one value per seed (None: no feasible point, or not measured), and
     feasible[arm][floor key] = the number of seeds with a point."""
-    values: dict = {arm: {} for arm in ARMS}
-    feasible: dict = {arm: {} for arm in ARMS}
-    for arm in ARMS:
+    values: dict = {arm: {} for arm in arms}
+    feasible: dict = {arm: {} for arm in arms}
+    for arm in arms:
         for floor in floors:
             pts = [_points(rec, arm, floor, f"seed {seed}, method {method}") for seed, rec in recs]
             fk = floor_key(floor)
@@ -140,24 +155,36 @@ def _signals(recs: list[tuple[int, MethodRecord]]) -> dict:
 
 def _aggregate_method(method: str, recs: list[tuple[int, MethodRecord]], floors: Sequence[float]) -> dict:
     fks = [floor_key(f) for f in floors]
-    values, feasible = _columns(method, recs, floors)
-    hv = {arm: [_num_or_none(rec.hypervolume.get(arm)) for _, rec in recs] for arm in ARMS}
+    arms = arms_of(recs)
+    pairs = pairs_of(arms)
+    values, feasible = _columns(method, recs, floors, arms)
+    hv = {arm: [_num_or_none(rec.hypervolume.get(arm)) for _, rec in recs] for arm in arms}
     matched = {floor_key(f): _clean([rec.matched_utility.get(f) for _, rec in recs]) for f in floors}
+    forms = {a: {floor_key(f): _clean([rec.matched_forms.get(a, {}).get(f) for _, rec in recs]) for f in floors}
+             for a in arms if a in FORM_ARMS}
     uipe = values[UIPE]
-    return {
+    out = {
         "seeds": [s for s, _ in recs],
         "arms": {arm: {fk: {**{m: t_interval(col[m]) for m in POINT_METRICS}, "feasible_seeds": feasible[arm][fk]}
-                       for fk, col in values[arm].items()} for arm in ARMS},
+                       for fk, col in values[arm].items()} for arm in arms},
         "paired": {pair: {fk: {m: _paired(_differences(values[a][fk][m], values[b][fk][m])) for m in PAIRED_METRICS}
-                          for fk in fks} for pair, (a, b) in PAIRS.items()},
+                          for fk in fks} for pair, (a, b) in pairs.items()},
         # how far the chosen UIPE point's forget quality falls from the selection fold to the report fold
         "winners_curse": {fk: t_interval(_differences(uipe[fk][SELECTED], uipe[fk][REPORTED]))
                           for fk in fks},
-        "hypervolume": {arm: t_interval(hv[arm]) for arm in ARMS},
-        "hypervolume_paired": {pair: _paired(_differences(hv[a], hv[b])) for pair, (a, b) in PAIRS.items()},
-        "matched_utility": {fk: {**t_interval(mu), "wins": sum(v > 0 for v in mu)} for fk, mu in matched.items()},
+        "hypervolume": {arm: t_interval(hv[arm]) for arm in arms},
+        "hypervolume_paired": {pair: _paired(_differences(hv[a], hv[b])) for pair, (a, b) in pairs.items()},
+        "matched_utility": {fk: _wins(mu) for fk, mu in matched.items()},
         "signals": _signals(recs),
     }
+    if forms:  # only when a form ran: a study without forms keeps its study.json layout
+        out["matched_forms"] = {a: {fk: _wins(mu) for fk, mu in by.items()} for a, by in forms.items()}
+    return out
+
+
+def _wins(values: list[float]) -> dict:
+    """t interval of per-seed values, and the seeds above 0."""
+    return {**t_interval(values), "wins": sum(v > 0 for v in values)}
 
 
 def aggregate(seeds: Sequence[SeedResult | Mapping[str, Any]], floors: Sequence[float]) -> dict:
@@ -187,8 +214,9 @@ def markdown(agg: dict, command: str) -> str:
         n = len(m["seeds"])
         lines += [f"## {method} ({n} seed{'s' * (n != 1)})", ""]
         # an arm no seed ran (study.more_baseline: false) gets no column
-        arms_run = [a for a in ARMS if a != MORE or m["hypervolume"][MORE]["n"]]
-        pairs_run = [p for p in PAIRS if PAIRS[p][1] in arms_run]
+        arms_run = [a for a in m["arms"] if a != MORE or m["hypervolume"][MORE]["n"]]
+        pairs = pairs_of(list(m["arms"]))
+        pairs_run = [p for p in m["paired"] if pairs[p][1] in arms_run]
         rows = []
         for fk in (floor_key(f) for f in agg["floors"]):
             arms = [geo(m["arms"][a][fk][REPORTED], m["arms"][a][fk]["feasible_seeds"], n) for a in arms_run]
@@ -197,11 +225,14 @@ def markdown(agg: dict, command: str) -> str:
         hv = [[label(a), ci(m["hypervolume"][a], ".3f")] for a in arms_run]
         hv += [[label(p), diff(m["hypervolume_paired"][p], "", "+.3f")] for p in pairs_run]
         lines += md_table(["hypervolume", "mean [95% interval]"], hv) + [""]
+        forms = m.get("matched_forms", {})
         rows = [[fk, diff(m["matched_utility"][fk] | {"ties": 0}, "", "+.3f"),
+                 *(diff(forms[a][fk] | {"ties": 0}, "", "+.3f") for a in forms),
                  ci(m["winners_curse"][fk], "+.2f") + " log10" * (m["winners_curse"][fk]["mean"] is not None)]
                 for fk in (floor_key(f) for f in agg["floors"])]
         lines += md_table(["floor", "matched utility (UIPE - base at equal forget prob.)",
-                         "winner's curse (UIPE, log10 select - report)"], rows) + [""]
+                           *(f"matched utility ({a})" for a in forms),
+                           "winner's curse (UIPE, log10 select - report)"], rows) + [""]
         if m["signals"]:
             rows = [[s, ci(v["spearman"], "+.2f"), ci(v["regret"])] for s, v in m["signals"].items()]
             lines += md_table(["signal", "Spearman", "regret"], rows) + [""]
@@ -236,14 +267,17 @@ def plot_fronts(seeds: Sequence[SeedResult | Mapping[str, Any]], out: Path,
         for seed, rec in recs:
             c = colours[seed]
             # `more` gets small markers too, so a one-point front still shows
-            for arm, style in ((UIPE, "o-"), (MORE, "^--"), (BASE, "s")):
+            styles = ((UIPE, "o-"), (MORE, "^--"), (BASE, "s"), ("groups", "d:"), ("weighted", "v-."),
+                      ("anchor", "x:"))
+            for arm, style in styles:
                 xs, ys = _front(rec.fronts.get(arm, ()))
                 ax.plot(xs, ys, style, color=c, ms=3 if arm == MORE else 4,
                         mfc="none" if arm == BASE else c, label=f"seed {seed}" if arm == UIPE else None)
         for f in floors:
             ax.axvline(f, color="grey", ls=":", lw=1)
         ax.set(yscale="log", xlabel="utility / theta_ini utility", ylabel="forget quality",
-               title=f"{method}: UIPE (solid), more (dashed), base (squares)")
+               title=f"{method}: UIPE (solid), more (dashed), base (squares)"
+                     + (", groups (diamonds), weighted (triangles), anchor (x)" if len(recs[0][1].arms) > 3 else ""))
     return finish_figure(fig, axes[0], out)
 
 
@@ -259,16 +293,17 @@ def plot_differences(agg: dict, out: Path) -> Path:
     fks = [floor_key(f) for f in agg["floors"]]
     fig, axes = plt.subplots(1, max(1, len(methods)), figsize=(5 * max(1, len(methods)), 4), squeeze=False)
     for ax, (method, m) in zip(axes[0], methods.items()):
-        for j, (pair, marker) in enumerate(zip(PAIRS, ("o", "s"))):
+        shown = list(m["paired"])
+        for j, (pair, marker) in enumerate(zip(shown, ("o", "s", "d", "D", "v", "^", "x", "+"))):
             name = label(pair)
             for i, fk in enumerate(fks):
                 t = m["paired"][pair][fk][REPORTED]
                 if t["mean"] is None:
                     continue
                 err = None if t["low"] is None else [[t["mean"] - t["low"]], [t["high"] - t["mean"]]]
-                # the two pairs side by side at each floor, so their error bars do not overlap
-                ax.errorbar([i + (j - 0.5) * 0.2], [t["mean"]], yerr=err, fmt=marker, color=f"C{j}", capsize=4,
-                            label=name)
+                # the pairs side by side at each floor, so their error bars do not overlap
+                ax.errorbar([i + (j - (len(shown) - 1) / 2) * 0.6 / len(shown)], [t["mean"]], yerr=err, fmt=marker,
+                            color=f"C{j}", capsize=4, label=name)
                 name = None
         ax.axhline(0.0, color="grey", lw=1)
         ax.set_xticks(range(len(fks)), fks)

@@ -112,20 +112,23 @@ def start_value(start: Mapping[str, float | None], name: str) -> float:
 
 
 def method_record(search: Sequence[TrialResult], longer: Sequence[TrialResult], start: Mapping[str, float | None],
-                  threshold: float, floors: Sequence[float], epochs: int, longer_epochs: int) -> MethodRecord:
+                  threshold: float, floors: Sequence[float], epochs: int, longer_epochs: int,
+                  forms: Mapping[str, Sequence[TrialResult]] | None = None) -> MethodRecord:
     """Everything the study keeps of one method on one seed. `search`: the UIPE search's trials (alpha 0 among them
     at every epoch it may use); `longer`: the longer run's epochs at alpha 0; `start`: theta_ini's metrics, by
-    catalogue name."""
+    catalogue name; `forms`: each form's search (study.forms), an arm each, chosen and compared like UIPE."""
     mu = start_value(start, UTILITY)
-    base = [r for r in completed(list(search)) if r.alpha == 0.0]
+    base = [r for r in completed(list(search)) if r.is_base]
     arms = {BASE: base, MORE: completed(list(longer)), UIPE: completed(list(search))}
+    arms |= {form: completed(list(rows)) for form, rows in (forms or {}).items()}
     chosen = {arm: at_floors(rows, mu, floors) for arm, rows in arms.items()}
     trajectory = [(start_value(start, FORGET_PROB), mu)] + [(r.metric(FORGET_PROB), r.utility)
                                                             for r in sorted(arms[MORE], key=lambda r: r.epoch)]
     ref = (log10_fq(start_value(start, FORGET_QUALITY)), min(floors))
     plane = {arm: [(log10_fq(r.metric(FORGET_QUALITY)), ratio(r.utility, mu)) for r in rows]
              for arm, rows in arms.items()}
-    fronts = {UIPE: pareto_front(arms[UIPE]), BASE: arms[BASE], MORE: arms[MORE]}
+    fronts = {UIPE: pareto_front(arms[UIPE]), BASE: arms[BASE], MORE: arms[MORE],
+              **{form: pareto_front(arms[form]) for form in forms or {}}}
     return MethodRecord(
         arms=chosen, theta_ini=dict(start), epochs=epochs, longer_epochs=longer_epochs,
         matched_utility={f: matched_utility(p, trajectory) for f, p in chosen[UIPE].items()},
@@ -134,4 +137,6 @@ def method_record(search: Sequence[TrialResult], longer: Sequence[TrialResult], 
         fronts={arm: tuple((ratio(r.utility, mu), r.metric(FORGET_QUALITY)) for r in rows)
                 for arm, rows in fronts.items()},
         signals=signal_checks(search, threshold),
+        matched_forms={form: {f: matched_utility(p, trajectory) for f, p in chosen[form].items()}
+                       for form in forms or {}},
     )

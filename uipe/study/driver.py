@@ -42,7 +42,12 @@ def check_study(cfg: ExperimentConfig, root: Path) -> None:
 
 
 def _identity(cfg: ExperimentConfig) -> dict:
-    return cfg.model_dump(mode="json", exclude={"study": {"seeds"}})
+    doc = cfg.model_dump(mode="json", exclude={"study": {"seeds"}})
+    # options added later, left out while unused, so a study folder made before them is resumed, not refused
+    for section, key, unused in (("study", "forms", []), ("search", "form", None), ("search", "anchor", None)):
+        if doc[section][key] == unused:
+            del doc[section][key]
+    return doc
 
 
 def run_study(cfg: ExperimentConfig, root: Path, command: str) -> dict:
@@ -108,9 +113,23 @@ def run_seed(cfg: ExperimentConfig, root: Path, seed: int) -> SeedResult:
         method = s.method
         search = from_csv((paths.search(method) / "results.csv").read_text())
         longer = longer_trajectory(cfg, paths, method) if cfg.study.more_baseline else []
+        forms = {form: form_search(cfg, paths, method, form) for form in cfg.study.forms}
         methods[method] = method_record(search, longer, s.theta_ini, s.utility_threshold, cfg.study.floors,
-                                        cfg.unlearn.epochs, cfg.unlearn.epochs * cfg.study.longer_factor)
+                                        cfg.unlearn.epochs, cfg.unlearn.epochs * cfg.study.longer_factor, forms)
     return SeedResult(seed, methods, str(root))
+
+
+def form_search(cfg: ExperimentConfig, paths: RunPaths, method: str, form: str) -> list[TrialResult]:
+    """A form beyond one alpha searched on the seed's checkpoints (its own search folder, warm-started from the
+    global search's choice); `anchor` is the global form with the anchor epoch searched too."""
+    from uipe.report import from_csv
+    from uipe.search.driver import run_search
+
+    raw = cfg.model_dump(mode="json")
+    raw["search"].update(form="global" if form == "anchor" else form, anchor=form == "anchor")
+    stage(f"search {method}: the {form} form")
+    outcome = run_search(ExperimentConfig.model_validate(raw), paths, method)
+    return from_csv((Path(outcome.chosen_model).parent / "results.csv").read_text())
 
 
 def longer_config(cfg: ExperimentConfig, paths: RunPaths, data: str) -> ExperimentConfig:

@@ -33,6 +33,8 @@ FORGET_PROB = metrics.get(TOFU.forgetting).name  # "forget_prob"
 
 BASE, MORE, UIPE = "base", "more", "uipe"
 ARMS = (BASE, MORE, UIPE)  # the base method at its best epoch, the base method trained longer, UIPE
+# arms of the forms beyond one alpha (study.forms), present when run; named by their form
+FORM_ARMS = ("groups", "weighted", "anchor")
 
 # ArmPoint field -> its key in study.json
 _POINT_JSON = {"alpha": "alpha", "epoch": "epoch", "utility": UTILITY, "utility_ratio": "utility_ratio",
@@ -98,6 +100,8 @@ class MethodRecord:
     hypervolume: Mapping[str, float | None] = field(default_factory=dict)  # arm -> area (None: arm not run)
     fronts: Mapping[str, Front] = field(default_factory=dict)  # arm -> the points plotted
     signals: Mapping[str, SignalCheck] = field(default_factory=dict)  # reference-free signal -> its check
+    # form arm -> floor -> its utility minus the base trajectory's at its forget probability (as matched_utility)
+    matched_forms: Mapping[str, Mapping[float, float | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # every arm, even one not run (its floors all None): the aggregate pairs UIPE with each baseline by seed
@@ -117,7 +121,8 @@ class MethodRecord:
             "hypervolume": dict(self.hypervolume),
             "fronts": {arm: [list(p) for p in pts] for arm, pts in self.fronts.items()},
             "signals": {name: s.to_json() for name, s in self.signals.items()},
-        }
+        } | ({"matched_forms": {arm: {floor_key(f): v for f, v in by.items()}
+                                for arm, by in self.matched_forms.items()}} if self.matched_forms else {})
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> MethodRecord:
@@ -126,7 +131,8 @@ class MethodRecord:
         ini, mu, hv, fronts, signals = (_object(d.get(k) or {}, f"{where}, {k}") for k in (
             "theta_ini", "matched_utility", "hypervolume", "fronts", "signals"))
         return cls(
-            arms={arm: _at_floors(_required(arms, arm, f"{where}, arms"), f"{where}, arm {arm}") for arm in ARMS},
+            arms={arm: _at_floors(_required(arms, arm, f"{where}, arms"), f"{where}, arm {arm}")
+                  for arm in (*ARMS, *(a for a in FORM_ARMS if a in arms))},
             theta_ini={k: _optional(ini, k, f"{where}, theta_ini") for k in ini},
             epochs=_optional_int(d, "epochs", where), longer_epochs=_optional_int(d, "longer_epochs", where),
             matched_utility={_floor(k, f"{where}, matched_utility"): _optional(mu, k, f"{where}, matched_utility")
@@ -134,6 +140,9 @@ class MethodRecord:
             hypervolume={arm: _optional(hv, arm, f"{where}, hypervolume") for arm in hv},
             fronts={arm: _front(pts, f"{where}, front {arm}") for arm, pts in fronts.items()},
             signals={name: SignalCheck.from_json(s, f"{where}, signal {name}") for name, s in signals.items()},
+            matched_forms={arm: {_floor(k, f"{where}, matched_forms"): _optional(by, k, f"{where}, matched_forms")
+                                 for k in _object(by, f"{where}, matched_forms {arm}")}
+                           for arm, by in _object(d.get("matched_forms") or {}, f"{where}, matched_forms").items()},
         )
 
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from uipe.errors import UipeError
-from uipe.extrapolate import extrapolate_into
+from uipe.coefficients import Coefficients
+from uipe.extrapolate import Importance, as_coefficients, extrapolate_into
 from uipe.train.job import Job
 
 
@@ -62,11 +63,13 @@ def load_sharded(job: Job, device: torch.device, mesh: Any, trainable: bool) -> 
 
 def build_sharded(model_path: str, device: torch.device, mesh: Any, dtype: torch.dtype, bf16: bool,
                   reshard_after_forward: bool = True, trust_remote_code: bool = False,
-                  unlearned: str | None = None, alpha: float = 0.0) -> nn.Module:
+                  unlearned: str | None = None, alpha: float | Coefficients = 0.0,
+                  importance: str | None = None) -> nn.Module:
     """The model of `model_path` (a local HF folder or a hub id), FSDP2-sharded, its parameters in `dtype`, each
     rank holding and reading only its own shards. With `unlearned` (theta_un's folder; model_path is theta_ini), the
     weights are UIPE's theta_un + alpha*(theta_un - theta_ini), each rank extrapolating only its own rows (a sharded
-    search trial). A collective: every rank of `mesh` calls it."""
+    search trial; `alpha` may be per-tensor coefficients, `importance` the weighted form's folder). A collective:
+    every rank of `mesh` calls it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from uipe.safetensors_io import read_checkpoint, validate_pair
@@ -85,7 +88,7 @@ def build_sharded(model_path: str, device: torch.device, mesh: Any, dtype: torch
         first = model.get_parameter(names[0])
         if any(model.get_parameter(n) is not first for n in names[1:]):
             raise UipeError(f"{model_path}: tied parameters {names} came apart when sharded; not supported")
-    load_own_shards(model, ckpt, un_ckpt, alpha)
+    load_own_shards(model, ckpt, un_ckpt, alpha, read_checkpoint(importance) if importance else None)
     recompute_non_persistent_buffers(model, device, dtype)
     return model
 
@@ -131,7 +134,8 @@ def dim0_rows(param: Any) -> tuple[int, int] | None:
 
 
 @torch.no_grad()
-def load_own_shards(model: nn.Module, ckpt: Any, unlearned: Any = None, alpha: float = 0.0) -> None:
+def load_own_shards(model: nn.Module, ckpt: Any, unlearned: Any = None, alpha: float | Coefficients = 0.0,
+                    importance: Any = None) -> None:
     """Fill every parameter's local shard and every persistent buffer from the checkpoint, one tensor at a time, in
     file order; with `unlearned` (theta_un's Checkpoint, ckpt being theta_ini's), with theta_un + alpha*(theta_un -
     theta_ini) of those rows instead (extrapolate_into: the arithmetic of every other form of the operator). Every key of the model's state_dict must be in the checkpoint (a tied alias may be absent when the
@@ -155,13 +159,16 @@ def load_own_shards(model: nn.Module, ckpt: Any, unlearned: Any = None, alpha: f
         if want != got:
             raise UipeError(f"{ckpt.folder}: tensor {key!r} has shape {list(got)}, the model expects {list(want)}")
         wanted.add(key)
-    with ShardReader(ckpt) as reader, ShardReader(unlearned or ckpt) as un_reader:
+    coef = as_coefficients(alpha)
+    weights = Importance(coef if unlearned is not None else Coefficients(), importance, unlearned or ckpt)
+    with ShardReader(ckpt) as reader, ShardReader(unlearned or ckpt) as un_reader, weights:
         def fill(out: torch.Tensor, key: str, rows: tuple[int, int] | None = None) -> None:
             cut = (lambda t: t[rows[0]:rows[1]]) if rows else (lambda t: t)  # mmap views: only these rows are read
             if unlearned is None:
                 out.copy_(cut(reader.get(key)))
             else:
-                extrapolate_into(cut(reader.get(key)), cut(un_reader.get(key)), alpha, out)
+                extrapolate_into(cut(reader.get(key)), cut(un_reader.get(key)), coef.of(key), out, None,
+                                 weights.get(key, cut))
 
         for shard in ckpt.shards:
             for key in reader.keys(shard):
