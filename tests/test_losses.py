@@ -153,7 +153,7 @@ def test_registry_covers_config_methods() -> None:
     # every method's config section (unlearn.<name>) is the Params model defined beside its loss
     assert {m: UnlearnConfig.model_fields[m].annotation for m in UNLEARN_METHODS} == {
         m: OBJECTIVES[m].params for m in UNLEARN_METHODS}
-    assert {m for m, o in OBJECTIVES.items() if o.needs_ref} == {"kl", "npo", "idkdpo"}
+    assert {m for m, o in OBJECTIVES.items() if o.needs_ref} == {"kl", "npo", "idkdpo", "rmu", "undial"}
     with pytest.raises(UipeError, match="unknown method 'bogus'"):
         get_objective("bogus")
 

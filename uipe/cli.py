@@ -39,7 +39,8 @@ app.add_typer(experiment_app, name="experiment")
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Experiment YAML (default: tiny preset).")]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", help="Run folder (default: runs/<name>).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. --set unlearn.lr=2e-5.")]
-MethodOpt = Annotated[str, typer.Option("--method", "-m", help="ga, graddiff, kl, npo, simnpo or idkdpo.")]
+MethodOpt = Annotated[str, typer.Option("--method", "-m", help="ga, graddiff, kl, npo, simnpo, idkdpo, rmu, undial, "
+                                                               "wga or satimp.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's, Tune's and transformers' own output "
                                           "on the console (default: in <run-dir>/logs/; also UIPE_VERBOSE=1).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout, for scripts (uipe's own "

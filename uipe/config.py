@@ -22,7 +22,11 @@ from uipe.methods.graddiff import Params as GradDiffParams
 from uipe.methods.idkdpo import Params as IdkDPOParams
 from uipe.methods.kl import Params as KLParams
 from uipe.methods.npo import Params as NPOParams
+from uipe.methods.rmu import Params as RMUParams
+from uipe.methods.satimp import Params as SatImpParams
 from uipe.methods.simnpo import Params as SimNPOParams
+from uipe.methods.undial import Params as UNDIALParams
+from uipe.methods.wga import Params as WGAParams
 from uipe.schema import Strict, one_line
 
 PRESETS = ("tiny",)
@@ -135,6 +139,10 @@ class UnlearnConfig(Strict):
     npo: NPOParams = NPOParams()
     simnpo: SimNPOParams = SimNPOParams()
     idkdpo: IdkDPOParams = IdkDPOParams()
+    rmu: RMUParams = RMUParams()
+    undial: UNDIALParams = UNDIALParams()
+    wga: WGAParams = WGAParams()
+    satimp: SatImpParams = SatImpParams()
 
 
 class EvalConfig(Strict):

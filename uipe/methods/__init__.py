@@ -7,11 +7,12 @@ a thin `compute` that runs the forward passes. The training loop only sees `OBJE
 from __future__ import annotations
 
 from uipe.errors import UipeError
-from uipe.methods import finetune, ga, graddiff, idkdpo, kl, npo, simnpo
+from uipe.methods import finetune, ga, graddiff, idkdpo, kl, npo, rmu, satimp, simnpo, undial, wga
 from uipe.methods.common import Batch, Compute, Metrics, Objective, answer_logprobs, mean_nll
 
 OBJECTIVES: dict[str, Objective] = {
-    m.OBJECTIVE.name: m.OBJECTIVE for m in (finetune, ga, graddiff, kl, npo, simnpo, idkdpo)
+    m.OBJECTIVE.name: m.OBJECTIVE
+    for m in (finetune, ga, graddiff, kl, npo, simnpo, idkdpo, rmu, undial, wga, satimp)
 }
 UNLEARN_METHODS = tuple(name for name in OBJECTIVES if name != "finetune")  # the one list of method names
 

@@ -6,6 +6,7 @@ and a causal LM predicts token t+1 from position t, so logits[:, :-1] are scored
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -51,6 +52,12 @@ class Objective:
     needs_ref: bool = False  # a frozen copy of theta_ini (NPO, KL, IdkDPO)
     needs_retain: bool = True  # a retain micro-batch paired with each forget micro-batch
     needs_idk: bool = False  # "I don't know" answers for the forget questions (IdkDPO)
+    # Which parameters the method trains: (params, parameter name) -> trained; None: all. The loop freezes the
+    # others before sharding and gives the optimizer only the trained ones, so the rest stay bit-identical (RMU).
+    trainable: Callable[[Any, str], bool] | None = None
+    # Checks the params against the model (its Hugging Face config), e.g. RMU's layer within the model's depth:
+    # raises UipeError, one line. Called before a fit starts, so bad input fails before any worker does.
+    check: Callable[[Any, Any], None] | None = None
 
 
 def logits_of(model: nn.Module, inputs: TensorDict) -> Tensor:
@@ -68,6 +75,19 @@ def answer_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     token_logp = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return (token_logp * mask).sum(-1), mask.sum(-1)
+
+
+def answer_token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """log p(answer token) of every answer token of the batch, flattened to [N] (N answer tokens; fp32).
+
+    For token-weighted losses (WGA, SatImp); a batch without answer tokens is an error, not an empty mean.
+    """
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    if int(mask.sum()) == 0:
+        raise ValueError("batch has no answer tokens (every label is -100)")
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)[mask]
 
 
 def mean_nll(logits: Tensor, labels: Tensor) -> Tensor:

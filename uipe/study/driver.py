@@ -21,6 +21,7 @@ from uipe.config import ExperimentConfig
 from uipe.console import Task, say, stage
 from uipe.errors import UipeError
 from uipe.io import atomic_write_json, atomic_write_text, exclusive
+from uipe.methods import UNLEARN_METHODS
 from uipe.paths import RunPaths
 from uipe.results import TrialResult
 from uipe.stages import cached_value, recorded, reusable
@@ -47,6 +48,9 @@ def _identity(cfg: ExperimentConfig) -> dict:
     for section, key, unused in (("study", "forms", []), ("search", "form", None), ("search", "anchor", None)):
         if doc[section][key] == unused:
             del doc[section][key]
+    for method in UNLEARN_METHODS:  # the parameters of methods the study does not run (and of methods added since)
+        if method not in cfg.unlearn.methods:
+            doc["unlearn"].pop(method, None)
     return doc
 
 

@@ -29,6 +29,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     from ray.train import Checkpoint
     from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoConfig
 
     from uipe.models import load_tokenizer
 
@@ -44,9 +45,15 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     objective = get_objective(job.objective)
     streams = Streams(job, load_tokenizer(job.model_path), rank, world, objective.needs_retain, objective.needs_idk)
     mesh = init_device_mesh(device.type, (world,))
-    model = load_sharded(job, device, mesh, trainable=True)
+    if objective.check is not None:  # the driver checks first; a worker never trains on params that do not fit
+        objective.check(job.params, AutoConfig.from_pretrained(job.model_path,
+                                                               trust_remote_code=job.model.trust_remote_code))
+    train_only = None if objective.trainable is None else partial(objective.trainable, job.params)
+    model = load_sharded(job, device, mesh, trainable=True, train_only=train_only)
     ref = load_sharded(job, device, mesh, trainable=False) if objective.needs_ref else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=job.train.weight_decay)
+    # Only trained parameters: a frozen one (RMU) gets no AdamW step and no weight decay, so it stays bit-identical.
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=job.lr, weight_decay=job.train.weight_decay)
     accum = job.train.effective_batch_size // (job.train.micro_batch_size * world)
     groups = accumulation_groups(streams.micro_batches_per_epoch(), accum)
     warmup = round(job.train.warmup_epochs * len(groups))
@@ -79,7 +86,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
                 n_micro, step_tokens = n_micro + 1, step_tokens + n_tok
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, job.train.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -136,6 +136,10 @@ def unlearn(cfg: ExperimentConfig, run_dir: str | Path, method: str, resume: boo
     objective, params = get_objective(method), cfg.method_params(method)
     paths = RunPaths.of(run_dir)
     theta_ini = require_weights(cfg.model.target or paths.target_model, "target model")
+    if objective.check is not None:  # e.g. RMU's layer within the model's depth: one line, before any worker starts
+        from transformers import AutoConfig
+
+        objective.check(params, AutoConfig.from_pretrained(theta_ini, trust_remote_code=cfg.model.trust_remote_code))
     ensure_ray()
     check_workers(cfg.train)
     bench = get_benchmark(cfg.data.benchmark)

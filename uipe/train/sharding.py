@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,11 @@ def shard_model(model: nn.Module, mesh: Any, bf16: bool, reshard_after_forward: 
     return model
 
 
-def load_sharded(job: Job, device: torch.device, mesh: Any, trainable: bool) -> torch.nn.Module:
+def load_sharded(job: Job, device: torch.device, mesh: Any, trainable: bool,
+                 train_only: Callable[[str], bool] | None = None) -> torch.nn.Module:
     """theta_ini (job.model_path), sharded over `mesh`: the trainable model in fp32 (master weights) in train mode,
-    or the frozen reference (trainable=False) in the compute dtype, eval mode, no gradients.
+    or the frozen reference (trainable=False) in the compute dtype, eval mode, no gradients. `train_only`: of the
+    trainable model, only the parameters it accepts (by name) require gradients (freeze_untrained).
 
     On GPU, compute is bf16 (MixedPrecisionPolicy) unless job.model.dtype is "float32"; on CPU it is fp32. The
     reference is stored in that compute dtype (half the memory of fp32 on GPU): it is never updated, and FSDP2 would
@@ -56,9 +58,24 @@ def load_sharded(job: Job, device: torch.device, mesh: Any, trainable: bool) -> 
     model = build_sharded(job.model_path, device, mesh, torch.float32 if trainable else compute, bf16,
                           job.train.reshard_after_forward, job.model.trust_remote_code)
     if trainable:
+        if train_only is not None:
+            freeze_untrained(model, train_only)
         return model.train()
     model.requires_grad_(False)
     return model.eval()
+
+
+def freeze_untrained(model: nn.Module, train_only: Callable[[str], bool]) -> None:
+    """requires_grad False on every parameter none of whose names (tied aliases included) `train_only` accepts.
+
+    On the sharded parameters, before the first forward: FSDP2 reads each sharded parameter's requires_grad when it
+    lazily initialises and copies it to the gathered parameter on every all-gather, so a frozen one gets no gradient
+    and no reduce-scatter. The loop also leaves it out of the optimizer (no step, no weight decay): bit-identical."""
+    by_id: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), (param, []))[1].append(name)
+    for param, names in by_id.values():
+        param.requires_grad_(any(train_only(n) for n in names))
 
 
 def build_sharded(model_path: str, device: torch.device, mesh: Any, dtype: torch.dtype, bf16: bool,
