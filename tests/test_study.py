@@ -136,7 +136,10 @@ def test_a_seed_result_round_trips_through_its_json_unchanged(tmp_path: Path) ->
                               "signals", "theta_ini"]
     assert sorted(layout["arms"]["uipe"]["0.8"]) == sorted(["alpha", "epoch", "model_utility", "utility_ratio",
                                                               "forget_quality", "forget_quality_select",
-                                                              "forget_quality_report", "forget_prob"])
+                                                              "forget_quality_report", "forget_prob",
+                                                              "forget_quality_crossfit"])  # added by issue 26
+    old = {k: v for k, v in layout["arms"]["uipe"]["0.8"].items() if k != "forget_quality_crossfit"}
+    assert math.isnan(ArmPoint.from_json(old, "a point written before cross-fitting").forget_quality_crossfit)
     (tmp_path / "study.json").write_text(json.dumps({"seeds": [res.to_json(), _seed_result(4).to_json()]}))
     assert read_seeds(tmp_path / "study.json") == [res, _seed_result(4)]
 
@@ -318,3 +321,15 @@ def test_a_form_arm_is_chosen_compared_and_round_trips_like_uipe() -> None:
     want = math.log10(0.2 / 2) - math.log10(uipe_fq)  # the report fold holds fq / 2 in _t
     assert agg["paired"]["groups-uipe"]["0.8"]["log10_fq_report"]["mean"] == pytest.approx(want)
     assert agg["matched_forms"]["groups"]["0.8"]["wins"] == 2
+
+
+def test_cross_fitting_chooses_on_each_fold_and_reads_the_other() -> None:
+    # A: selection fold 0.9, report fold 0.05; B: selection 0.3, report 0.2 (_t halves fq for the report fold).
+    # Chosen on the selection fold: A, read on the report fold: 0.05. Chosen on the report fold: B, read on the
+    # selection fold: 0.3. Cross-fitted: sqrt(0.05 * 0.3) = 0.12247.
+    rows = [_t(1.0, 2, 0.1, 0.75, sel=0.9), _t(2.0, 2, 0.4, 0.70, sel=0.3)]
+    p = at_floors(rows, 0.8, [0.8])[0.8]
+    assert p.alpha == 1.0 and p.forget_quality_report == pytest.approx(0.05)
+    assert p.forget_quality_crossfit == pytest.approx(math.sqrt(0.05 * 0.3))
+    # above the 0.9 floor (utility >= 0.72) only A is left: both folds choose it, sqrt(0.05 * 0.9)
+    assert at_floors(rows, 0.8, [0.9])[0.9].forget_quality_crossfit == pytest.approx(math.sqrt(0.05 * 0.9))

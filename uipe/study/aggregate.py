@@ -43,6 +43,7 @@ FQ_FLOOR = 1e-300  # a KS p-value can underflow to 0
 # log10 forget quality at a chosen point, as the aggregate names it: on the fold the search did not choose on (what
 # the study reports), on the whole forget split, and on the fold it chose on
 REPORTED, COMBINED, SELECTED = "log10_fq_report", "log10_fq", "log10_fq_select"
+CROSSFITTED = "log10_fq_crossfit"  # choose on each fold, read the other, average (records.ArmPoint)
 
 
 def _log10(x: float) -> float | None:
@@ -53,8 +54,9 @@ def _log10(x: float) -> float | None:
 # the aggregate's statistic -> its value at a chosen point; forget qualities are averaged on log10
 POINT_METRICS: dict[str, Callable[[ArmPoint], float | None]] = {
     REPORTED: lambda p: _log10(p.forget_quality_report), COMBINED: lambda p: _log10(p.forget_quality),
-    SELECTED: lambda p: _log10(p.forget_quality_select), UTILITY: lambda p: _num_or_none(p.utility)}
-PAIRED_METRICS = (REPORTED, COMBINED)
+    SELECTED: lambda p: _log10(p.forget_quality_select), UTILITY: lambda p: _num_or_none(p.utility),
+    CROSSFITTED: lambda p: _log10(p.forget_quality_crossfit)}
+PAIRED_METRICS = (REPORTED, COMBINED, CROSSFITTED)
 
 
 def _clean(values: Sequence[float | None]) -> list[float]:
@@ -222,6 +224,13 @@ def markdown(agg: dict, command: str) -> str:
             arms = [geo(m["arms"][a][fk][REPORTED], m["arms"][a][fk]["feasible_seeds"], n) for a in arms_run]
             rows.append([fk, *arms, *(diff(m["paired"][p][fk][REPORTED]) for p in pairs_run)])
         lines += md_table(["floor", *(label(a) for a in arms_run), *(label(p) for p in pairs_run)], rows) + [""]
+        if any(m["arms"][UIPE][floor_key(f)][CROSSFITTED]["n"] for f in agg["floors"]):
+            rows = []
+            for fk in (floor_key(f) for f in agg["floors"]):
+                arms = [geo(m["arms"][a][fk][CROSSFITTED], m["arms"][a][fk]["feasible_seeds"], n) for a in arms_run]
+                rows.append([fk, *arms, *(diff(m["paired"][p][fk][CROSSFITTED]) for p in pairs_run)])
+            lines += ["Cross-fitted (chosen on each fold, read on the other, geometric mean of the two reads):", ""]
+            lines += md_table(["floor", *(label(a) for a in arms_run), *(label(p) for p in pairs_run)], rows) + [""]
         hv = [[label(a), ci(m["hypervolume"][a], ".3f")] for a in arms_run]
         hv += [[label(p), diff(m["hypervolume_paired"][p], "", "+.3f")] for p in pairs_run]
         lines += md_table(["hypervolume", "mean [95% interval]"], hv) + [""]
@@ -230,7 +239,7 @@ def markdown(agg: dict, command: str) -> str:
                  *(diff(forms[a][fk] | {"ties": 0}, "", "+.3f") for a in forms),
                  ci(m["winners_curse"][fk], "+.2f") + " log10" * (m["winners_curse"][fk]["mean"] is not None)]
                 for fk in (floor_key(f) for f in agg["floors"])]
-        lines += md_table(["floor", "matched utility (UIPE - base at equal forget prob.)",
+        lines += md_table(["floor", "matched utility (UIPE - longer base run at equal forget prob.)",
                            *(f"matched utility ({a})" for a in forms),
                            "winner's curse (UIPE, log10 select - report)"], rows) + [""]
         if m["signals"]:

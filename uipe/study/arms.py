@@ -30,18 +30,39 @@ def ratio(utility: float, start_utility: float) -> float:
     return utility / start_utility if start_utility > 0 else math.nan
 
 
-def point(r: TrialResult, start_utility: float) -> ArmPoint:
+def point(r: TrialResult, start_utility: float, crossfit: float = math.nan) -> ArmPoint:
     return ArmPoint(r.alpha, r.epoch, r.utility, ratio(r.utility, start_utility), r.metric(FORGET_QUALITY),
-                    r.metric(FORGET_QUALITY_SELECT), r.metric(FORGET_QUALITY_REPORT), r.metric(FORGET_PROB))
+                    r.metric(FORGET_QUALITY_SELECT), r.metric(FORGET_QUALITY_REPORT), r.metric(FORGET_PROB),
+                    crossfit)
+
+
+def _on_report_fold(rows: Sequence[TrialResult], utility: float) -> TrialResult | None:
+    """The point the arm's rule picks when the report fold is the one chosen on: the highest report-fold forget
+    quality with utility >= `utility`, then the higher utility, then the smaller alpha."""
+    feasible = [r for r in rows if r.utility >= utility and math.isfinite(r.metric(FORGET_QUALITY_REPORT))]
+    return max(feasible, key=lambda r: (r.metric(FORGET_QUALITY_REPORT), r.utility, -r.alpha)) if feasible else None
+
+
+def crossfit(chosen: TrialResult, rows: Sequence[TrialResult], utility: float) -> float:
+    """Cross-fitting (choose on each fold, read the other, average on log10): the geometric mean of the chosen
+    point's report-fold forget quality and the selection-fold forget quality of the point chosen on the report fold,
+    so one fold's draw of the KS test's noise no longer decides the reading alone (docs/RESULTS.md, "Folds")."""
+    other = _on_report_fold(rows, utility)
+    reads = [chosen.metric(FORGET_QUALITY_REPORT), other.metric(FORGET_QUALITY_SELECT) if other else math.nan]
+    if not all(math.isfinite(x) for x in reads):
+        return math.nan
+    return math.sqrt(max(reads[0], 1e-300) * max(reads[1], 1e-300))
 
 
 def at_floors(rows: Sequence[TrialResult], start_utility: float,
               floors: Sequence[float]) -> dict[float, ArmPoint | None]:
-    """Per floor: the arm's best point with utility >= floor x theta_ini's utility (None: no point gets there)."""
+    """Per floor: the arm's best point with utility >= floor x theta_ini's utility (None: no point gets there),
+    with its cross-fitted forget quality."""
     out = {}
+    done = completed(list(rows))
     for floor in floors:
-        best = best_above(completed(list(rows)), floor * start_utility)
-        out[float(floor)] = point(best, start_utility) if best else None
+        best = best_above(done, floor * start_utility)
+        out[float(floor)] = point(best, start_utility, crossfit(best, done, floor * start_utility)) if best else None
     return out
 
 

@@ -31,6 +31,7 @@ FORGET_QUALITY_SELECT = metrics.get(TOFU.objective_metric(FORGET_QUALITY, None, 
 FORGET_QUALITY_REPORT = metrics.get(f"{FORGET_QUALITY}_report").name
 FORGET_PROB = metrics.get(TOFU.forgetting).name  # "forget_prob"
 
+CROSSFIT = f"{FORGET_QUALITY}_crossfit"  # study.json's key of ArmPoint.forget_quality_crossfit
 BASE, MORE, UIPE = "base", "more", "uipe"
 ARMS = (BASE, MORE, UIPE)  # the base method at its best epoch, the base method trained longer, UIPE
 # arms of the forms beyond one alpha (study.forms), present when run; named by their form
@@ -55,15 +56,22 @@ class ArmPoint:
     forget_quality_select: float  # on the author fold the search chose on
     forget_quality_report: float  # on the other fold, the one the study reports
     forget_prob: float
+    # cross-fitted: the geometric mean of this point's report-fold forget quality and the selection-fold forget
+    # quality of the point the same rule picks on the report fold, so neither fold's draw decides alone (NaN: a
+    # record made before cross-fitting)
+    forget_quality_crossfit: float = math.nan
 
     def to_json(self) -> dict[str, Any]:
-        return {key: getattr(self, name) for name, key in _POINT_JSON.items()}
+        out = {key: getattr(self, name) for name, key in _POINT_JSON.items()}
+        return out if math.isnan(self.forget_quality_crossfit) else out | {CROSSFIT: self.forget_quality_crossfit}
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> ArmPoint:
         _object(d, where)
         values = {name: _number(d, key, where) for name, key in _POINT_JSON.items() if name != "epoch"}
-        return cls(epoch=_integer(d, "epoch", where), **values)
+        crossfit = _optional(d, CROSSFIT, where)
+        return cls(epoch=_integer(d, "epoch", where), **values,
+                   forget_quality_crossfit=math.nan if crossfit is None else crossfit)
 
 
 @dataclass(frozen=True)
