@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from test_losses import _batch  # the same prompt, answer and padding layout
+
 from uipe.errors import UipeError
 from uipe.methods import OBJECTIVES, Batch
 from uipe.methods.common import answer_token_logprobs
@@ -141,22 +143,11 @@ def _tiny_config() -> LlamaConfig:
                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
 
 
-def _batch(seed: int, bsz: int = 3, length: int = 10) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 40, (bsz, length), generator=g)
-    labels = ids.clone()
-    labels[:, :4] = -100  # the prompt
-    labels[0, -2:] = -100  # padding on one row
-    mask = torch.ones_like(ids)
-    mask[0, -2:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def test_methods_at_theta_ini_start_at_their_known_values() -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(_tiny_config()).float()
     ref = copy.deepcopy(model).eval()
-    batch = Batch(forget=_batch(1), retain=_batch(2))
+    batch = Batch(forget=_batch(1, bsz=3), retain=_batch(2, bsz=3))
     _, m = OBJECTIVES["rmu"].compute(model, ref, batch, RMUParams(layer=1))
     assert m["retain_loss"].item() == 0.0  # theta == theta_ini: the retain activations are equal
     assert m["forget_loss"].item() > 0 and m["loss"].item() == pytest.approx(m["forget_loss"].item())
@@ -179,7 +170,7 @@ def test_frozen_parameters_stay_bit_identical_through_a_step() -> None:
     trained = [p for p in model.parameters() if p.requires_grad]
     assert len(trained) == 2
     opt = torch.optim.AdamW(trained, lr=1e-2, weight_decay=0.1)  # weight decay would move any param it holds
-    loss, _ = OBJECTIVES["rmu"].compute(model, ref, Batch(forget=_batch(1), retain=_batch(2)), params)
+    loss, _ = OBJECTIVES["rmu"].compute(model, ref, Batch(forget=_batch(1, bsz=3), retain=_batch(2, bsz=3)), params)
     loss.backward()
     opt.step()
     for name, p in model.named_parameters():
