@@ -118,6 +118,30 @@ def test_search_survives_sigkill_of_the_driver_and_resume_logs_each_trial_once(u
     assert len(ids) == len(set(ids)) == 10
 
 
+def test_a_search_stopped_by_sigint_is_not_recorded_as_finished(unlearned_run, tiny_cfg, ray_session,
+                                                                tmp_path) -> None:
+    """Tune answers Ctrl+C by stopping its trials and returning normally; the search then had 6 of its trials and
+    was written, and reused, as finished (seen in a study). Now it says so, exit 2, and --resume finishes it."""
+    paths = copy_run(unlearned_run, tmp_path / "run", methods=("ga",))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "uipe.cli", "search", "--method", "ga", "--run-dir", str(paths.root),
+           "--set", "search.num_samples=10", "--set", "tracking.register_model=false"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.time() + 240
+    for line in proc.stdout:
+        lines.append(line)
+        if re.match(r"\[search ga\] trial [2-9]/", line) or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)  # one Ctrl+C: Tune stops its trials and returns
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, "".join(lines) + rest
+    assert "interrupted" in rest and "--resume" in rest, rest
+    assert not (paths.search("ga") / "result.json").exists()
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert json.loads((paths.search("ga") / "result.json").read_text())["trials"] == 10
+
+
 def test_a_tracking_server_that_stops_mid_search_loses_no_trial(unlearned_run, tiny_cfg, ray_session,
                                                                tmp_path) -> None:
     """The server dies after the first trial is logged: the search goes on (trials are Tune's record), ends saying

@@ -323,6 +323,11 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
                    bench.screening_utility)
     start = time.time()
     grid = tuner.fit()
+    # Tune answers a SIGINT by stopping its trials and returning normally: a search cut short is not finished, and
+    # must not be recorded (and later reused) as if it were
+    if grid.num_terminated + grid.num_errors < total:
+        raise UipeError(f"search {space.label(method)}: stopped after {grid.num_terminated + grid.num_errors} of "
+                        f"{total} trials (interrupted); run the same command with --resume to finish it")
     results = _results(grid, bench.utility)
     return finish(cfg, paths, method, space, setup, results, ini, threshold, uri, parent, time.time() - start,
                   metric)

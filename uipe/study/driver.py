@@ -132,7 +132,7 @@ def form_search(cfg: ExperimentConfig, paths: RunPaths, method: str, form: str) 
     raw = cfg.model_dump(mode="json")
     raw["search"].update(form="global" if form == "anchor" else form, anchor=form == "anchor")
     stage(f"search {method}: the {form} form")
-    outcome = run_search(ExperimentConfig.model_validate(raw), paths, method)
+    outcome = run_search(ExperimentConfig.model_validate(raw), paths, method, resume=True)  # reuses or resumes
     return from_csv((Path(outcome.chosen_model).parent / "results.csv").read_text())
 
 
