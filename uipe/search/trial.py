@@ -54,7 +54,7 @@ class TrialSetup:
 
 _CONTEXT: dict[str, tuple] = {}  # per worker process: (model, evaluator, device), kept across trials by reuse_actors
 _EXTRAPOLATED: set[str] = set()  # context keys whose model holds an extrapolated point, not theta_ini
-_SCREENED: dict[tuple, tuple] = {}  # (context key, alpha, epoch) -> the scoring pass's scores, for its full pass
+_SCREENED: dict[tuple, tuple] = {}  # (context key, epoch, alpha, coefficients) -> a scoring pass's scores
 
 
 def _key(setup: TrialSetup) -> str:
@@ -159,7 +159,7 @@ def evaluate_point(setup: TrialSetup, alpha: float | Extrapolation, epoch: int, 
     point = r.point
     # the full pass of a point this process has just screened reuses its scores (same weights: the extrapolation
     # depends only on the point), so it pays only for generation
-    key = (_key(setup), point)
+    key = (_key(setup), point.epoch, point.alpha, tuple(sorted(point.vector().items())))
     result = evaluator.evaluate(model, generate=generate, scores=None if not generate else _SCREENED.pop(key, None))
     _SCREENED.clear()
     if not generate:
