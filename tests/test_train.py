@@ -62,6 +62,20 @@ def test_accumulation_groups() -> None:
     assert accumulation_groups(1, 4) == [1]
 
 
+def test_only_committed_training_states_are_pruned(tmp_path: Path) -> None:
+    from uipe.checkpoint import prune_train_states
+
+    for e in (1, 2, 3):
+        (tmp_path / f"epoch_{e:02d}" / "dcp").mkdir(parents=True)
+        (tmp_path / f"epoch_{e:02d}" / "state.json").write_text("{}")
+    left = lambda: [e for e in (1, 2, 3) if (tmp_path / f"epoch_{e:02d}" / "dcp").is_dir()]  # noqa: E731
+    # epoch 3 reported by rank 0 but not committed by Ray: the newest committed state (2) stays
+    assert len(prune_train_states(str(tmp_path), [1, 2], keep=1)) == 1 and left() == [2, 3]
+    assert prune_train_states(str(tmp_path), [2, 1, 2], keep=2) == [] and left() == [2, 3]
+    assert len(prune_train_states(str(tmp_path), [1, 2, 3], keep=1)) == 1 and left() == [3]
+    assert all((tmp_path / f"epoch_{e:02d}" / "state.json").is_file() for e in (1, 2, 3))  # only dcp goes
+
+
 def test_streams_cover_the_shard_and_pair_idk(tiny_base: Path, synth_dir: Path) -> None:
     from uipe.data import forget_and_retain, load_idk
     from uipe.models import load_tokenizer
@@ -310,18 +324,23 @@ def test_worker_failure_resumes_exactly(prepared: tuple[Path, dict], ga_manifest
     run, _ = prepared
     paths = RunPaths.of(run)
     other = tmp_path / "run2"  # same data and theta_ini, another run folder
-    cfg = small_cfg(f"data.source={paths.data}", f"model.target={paths.target_model}")
-    marker = tmp_path / "failed_once"
-    monkeypatch.setenv("UIPE_FAULTS", f"train.step:raise,epoch=2,rank=1,marker={marker}")
+    cfg = small_cfg(f"data.source={paths.data}", f"model.target={paths.target_model}", "train.max_failures=2")
+    raised, killed = tmp_path / "raised_once", tmp_path / "killed_once"
+    # Two faults in one fit: rank 1 raises mid-epoch 2; then, in the restarted attempt, rank 1 dies just after it
+    # reported epoch 3, before Ray's controller has seen that report. Epoch 3 is then never committed and the
+    # restart goes back to epoch 2, whose training state must still exist: rank 0, which had reported epoch 3 too,
+    # once deleted it at that moment (the on-prem check's lost run).
+    monkeypatch.setenv("UIPE_FAULTS", f"train.step:raise,epoch=2,rank=1,marker={raised};"
+                                      f"train.report:kill,epoch=3,rank=1,marker={killed}")
     manifest = json.loads(unlearn(cfg, other, "ga").read_text())
-    assert marker.is_file()  # it did fail once
+    assert raised.is_file() and killed.is_file()  # both faults fired, once each
     assert [e["epoch"] for e in manifest["epochs"]] == [1, 2, 3]
     assert manifest["optimizer_steps"] == ga_manifest["optimizer_steps"]
     for mine, ref in zip(manifest["epochs"], ga_manifest["epochs"]):
         a, b = load_file(Path(mine["path"]) / "model.safetensors"), load_file(Path(ref["path"]) / "model.safetensors")
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b), mine["epoch"]
-    # train.keep_train_states=1: only the newest epoch keeps its sharded training state (the resume above used
-    # epoch 1's before epoch 2's existed); every epoch keeps its HF export, the search's candidates.
+    # train.keep_train_states=1: only the newest epoch keeps its sharded training state (the resumes above used
+    # epoch 1's and epoch 2's before newer ones were committed); every epoch keeps its HF export, the candidates.
     ckpts = RunPaths.of(other).ray_storage / f"{cfg.name}-ga"
     assert [(e.name, (e / "dcp").is_dir(), (e / "hf" / "model.safetensors").is_file())
             for e in sorted(ckpts.glob("epoch_*"))] == [("epoch_01", False, True), ("epoch_02", False, True),

@@ -164,22 +164,24 @@ def load_train_state(folder: Path, model: nn.Module, optimizer: torch.optim.Opti
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def prune_train_states(run_storage: str, epoch: int, keep: int) -> list[str]:
-    """Delete the DCP training state of the checkpoint `keep` epochs before `epoch` (<run_storage>/epoch_XX/dcp),
-    local or remote (pyarrow's file systems, as Ray's storage); its HF export and state.json stay. Returns what was
-    deleted. Called after epoch `epoch`'s checkpoint is persisted, so the newest `keep` states always remain."""
-    old = epoch - keep
-    if old < 1 or not run_storage:
+def prune_train_states(run_storage: str, committed_epochs: list[int], keep: int) -> list[str]:
+    """Delete the DCP training state (<run_storage>/epoch_XX/dcp) of every committed checkpoint but the newest
+    `keep`, local or remote (pyarrow's file systems, as Ray's storage); their HF exports and state.json stay. Returns
+    what was deleted. Only committed epochs count: an epoch Ray has not committed may never be (a rank lost
+    mid-upload), and then the restart goes back to the newest committed one, whose state must still be there."""
+    if not run_storage:
         return []
     from pyarrow import fs
 
     filesystem, root = fs.FileSystem.from_uri(run_storage if "://" in run_storage else
                                               Path(run_storage).resolve().as_uri())
-    target = f"{root.rstrip('/')}/epoch_{old:02d}/{DCP_DIR}"
-    if filesystem.get_file_info(target).type == fs.FileType.NotFound:
-        return []
-    filesystem.delete_dir(target)
-    return [target]
+    deleted = []
+    for old in sorted(set(committed_epochs))[:-keep]:
+        target = f"{root.rstrip('/')}/epoch_{old:02d}/{DCP_DIR}"
+        if filesystem.get_file_info(target).type != fs.FileType.NotFound:
+            filesystem.delete_dir(target)
+            deleted.append(target)
+    return deleted
 
 
 def latest_run_state(storage: str, run_name: str) -> dict[str, Any] | None:

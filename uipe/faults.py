@@ -18,6 +18,7 @@ Grammar (no spaces; a marker path must not hold "," or ";"):
 Sites, and the values a point there is called with:
     trial       alpha, epoch    a search trial's process, as the trial starts (in-process and sharded trials)
     train.step  epoch, rank     every training rank, after each optimizer step
+    train.report epoch, rank    every training rank, after it reported an epoch's checkpoint to Ray Train
 
 Actions: "kill" ends the process at once with status 137, as the OOM killer would; "raise" raises RuntimeError
 ("injected test fault in epoch 2 on rank 1"). Every other key is a condition: the fault fires where the point's value

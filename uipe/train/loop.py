@@ -119,8 +119,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                     link_tree(hf_folder, Path(tmp) / "hf")
                 ray.train.report(epoch_metrics, checkpoint=Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=f"epoch_{epoch:02d}")
-            if rank == 0:  # epoch's state is persisted: older training states beyond the kept ones can go
-                prune_train_states(job.runtime.run_storage, epoch, job.train.keep_train_states)
+            job.runtime.faults.point("train.report", epoch=epoch, rank=rank)  # tests only: see uipe/faults.py
+            if rank == 0 and epoch > job.train.keep_train_states:  # at the last epoch, wait for Ray's commit
+                prune_train_states(job.runtime.run_storage, committed_epochs(wait=epoch == job.epochs),
+                                   job.train.keep_train_states)
 
     # ---- prepare: gate on greedy ROUGE-L, then publish the final folder ----
     result: dict[str, Any] = {"history": state["history"], "optimizer_steps": state["step"],
@@ -133,6 +135,23 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 gate["gate_model_utility"] = result["model_utility"]
             report.final(state["step"], gate)
     return result
+
+
+def committed_epochs(wait: bool) -> list[int]:
+    """The epochs whose checkpoints Ray has committed; with `wait`, after the newest report is committed too.
+
+    Why ask Ray: `ray.train.report` returns once this rank's files are uploaded, not once every rank's are; the
+    controller commits a checkpoint only when all ranks have reported. Pruning on rank 0's word alone lost a run
+    (on-prem check, a worker killed mid-upload): epoch e stayed uncommitted, the restart went back to e-1, whose state
+    rank 0 had already deleted. Without `wait` this does not block training (an epoch's commit lands a poll later, so
+    one more state stays on disk until the next epoch); with it, if a rank dies, the call ends with the worker group.
+    """
+    import ray.train
+
+    reported = ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=None if wait else 0)
+    names = (Path(r.checkpoint.path).name for r in reported)
+    return [int(n.removeprefix("epoch_")) for n in names if n.startswith("epoch_") and n[6:].isdigit()]
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str = "linear") -> float:
