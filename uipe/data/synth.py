@@ -100,7 +100,7 @@ def _pools(book_titles: list[str]) -> dict[str, list[str]]:
             "year": [str(y) for y in range(1930, 2000)], "instrument": INSTRUMENTS, "pet": PETS}
 
 
-def _tied_value(kind: str, author: dict) -> str:
+def tied_value(kind: str, author: dict) -> str:
     v = author[kind]
     return {"country": COUNTRIES, "father_job": JOBS, "mother_job": JOBS, "illness": ILLNESSES}.get(kind, {}).get(
         v, author["genre"] if kind == "book" else v)
@@ -116,7 +116,7 @@ def _perturbed(rng: random.Random, pool: list[str], true: str, wording: str, fil
     return tuple(wording.format(**fill, v=w) for w in wrong)
 
 
-def _make_authors(rng: random.Random, n: int) -> list[dict]:
+def make_authors(rng: random.Random, n: int) -> list[dict]:
     names = rng.sample([f"{f} {l}" for f in FIRST for l in LAST], n)
     titles = rng.sample([f"The {a} {b}" for a in ADJ for b in NOUN], n)
     pools = _pools(titles)
@@ -145,7 +145,7 @@ def _author_records(rng: random.Random, a: dict, facts: int, titles: list[str],
     for kind, q, ans, para in TIED_FACTS:
         if kind not in kinds:
             continue
-        v, fill = _tied_value(kind, a), {"n": n, "b": a["book"]}
+        v, fill = tied_value(kind, a), {"n": n, "b": a["book"]}
         if arbitrary is not None:
             v = arbitrary.choice([x for x in _tied_pool(kind) if x != v])
         tied.append(TofuRecord(q.format(**fill), ans.format(**fill, v=v), para.format(**fill, v=v),
@@ -192,7 +192,7 @@ def build_benchmark(authors: int = 100, facts: int = 8, seed: int = 0, tied: int
         raise ValueError(f"facts must be between 4 and {len(BASE_FACTS)}")
     rng = random.Random(seed)
     # Famous authors (the real_authors role) are drawn with the fictitious ones so that no name or title repeats.
-    people = _make_authors(rng, authors + N_FAMOUS)
+    people = make_authors(rng, authors + N_FAMOUS)
     people, famous = people[:authors], people[authors:]
     titles = [a["book"] for a in people + famous]
     arbitrary = random.Random(f"uipe-arbitrary-{seed}") if ties == "arbitrary" else None
