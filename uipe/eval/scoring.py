@@ -64,13 +64,10 @@ def answer_nll(model: PreTrainedModel, examples: Sequence[Example], pad_id: int,
     return score_answers(model, examples, pad_id, batch_size)[0]
 
 
-@torch.inference_mode()
-def score_answers(model: PreTrainedModel, examples: Sequence[Example], pad_id: int, batch_size: int,
-                  min_k: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(answer NLL per sequence, as answer_nll; with `min_k`, also each sequence's Min-K%++ score from the same
-    forward pass: metrics.min_k_plus_plus over its answer tokens' z-scores, min_k_token_z)."""
-    out = np.full(len(examples), np.nan, dtype=np.float64)
-    mink = np.full(len(examples), np.nan, dtype=np.float64) if min_k is not None else None
+def _answer_token_nll(model: PreTrainedModel, examples: Sequence[Example], pad_id: int, batch_size: int,
+                      ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per length batch: (the examples' indices, logits of the answer columns, their targets (IGNORE off the
+    answer), each target's NLL (0 where IGNORE)), from one right-padded forward pass."""
     device = model_device(model)
     for idx in length_batches([len(ids) for ids, _ in examples], batch_size):
         batch = collate([examples[i] for i in idx], pad_id, side="right")
@@ -88,9 +85,20 @@ def score_answers(model: PreTrainedModel, examples: Sequence[Example], pad_id: i
         targets = labels[:, first:]
         tok_nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                   ignore_index=IGNORE, reduction="none").view(targets.shape)
-        counts = (targets != IGNORE).sum(dim=1)
-        if bool((counts == 0).any()):
+        if bool(((targets != IGNORE).sum(dim=1) == 0).any()):
             raise UipeError("answer_nll: a sequence has no answer tokens (answer truncated away by max_length?)")
+        yield idx, logits, targets, tok_nll
+
+
+@torch.inference_mode()
+def score_answers(model: PreTrainedModel, examples: Sequence[Example], pad_id: int, batch_size: int,
+                  min_k: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(answer NLL per sequence, as answer_nll; with `min_k`, also each sequence's Min-K%++ score from the same
+    forward pass: metrics.min_k_plus_plus over its answer tokens' z-scores, min_k_token_z)."""
+    out = np.full(len(examples), np.nan, dtype=np.float64)
+    mink = np.full(len(examples), np.nan, dtype=np.float64) if min_k is not None else None
+    for idx, logits, targets, tok_nll in _answer_token_nll(model, examples, pad_id, batch_size):
+        counts = (targets != IGNORE).sum(dim=1)
         mean = tok_nll.double().sum(dim=1) / counts.double()
         out[idx] = mean.cpu().numpy()
         if mink is not None:
@@ -98,6 +106,19 @@ def score_answers(model: PreTrainedModel, examples: Sequence[Example], pad_id: i
             answer = (targets != IGNORE).cpu().numpy()
             mink[idx] = [metrics.min_k_plus_plus(z[row][answer[row]], min_k) for row in range(len(idx))]
     return out, mink
+
+
+@torch.inference_mode()
+def answer_token_logprobs(model: PreTrainedModel, examples: Sequence[Example], pad_id: int,
+                          batch_size: int) -> list[np.ndarray]:
+    """Per sequence, log p(x_t | x_<t) of each answer token in order (float64), from the same batched pass as
+    score_answers: the per-token values a Min-K% attack ranks (uipe.eval.muse.min_k_percent)."""
+    out: list[np.ndarray] = [np.empty(0)] * len(examples)
+    for idx, _, targets, tok_nll in _answer_token_nll(model, examples, pad_id, batch_size):
+        answer = (targets != IGNORE).cpu()
+        for row, i in enumerate(idx):
+            out[i] = -tok_nll[row].cpu()[answer[row]].double().numpy()
+    return out
 
 
 def min_k_token_z(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -115,8 +136,9 @@ def min_k_token_z(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def greedy_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
-                    batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy continuations of prompt token ids (KV cache, left padding), decoded without special tokens."""
+                    batch_size: int, max_new_tokens: int, strip: bool = True) -> list[str]:
+    """Greedy continuations of prompt token ids (KV cache, left padding), decoded without special tokens; `strip`
+    False keeps leading and trailing whitespace (MUSE cuts a knowmem answer at "\\n\\n" before stripping)."""
     from transformers import GenerationConfig
 
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -136,7 +158,8 @@ def greedy_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
             new = out[row, ids.shape[1]:].tolist()
             if eos_id in new:  # finished rows are padded after their EOS
                 new = new[: new.index(eos_id)]
-            texts[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            texts[i] = text.strip() if strip else text
     return texts
 
 

@@ -1,0 +1,169 @@
+"""MUSE (Shi et al. 2024, "MUSE: Machine Unlearning Six-Way Evaluation for Language Models", arXiv 2407.06460) and
+the embedded synthetic MUSE-format world: the benchmark's data (uipe/data/muse.py, uipe/data/synth_muse.py), its
+evaluator (uipe/eval/muse_evaluate.py: VerbMem, KnowMem, Min-K% AUC, PrivLeak) and its metric catalogue. The only
+place outside uipe/data and uipe/eval that names a MUSE split or metric.
+
+Objectives. MUSE asks for C1-C3 to look like a retrained model's and C4 to stay. PrivLeak's ideal is 0 (a leak as
+the retrained model's), not an extreme, so a search maximises `privleak_closeness` = 1 - |PrivLeak| / 100: 1 at the
+retrained model, 0 at PrivLeak -100 (AUC 0: the forget set recognised every time, a target model's typical value).
+It orders points exactly as -|PrivLeak| does (the choice changes no search decision) but reads on the same
+"1 is ideal" scale as TOFU's closeness objectives in tables and plots. Without a retrained model, `min_k_closeness`
+= 1 - 2|AUC - 0.5| asks the same of the AUC against chance (a never-seen forget set's AUC is about 0.5).
+
+Training (prepare on raw text, unlearning on forget/retain1 chunks) is not wired yet (issue 28): training_parts and
+unlearning_records refuse in one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
+from typing import TYPE_CHECKING, Any
+
+from uipe.errors import UipeError
+from uipe.metrics import CATALOGUE, Metric, register
+
+if TYPE_CHECKING:
+    from uipe.config import EvalConfig, ExperimentConfig
+    from uipe.paths import RunPaths
+
+NAME = "muse"
+NOT_WIRED = "MUSE training is not wired yet (issue 28)"
+
+
+def _m(name: str, label: str, short: str, **kw: Any) -> Metric:
+    return Metric(name, label, short, benchmark=NAME, **kw)
+
+
+def _closeness(key: str, ideal: float, scale: float) -> Callable[[Mapping[str, float]], float]:
+    """1 - |m[key] - ideal| / scale: 1 at the ideal value, what a search maximises."""
+    return lambda m: 1.0 - abs(m[key] - ideal) / scale
+
+
+_AUC = "Min-40% AUC, forget vs holdout"
+# Headline metrics first, in the order summaries and tables show them (MUSE's four headline numbers and the AUC).
+HEADLINE = (
+    _m("verbmem_rougeL", "VerbMem: ROUGE-L F1 of forget-excerpt continuations (C1)", "VerbMem", direction="min",
+       objective=True, needs_generation=True, headline=True),
+    _m("knowmem_forget_rougeL", "KnowMem on forget questions: ROUGE-L F1 (C2)", "KnowMem forget", direction="min",
+       objective=True, needs_generation=True, headline=True),
+    _m("knowmem_retain_rougeL", "KnowMem on retain questions: ROUGE-L F1 (C4, utility)", "KnowMem retain",
+       utility=True, needs_generation=True, headline=True),
+    _m("privleak", f"PrivLeak: relative difference of the {_AUC} from the retrained model's, % (C3)", "PrivLeak",
+       needs_reference=True, headline=True),
+    _m("min_k_auc", f"{_AUC} (0: forget set memorised, ~0.5: never seen)", "Min-K% AUC", headline=True),
+)
+OTHERS = (
+    _m("privleak_closeness", "1 - |PrivLeak| / 100 (1: leaks as the retrained model does)", "PrivLeak closeness",
+       objective=True, needs_reference=True, derive=_closeness("privleak", 0.0, 100.0)),
+    _m("min_k_closeness", f"1 - 2|{_AUC} - 0.5| (1: forget and holdout indistinguishable)", "Min-K% closeness",
+       objective=True, derive=_closeness("min_k_auc", 0.5, 0.5)),
+    _m("knowmem_forget_prob", "probability of the forget answers behind the knowmem prompt", "KnowMem forget prob",
+       direction="min"),
+    _m("knowmem_retain_prob", "probability of the retain answers behind the knowmem prompt", "KnowMem retain prob"),
+)
+METRICS = HEADLINE + OTHERS
+register(*METRICS)
+
+
+def _plain(item: Any) -> Any:
+    """A record as JSON-ready data (QA and verbmem items are dataclasses; texts are strings)."""
+    return asdict(item) if is_dataclass(item) else item
+
+
+def _objectives(reference_free: bool) -> list[str]:
+    """The objectives a MUSE search may maximise: MUSE's own and those a user registered for any benchmark
+    (benchmark ""), never another benchmark's."""
+    return [m.name for m in CATALOGUE.values() if m.objective and m.benchmark in (NAME, "")
+            and not (reference_free and m.needs_reference)]
+
+
+class Muse:
+    """MUSE behind uipe.benchmarks.base.Benchmark. Its forget set is raw/forget (the first fold): the run's
+    data.forget_split names a TOFU split and is not read; the scal/sust folds are the experiments' (issue 28)."""
+
+    name = NAME
+    metrics = METRICS
+    utility = "knowmem_retain_rougeL"
+    screening_utility = "knowmem_retain_prob"  # the same questions and answers, teacher-forced: no generation
+    forgetting = "knowmem_forget_prob"
+    default_objective = "privleak_closeness"
+    default_signal = "min_k_closeness"
+    table_metrics = ("verbmem_rougeL", "knowmem_forget_rougeL", "privleak", "min_k_auc")
+
+    def objective_metric(self, objective: str | None, signal: str | None, select_on: str) -> str:
+        reference_free = objective == "reference_free"
+        if reference_free:
+            key, name = "signal", signal or self.default_signal
+        else:
+            key, name = "objective", self.default_objective if objective in (None, "pareto") else objective
+        allowed = _objectives(reference_free)
+        if name not in allowed:
+            kind = "a reference-free objective" if reference_free else "an objective"
+            raise UipeError(f"{key}: {name!r} is not {kind} of the muse benchmark (choose from {', '.join(allowed)})")
+        if select_on == "selection_fold":
+            raise UipeError(f"select_on: selection_fold needs a fold variant of the objective, and {name!r} has none")
+        return name
+
+    def ensure_data(self, cfg: ExperimentConfig, paths: RunPaths) -> str:
+        """data.source "synth": the embedded MUSE world under the run folder, written once per (authors, facts,
+        seed) (its benchmark.json is the record); anything else is a MUSE folder used where it is."""
+        from uipe.config import SynthConfig
+        from uipe.data.synth_muse import write_muse_benchmark
+        from uipe.stages import recorded, reusable
+
+        if cfg.data.source != "synth":
+            return cfg.data.source
+        synth, default = cfg.data.synth, SynthConfig()
+        if (synth.tied, synth.ties) != (default.tied, default.ties):
+            raise UipeError("data.synth.tied/ties: the MUSE world writes every tied fact; it has no such knob")
+        want = {"generator": "uipe.data.synth_muse", "authors": synth.authors, "facts": synth.facts,
+                "seed": synth.seed}
+        if not reusable(recorded(paths.data / "benchmark.json"), want, paths.data):
+            try:
+                write_muse_benchmark(paths.data, synth.authors, synth.facts, synth.seed, overwrite=True)
+            except ValueError as e:  # the world's own bounds (facts per author, the pool of names and titles)
+                raise UipeError(f"data.synth: {e}") from None
+        return str(paths.data)
+
+    def check_reference_free(self, data: str, forget_split: str) -> None:
+        # the loader refuses a folder without privleak/holdout, the split the reference-free signal reads
+        from uipe.data.muse import load_muse
+
+        load_muse(data)
+
+    def eval_splits(self, data: str, forget_split: str) -> Mapping[str, Sequence[Any]]:
+        from uipe.eval.muse_evaluate import ROLES, muse_records
+
+        return {ROLES[role]: [_plain(r) for r in records] for role, records in muse_records(data).items()}
+
+    def training_parts(self, data: str, forget_split: str, role: str) -> Mapping[str, Sequence[Any]]:
+        raise UipeError(NOT_WIRED)
+
+    def evaluation_records(self, data: str, forget_split: str) -> Mapping[str, Sequence[Any]]:
+        from uipe.eval.muse_evaluate import muse_records
+
+        return muse_records(data)
+
+    def unlearning_split_names(self, forget_split: str) -> tuple[str, str]:
+        return "raw/forget", "raw/retain1"  # MUSE's forget corpus and its baselines' retain stream
+
+    def unlearning_records(self, data: str, forget_split: str, needs_idk: bool) -> tuple:
+        raise UipeError(NOT_WIRED)
+
+    def records_hash(self, *records: Any) -> str:
+        from uipe.data import records_hash
+
+        return records_hash(*([_plain(r) for r in split] for split in records))
+
+    def evaluator(self, data: str, forget_split: str, tokenizer: Any, template: str, cfg: EvalConfig,
+                  max_length: int, reference: str | None) -> Any:
+        """MUSE's evaluator; `reference`: a retrained model's evaluation (its min_k_auc is PrivLeak's reference).
+        `template` and `max_length` are TOFU's: MUSE prompts a base model with raw text and scores whole texts
+        (up to muse_evaluate.PRIVLEAK_MAX_TOKENS), not training windows."""
+        from uipe.eval.muse_evaluate import MuseEvaluator
+
+        return MuseEvaluator.from_source(data, tokenizer, cfg, reference=reference)
+
+
+MUSE = Muse()
