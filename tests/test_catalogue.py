@@ -16,13 +16,15 @@ from uipe.search.space import SearchSpace
 
 def test_tofu_declares_its_metrics_once_with_their_roles() -> None:
     tofu = get_benchmark("tofu")
-    assert set(BENCHMARKS) == {"tofu"} and all(m.benchmark == "tofu" for m in tofu.metrics)
+    assert set(BENCHMARKS) == {"tofu", "muse"} and all(m.benchmark == "tofu" for m in tofu.metrics)
     assert len({m.name for m in tofu.metrics}) == len(tofu.metrics)
     fq, mu = metrics.get("forget_quality"), metrics.get(tofu.utility)
     assert fq.objective and fq.needs_reference and fq.log_scale and not fq.needs_generation
     assert mu.utility and mu.needs_generation and not mu.objective
     # reference-free objectives: what a deployment without a retain model can search on
-    assert metrics.objectives(reference=False) == ["holdout_ks", "mia_loss_closeness", "mia_min_k_pp_closeness"]
+    assert metrics.objectives(reference=False, benchmark="tofu") == [
+        "holdout_ks", "mia_loss_closeness", "mia_min_k_pp_closeness"]
+    assert "verbmem_rougeL" in metrics.objectives(reference=False)  # MUSE's: in the catalogue, not TOFU's choices
     assert "forget_quality" in metrics.objectives() and "forget_quality" not in metrics.objectives(reference=False)
 
 
@@ -76,7 +78,7 @@ def test_objective_words_map_to_catalogue_names() -> None:
 @pytest.mark.parametrize(("override", "words"), [
     ("search.objective=forget_qualty", "search.objective: 'forget_qualty' is not an objective"),
     ("search.signal=forget_quality", "search.signal: 'forget_quality' is not a reference-free objective"),
-    ("data.benchmark=muse", "data.benchmark: unknown benchmark 'muse'"),
+    ("data.benchmark=wmdp", "data.benchmark: unknown benchmark 'wmdp'"),
 ])
 def test_config_names_are_checked_against_the_catalogue_in_one_line(override: str, words: str) -> None:
     with pytest.raises(UipeError, match=words) as e:

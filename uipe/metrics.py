@@ -77,17 +77,21 @@ def short(name: str) -> str:
     return CATALOGUE[name].short if name in CATALOGUE else name
 
 
-def objectives(reference: bool | None = None) -> list[str]:
-    """Names a search may maximise; reference=False: only those that need no retain model."""
+def objectives(reference: bool | None = None, benchmark: str | None = None) -> list[str]:
+    """Names a search may maximise; reference=False: only those that need no retain model; `benchmark`: only its
+    own and those registered for no benchmark in particular."""
     return [m.name for m in CATALOGUE.values()
-            if m.objective and (reference is None or reference or not m.needs_reference)]
+            if m.objective and (reference is None or reference or not m.needs_reference)
+            and (benchmark is None or m.benchmark in (benchmark, ""))]
 
 
-def objective_problem(name: str, reference_free: bool = False, also: Iterable[str] = ()) -> str | None:
-    """Why `name` cannot be a search's objective (reference_free: one that needs no retain model), or None when it
-    can; `also`: other words the caller accepts (a space's "pareto", "reference_free")."""
+def objective_problem(name: str, reference_free: bool = False, also: Iterable[str] = (),
+                      benchmark: str | None = None) -> str | None:
+    """Why `name` cannot be a search's objective (reference_free: one that needs no retain model; `benchmark`: of
+    that benchmark), or None when it can; `also`: other words the caller accepts (a space's "pareto",
+    "reference_free")."""
     also = tuple(also)
-    allowed = objectives(reference=not reference_free)
+    allowed = objectives(reference=not reference_free, benchmark=benchmark)
     if name in also or name in allowed:
         return None
     kind = "a reference-free objective" if reference_free else "an objective"

@@ -109,7 +109,7 @@ def signal_checks(rows: Sequence[TrialResult], threshold: float) -> dict[str, Si
         return r.metric(FORGET_QUALITY)
 
     out = {}
-    for name in metrics.objectives(reference=False):
+    for name in metrics.objectives(reference=False, benchmark=metrics.get(FORGET_QUALITY).benchmark):
         done = [(signal_value(r, name), r) for r in completed(list(rows))]
         done = [(v, r) for v, r in done if math.isfinite(v)]
         feasible = [(v, r) for v, r in done if r.utility >= threshold]
