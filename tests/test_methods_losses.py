@@ -178,3 +178,31 @@ def test_frozen_parameters_stay_bit_identical_through_a_step() -> None:
             assert not torch.equal(p, before[name]), name
         else:
             assert p.grad is None and torch.equal(p, before[name]), name
+
+
+def test_the_new_methods_validate_against_the_paper_config_on_cpu() -> None:
+    """configs/tofu_llama2_7b.yaml with the four new methods: the config loads, each method's parameters resolve and
+    its check runs on Llama-2-7B's shapes (a meta-device model: no weights, no memory, no hub)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from uipe.config import load_config
+    from uipe.methods import get_objective
+
+    paper = Path(__file__).resolve().parent.parent / "configs" / "tofu_llama2_7b.yaml"
+    cfg = load_config(paper, ["unlearn.methods=[rmu,undial,wga,satimp]"])
+    llama_7b = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=32)
+    for method in cfg.unlearn.methods:
+        objective = get_objective(method)
+        if objective.check is not None:
+            objective.check(cfg.method_params(method), llama_7b)
+    # RMU's default layer 7 trains layers 5-7's down projections: 3 x 4096 x 11008 = 135,266,304 of 6.74B parameters
+    with torch.device("meta"):
+        named = dict(AutoModelForCausalLM.from_config(llama_7b).named_parameters())
+    trained = [n for n in named if is_trainable(cfg.method_params("rmu"), n)]
+    assert trained == [f"model.layers.{i}.mlp.down_proj.weight" for i in (5, 6, 7)]
+    assert sum(named[n].numel() for n in trained) == 135_266_304
+    with pytest.raises(UipeError, match=r"^unlearn.rmu.layer: 32 is beyond the model's depth \(32 decoder layers"):
+        check(RMUParams(layer=32), llama_7b)
