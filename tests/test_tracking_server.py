@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,29 @@ def test_several_processes_log_at_once_and_nothing_is_lost(pg_server: str | None
         history = rest(pg_server, f"metrics/get-history?run_id={run['info']['run_id']}&metric_key=m")["metrics"]
         assert sorted(m["value"] for m in history) == [float(k * 1000 + s) for s in range(200)]
         assert len(run["data"]["params"]) == 20
+
+
+def test_an_experiment_made_by_another_writer_between_look_up_and_create_is_used(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race the on-prem check hit (prepare's two side-by-side fits on a PostgreSQL-backed server): the other
+    writer creates the experiment after our look-up found none. The store's real unique-name refusal is caused here;
+    only its timing is forced, by hiding the experiment from our first look-up."""
+    from mlflow import MlflowClient
+
+    from uipe.config import load_config
+    from uipe.paths import RunPaths
+    from uipe.tracking import ensure_experiment, experiment_name
+
+    paths = RunPaths.of(tmp_path / "run")
+    cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    theirs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment(experiment_name(cfg))
+    real, hidden = MlflowClient.get_experiment_by_name, []
+
+    def look_up_before_the_other_writer(self: MlflowClient, name: str):  # noqa: ANN202
+        if not hidden:
+            hidden.append(name)
+            return None
+        return real(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", look_up_before_the_other_writer)
+    assert ensure_experiment(cfg, paths)[1] == theirs and hidden == [experiment_name(cfg)]

@@ -78,7 +78,17 @@ def ensure_experiment(cfg: ExperimentConfig, paths: RunPaths) -> tuple[str, str]
         location = paths.mlflow_artifacts.as_uri()
     elif location and "://" not in location:
         location = Path(location).resolve().as_uri()
-    return uri, c.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return uri, c.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
+    except MlflowException as e:
+        # Another writer made it between our look-up and the create (prepare's two side-by-side fits, or two jobs on
+        # one server): the on-prem check's first job died of exactly this on a PostgreSQL store. Use theirs.
+        exp = c.get_experiment_by_name(name) if e.error_code == "RESOURCE_ALREADY_EXISTS" else None
+        if exp is None:
+            raise
+        return uri, exp.experiment_id
 
 
 def create_run(uri: str, experiment_id: str, name: str, tags: Mapping[str, str], parent: str | None = None) -> str:
