@@ -20,7 +20,8 @@ if [[ "$(provider_type)" == local ]]; then
     # shellcheck disable=SC2088  # the ~ is the worker's home: it expands there, not here
     while read -r ip; do
         say "ray stop on worker $ip"
-        ssh -i "${key/#\~/$HOME}" -o BatchMode=yes -o ConnectTimeout=10 -o StrictHostKeyChecking=no \
+        # -n: ssh must not read the loop's stdin (the list of workers), or every worker after the first is skipped
+        ssh -n -i "${key/#\~/$HOME}" -o BatchMode=yes -o ConnectTimeout=10 -o StrictHostKeyChecking=no \
             -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR "$user@$ip" '~/uipe-venv/bin/ray stop' >/dev/null ||
             say "could not reach worker $ip; its Ray stops by itself once the head is gone"
     done < <(local_worker_ips)

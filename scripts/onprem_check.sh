@@ -175,21 +175,18 @@ t=$SECONDS
 JOB="$(submit)" || die "cluster_submit.sh failed: see $LOG"
 say "submitted $JOB; waiting for unlearning's first epoch to kill worker $VICTIM"
 FAULT="not injected"
+RESUBMITTED=no
 deadline=$((SECONDS + JOB_TIMEOUT_S))
-while ((SECONDS < deadline)); do
-    if [[ -d "$RUN/unlearn/npo/epoch_01" && ! -f "$RUN/unlearn/npo/manifest.json" ]]; then
+# One loop for the fault and the job: a job that fails before unlearning's first epoch (and is resubmitted) still
+# gets its worker killed, and a check whose fault never fired fails instead of passing untested.
+while :; do
+    if [[ $FAULT == "not injected" && -d "$RUN/unlearn/npo/epoch_01" && ! -f "$RUN/unlearn/npo/manifest.json" ]]; then
         kill_node "$VICTIM"
         say "killed worker $VICTIM (its namespace) after unlearning epoch 1; rebooting it in 5 s"
         sleep 5
         start_node "$VICTIM"
         FAULT="worker $VICTIM killed after unlearning epoch 1"
-        break
     fi
-    case "$(job_state "$JOB")" in SUCCEEDED | FAILED | STOPPED) break ;; esac
-    sleep 0.5
-done
-RESUBMITTED=no
-while :; do
     state="$(job_state "$JOB")"
     case "$state" in
     SUCCEEDED) break ;;
@@ -197,14 +194,15 @@ while :; do
         ray job logs --address "http://$HEAD:8265" "$JOB" > "$WORK/job.log" 2>&1 || true
         cat "$WORK/job.log" >> "$LOG"
         [[ $RESUBMITTED == no ]] || die "the resubmitted job $JOB ended $state, so the fault lost work: $(grep -m1 'uipe: error' "$WORK/job.log" | cut -c1-300)"
-        say "job $JOB ended $state: resubmitting the same command (finished stages are skipped)"
+        say "job $JOB ended $state ($(grep -m1 'uipe: error' "$WORK/job.log" | cut -c1-200)): resubmitting the same command (finished stages are skipped)"
         RESUBMITTED=yes
         JOB="$(submit)" || die "cluster_submit.sh failed: see $LOG"
         ;;
     esac
     ((SECONDS < deadline)) || die "job $JOB not finished after ${JOB_TIMEOUT_S}s: see $LOG"
-    sleep 3
+    sleep 0.5
 done
+[[ $FAULT != "not injected" ]] || die "job $JOB finished before unlearning's first epoch could be interrupted: no fault was injected"
 T_JOB=$(lap $t)
 say "job $JOB succeeded in ${T_JOB}s (resubmitted: $RESUBMITTED)"
 ray job logs --address "http://$HEAD:8265" "$JOB" >> "$LOG" 2>&1 || true
