@@ -63,6 +63,11 @@ def ray_session():
     ray.shutdown()
 
 
+# A 2-layer, 32-wide tiny model: the training tests' (TOFU's and MUSE's) small model.
+SMALL_MODEL = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=128", "model.tiny.num_hidden_layers=2",
+               "model.tiny.num_attention_heads=2"]
+
+
 # ---- the trained tiny world, shared by every integration test (built once: ~4 minutes on 2 cores) ----------------
 SEARCH_OVERRIDES = ["search.num_samples=8"]
 

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SMALL_MODEL
 from uipe.config import ExperimentConfig, load_config
 from uipe.errors import UipeError
 
 torch.set_num_threads(1)
 
 SMALL = [
-    "data.synth.authors=20", "data.synth.facts=4", "data.forget_split=forget10",
-    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=128", "model.tiny.num_hidden_layers=2",
-    "model.tiny.num_attention_heads=2", "model.max_length=48", "eval.max_new_tokens=24",
+    "data.synth.authors=20", "data.synth.facts=4", "data.forget_split=forget10", *SMALL_MODEL,
+    "model.max_length=48", "eval.max_new_tokens=24",
     "train.num_workers=2", "train.micro_batch_size=8", "train.effective_batch_size=16",
     "prepare.epochs=10", "prepare.lr=1e-2", "prepare.min_rouge=0", "prepare.max_utility_gap=null",
     "unlearn.epochs=3", "unlearn.lr=2e-3",

@@ -1,13 +1,13 @@
-"""Prepare's quality gate for TOFU's two reference models (target and retain).
+"""Prepare's quality gate for a benchmark's two reference models (target and retain; MUSE: target and retrained).
 
 Every forget quality of a benchmark is measured against the retain model, so a reference model that half-learned a
 split silently changes the benchmark. The gate checks what the protocol relies on:
 
 - greedy ROUGE-L recall (TOFU's metric) on every split the model was trained on, each at least `prepare.min_rouge`:
   retain, real authors and world facts (the rules related knowledge is inferred by), and for the target also the
-  forget and related splits;
-- the two models' model utility within `prepare.max_utility_gap` (relative to the retain model's): TOFU's target and
-  retain models differ only in the forget data, so their utilities must agree.
+  forget and related splits; for MUSE's raw text, the continuation of each sampled passage's first third (`probe`);
+- (TOFU) the two models' model utility within `prepare.max_utility_gap` (relative to the retain model's): TOFU's
+  target and retain models differ only in the forget data, so their utilities must agree.
 
 The measuring runs where the model is (rank 0 of the training job, on its device); the checks are pure functions the
 driver applies, so a reused folder is checked by the same code as a freshly trained one.
@@ -35,17 +35,31 @@ def gate_sample(parts: Mapping[str, Sequence[TofuRecord]], items: int, seed: int
     return out
 
 
+def probe(tokenizer: PreTrainedTokenizerBase, record: Any, template: str, budget: int) -> tuple[list[int], str]:
+    """What the gate asks of one trained record: (prompt ids, the reference its greedy continuation is scored
+    against). A QA record: its prompt and answer (TOFU). A raw text (MUSE, arXiv 2407.06460, as its VerbMem asks):
+    [BOS] + its first third of tokens, and the next `budget` tokens (the generation budget) decoded, so a passage
+    longer than the budget can still be recalled in full."""
+    from uipe.prompts import prompt_token_ids
+
+    if not isinstance(record, str):
+        return prompt_token_ids(tokenizer, record.question, template), record.answer
+    ids = tokenizer(record, add_special_tokens=False)["input_ids"]
+    cut = max(1, len(ids) // 3)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + ids[:cut], tokenizer.decode(ids[cut:cut + budget])
+
+
 def split_rouge(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 splits: Mapping[str, Sequence[TofuRecord]], template: str, batch_size: int,
                 max_new_tokens: int) -> dict[str, float]:
     """Mean greedy ROUGE-L recall per split; every split's prompts generated in one batched pass."""
     from uipe.eval.scoring import greedy_generate, rouge_l_recall
-    from uipe.prompts import prompt_token_ids
 
     flat = [(name, r) for name, records in splits.items() for r in records]
-    prompts = [prompt_token_ids(tokenizer, r.question, template) for _, r in flat]
-    texts = greedy_generate(model, tokenizer, prompts, batch_size, max_new_tokens)
-    recall = rouge_l_recall([r.answer for _, r in flat], texts)
+    probes = [probe(tokenizer, r, template, max_new_tokens) for _, r in flat]
+    texts = greedy_generate(model, tokenizer, [p for p, _ in probes], batch_size, max_new_tokens)
+    recall = rouge_l_recall([ref for _, ref in probes], texts)
     out: dict[str, list[float]] = {}
     for (name, _), value in zip(flat, recall, strict=True):
         out.setdefault(name, []).append(value)

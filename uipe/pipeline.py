@@ -13,6 +13,7 @@ import time
 
 from uipe.config import ExperimentConfig
 from uipe.console import say, stage
+from uipe.errors import UipeError
 from uipe.io import atomic_write_json, exclusive
 from uipe.paths import RunPaths
 from uipe.results import SearchOutcome
@@ -23,6 +24,11 @@ def ensure_reference(cfg: ExperimentConfig, paths: RunPaths, data: str) -> str:
     """The retain model's truth ratios, computed once (or TOFU's published logs when configured)."""
     if cfg.eval.retain_reference:
         return cfg.eval.retain_reference
+    from uipe.benchmarks import get_benchmark
+
+    if get_benchmark(cfg.data.benchmark).raw_text:  # one line, not a TOFU evaluator failing on MUSE's folder
+        raise UipeError(f"{cfg.data.benchmark}: the retrained model's reference (PrivLeak's AUC) is not wired into "
+                        "uipe run yet (issue 28); uipe prepare and uipe unlearn run with this config")
     from uipe.eval.evaluate import Evaluator
     from uipe.eval.reference import load_or_compute_reference
     from uipe.models import load_tokenizer
@@ -45,11 +51,14 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
     from uipe.ray_session import ensure_ray
     from uipe.search.driver import run_search
     from uipe.tracking import SERVER_ENV, tracking_uri
-    from uipe.train.recipe import prepare, unlearn
+    from uipe.train.recipe import check_method_applies, prepare, unlearn
 
     start = time.time()
+    bench = get_benchmark(cfg.data.benchmark)
+    for method in cfg.unlearn.methods:  # a method the data cannot feed fails now, not after hours of training
+        check_method_applies(bench, method)
     stage(f"data ({cfg.data.source})")
-    data = get_benchmark(cfg.data.benchmark).ensure_data(cfg, paths)
+    data = bench.ensure_data(cfg, paths)
     ensure_ray()
     stage("prepare: target and retain models" if cfg.prepare.retain else "prepare: the target model (no retain model)")
     say(summary_line(prepare(cfg, paths.root)))

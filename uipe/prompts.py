@@ -1,11 +1,13 @@
-"""Prompts and the token-label convention: the prompt template per model family, and how a (question, answer)
-pair becomes input_ids and labels. Labels are IGNORE on the prompt and on padding, so every loss and every
-score counts answer tokens only (TOFU); training, evaluation and the objectives all read IGNORE from here.
+"""Prompts and the token-label convention: the prompt template per model family, and how a training record becomes
+input_ids and labels. A (question, answer) record: labels are IGNORE on the prompt and on padding, so every loss and
+every score counts answer tokens only (TOFU). A raw text (MUSE, arXiv 2407.06460): BOS-led windows in which every
+token is a label (plain causal LM). Training, evaluation and the objectives all read IGNORE from here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -14,6 +16,7 @@ from uipe.errors import UipeError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+Example = tuple[list[int], list[int]]  # (input_ids, labels)
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding): torch's cross_entropy ignore_index default
 TEMPLATES = {
     "llama2": "[INST] {question} [/INST]",  # TOFU's Llama-2 chat form
@@ -45,7 +48,42 @@ def encode_qa(tokenizer: PreTrainedTokenizerBase, question: str, answer: str, te
     return ids, labels
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int,
+def chunk_token_ids(ids: Sequence[int], length: int, bos_id: int | None) -> list[list[int]]:
+    """A raw text's token ids (no special tokens) as training windows of `length` ids, as MUSE's baselines train
+    (muse_bench baselines/dataset.py, DefaultDataset on a .txt): with `bos_id`, consecutive runs of length-1 ids
+    each led by BOS; without, runs of `length`. A last window that falls short is filled from the start of the
+    first one (MUSE's "rotate"), so every window has exactly `length` ids; muse_bench fills it once, this cycles,
+    which differs only for a text shorter than half a window."""
+    step = length - (bos_id is not None)
+    if step < 1:
+        raise UipeError(f"chunking: window length {length} leaves no room for text")
+    if len(ids) == 0:
+        raise UipeError("chunking: the corpus has no tokens")
+    lead = [] if bos_id is None else [bos_id]
+    chunks = [lead + list(ids[i:i + step]) for i in range(0, len(ids), step)]
+    if len(chunks[-1]) < length:
+        first = chunks[0]
+        need = length - len(chunks[-1])
+        chunks[-1] = chunks[-1] + (first * (need // len(first) + 1))[:need]
+    return chunks
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> list[Example]:
+    """A raw text as BOS-led windows of `max_length` tokens, every token a label (MUSE's causal-LM training)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [(window, list(window)) for window in chunk_token_ids(ids, max_length, tokenizer.bos_token_id)]
+
+
+def encode_record(tokenizer: PreTrainedTokenizerBase, record: Any, template: str = "llama2",
+                  max_length: int = 128) -> list[Example]:
+    """Any training record as examples: a string is raw text (encode_text: one or more windows), anything else a
+    (question, answer) record (encode_qa: one example, unchanged). The one place training tells the two apart."""
+    if isinstance(record, str):
+        return encode_text(tokenizer, record, max_length)
+    return [encode_qa(tokenizer, record.question, record.answer, template, max_length)]
+
+
+def collate(examples: list[Example], pad_id: int,
             side: Literal["right", "left"] = "right") -> dict[str, torch.Tensor]:
     """Pad (input_ids, labels) pairs into a batch; padding gets attention 0 and label IGNORE."""
     width = max(len(ids) for ids, _ in examples)

@@ -24,7 +24,12 @@ if TYPE_CHECKING:
 
 
 def corpus_from_data(source: str | Path, template: str = "llama2") -> list[str]:
-    """Every prompt and answer string of a local TOFU-format folder: the tokenizer's training text."""
+    """Every prompt and answer string of a local TOFU-format folder (a MUSE folder: muse_corpus): the tokenizer's
+    training text."""
+    from uipe.data.muse import is_muse_folder
+
+    if is_muse_folder(source):
+        return muse_corpus(source)
     texts = []
     for path in sorted(Path(source).glob("*.json")):
         if path.name == "benchmark.json" or path.name.startswith("holdout"):  # holdout: never seen, not even here
@@ -33,6 +38,16 @@ def corpus_from_data(source: str | Path, template: str = "llama2") -> list[str]:
             texts.append(format_prompt(row["question"], template))
             texts += [row["answer"], row.get("paraphrased_answer") or "", *row.get("perturbed_answer", [])]
     return [t for t in texts if t]
+
+
+def muse_corpus(source: str | Path) -> list[str]:
+    """A MUSE folder's trained texts (the target's corpus) and its knowmem questions and answers in MUSE's prompt
+    wording (arXiv 2407.06460); never the holdout texts, which no model may have seen, not even here."""
+    from uipe.data.muse import load_muse
+
+    data = load_muse(source)
+    qa = [f"Question: {q.question}\nAnswer: {q.answer}" for split in data.knowmem.values() for q in split]
+    return [*data.training_texts("target"), *qa]
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerBase:

@@ -42,6 +42,9 @@ class Benchmark(Protocol):
     default_objective: str
     default_signal: str  # the reference-free objective when a space names none
     table_metrics: tuple[str, ...]  # shown beside the objective and utility in the console's results table
+    # Trains on raw text (MUSE), not QA records: a method that needs questions (IdkDPO) does not apply, and
+    # prepare's gate is ROUGE-L on passages only (its utility-gap half is TOFU's model utility).
+    raw_text: bool
 
     def objective_metric(self, objective: str | None, signal: str | None, select_on: str) -> str:
         """The catalogue name a search maximises for a space's objective words ("pareto", "reference_free", or a
@@ -62,7 +65,7 @@ class Benchmark(Protocol):
 
     def training_parts(self, data: str, forget_split: str, role: str) -> Mapping[str, Sequence[Any]]:
         """What prepare trains a reference model on, by split name ("target": everything; "retain": never the
-        forget data); prepare's gate checks each part."""
+        forget data): QA records or raw texts (uipe.prompts.encode_record); prepare's gate checks each part."""
         ...
 
     def evaluation_records(self, data: str, forget_split: str) -> Mapping[str, Sequence[Any]]:

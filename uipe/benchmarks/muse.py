@@ -10,8 +10,10 @@ It orders points exactly as -|PrivLeak| does (the choice changes no search decis
 "1 is ideal" scale as TOFU's closeness objectives in tables and plots. Without a retrained model, `min_k_closeness`
 = 1 - 2|AUC - 0.5| asks the same of the AUC against chance (a never-seen forget set's AUC is about 0.5).
 
-Training (prepare on raw text, unlearning on forget/retain1 chunks) is not wired yet (issue 28): training_parts and
-unlearning_records refuse in one line.
+Training is on raw text (MUSE's baselines train causal LMs on its corpora): prepare's target on every forget fold +
+retain1 + retain2, its retrained model (the "retain" role) on retain1 + retain2; unlearning on raw/forget with
+raw/retain1 as the retain stream. Each text is encoded into max_length windows by uipe.prompts.encode_record. A
+method that needs questions (IdkDPO's "I don't know" answers) does not apply: `raw_text` says so to the driver.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ if TYPE_CHECKING:
     from uipe.paths import RunPaths
 
 NAME = "muse"
-NOT_WIRED = "MUSE training is not wired yet (issue 28)"
+NO_QUESTIONS = ("muse: MUSE's forget set is raw text, with no questions to answer \"I don't know\" to "
+                "(a method that needs them, IdkDPO, does not apply)")
 
 
 def _m(name: str, label: str, short: str, **kw: Any) -> Metric:
@@ -90,6 +93,7 @@ class Muse:
     default_objective = "privleak_closeness"
     default_signal = "min_k_closeness"
     table_metrics = ("verbmem_rougeL", "knowmem_forget_rougeL", "privleak", "min_k_auc")
+    raw_text = True
 
     def objective_metric(self, objective: str | None, signal: str | None, select_on: str) -> str:
         reference_free = objective == "reference_free"
@@ -138,7 +142,16 @@ class Muse:
         return {ROLES[role]: [_plain(r) for r in records] for role, records in muse_records(data).items()}
 
     def training_parts(self, data: str, forget_split: str, role: str) -> Mapping[str, Sequence[Any]]:
-        raise UipeError(NOT_WIRED)
+        """Raw texts by MUSE file: target = the forget folds (scal/forget_4, or raw/forget without folds) + retain1 +
+        retain2 (MuseData.training_texts, MUSE's `train`); retain = the retrained model's retain1 + retain2."""
+        from uipe.data.muse import load_muse
+
+        muse = load_muse(data)
+        parts = {"raw/retain1": muse.raw["retain1"], "raw/retain2": muse.raw["retain2"]}
+        if role != "target":
+            return parts
+        forget = ("scal/forget_4", muse.scal["forget_4"]) if muse.scal else ("raw/forget", muse.raw["forget"])
+        return dict([forget]) | parts
 
     def evaluation_records(self, data: str, forget_split: str) -> Mapping[str, Sequence[Any]]:
         from uipe.eval.muse_evaluate import muse_records
@@ -149,7 +162,13 @@ class Muse:
         return "raw/forget", "raw/retain1"  # MUSE's forget corpus and its baselines' retain stream
 
     def unlearning_records(self, data: str, forget_split: str, needs_idk: bool) -> tuple:
-        raise UipeError(NOT_WIRED)
+        """(raw/forget, raw/retain1, no idk): MUSE's forget corpus and its baselines' retain stream, as texts."""
+        from uipe.data.muse import load_muse
+
+        if needs_idk:
+            raise UipeError(NO_QUESTIONS)
+        muse = load_muse(data)
+        return muse.raw["forget"], muse.raw["retain1"], ()
 
     def records_hash(self, *records: Any) -> str:
         from uipe.data import records_hash

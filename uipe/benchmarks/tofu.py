@@ -89,6 +89,7 @@ class Tofu:
     default_signal = "holdout_ks"
     # beside the objective and utility in the console's results table, where the data has them
     table_metrics = ("forget_quality", "forget_prob", "related_prob", "related_rougeL", "related_forget_quality")
+    raw_text = False
 
     def objective_metric(self, objective: str | None, signal: str | None, select_on: str) -> str:
         if objective == "reference_free":

@@ -17,6 +17,8 @@ import numpy as np
 from uipe.data.muse import QAItem
 from uipe.errors import UipeError
 from uipe.eval import metrics, scoring
+# re-exported: MUSE's chunking of raw text lives with the token-label convention (training encodes with it)
+from uipe.prompts import chunk_token_ids  # noqa: F401
 
 # MUSE's defaults (muse_bench eval.py; open-unlearning configs/eval/muse_metrics/*.yaml).
 VERBMEM_MAX_NEW_TOKENS = 128
@@ -109,26 +111,6 @@ def privleak(auc_unlearned: float, auc_retrained: float) -> float:
 def join_passages(texts: Sequence[str]) -> str:
     """A raw corpus as one text, passages separated by a blank line (muse_bench's raw/*.txt)."""
     return "\n\n".join(texts)
-
-
-def chunk_token_ids(ids: Sequence[int], length: int, bos_id: int | None) -> list[list[int]]:
-    """A raw corpus's token ids (the tokenised join_passages, no special tokens) as training windows of `length`
-    ids, as MUSE's baselines train (muse_bench baselines/dataset.py, DefaultDataset on a .txt): with `bos_id`,
-    consecutive runs of length-1 ids each led by BOS; without, runs of `length`. A last window that falls short
-    is filled from the start of the first one (MUSE's "rotate"), so every window has exactly `length` ids;
-    muse_bench fills it once, this cycles, which differs only for a corpus shorter than half a window."""
-    step = length - (bos_id is not None)
-    if step < 1:
-        raise UipeError(f"chunking: window length {length} leaves no room for text")
-    if len(ids) == 0:
-        raise UipeError("chunking: the corpus has no tokens")
-    lead = [] if bos_id is None else [bos_id]
-    chunks = [lead + list(ids[i:i + step]) for i in range(0, len(ids), step)]
-    if len(chunks[-1]) < length:
-        first = chunks[0]
-        need = length - len(chunks[-1])
-        chunks[-1] = chunks[-1] + (first * (need // len(first) + 1))[:need]
-    return chunks
 
 
 def _mean(values: list[float], name: str) -> float:

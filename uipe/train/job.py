@@ -11,6 +11,9 @@ from uipe.config import EvalConfig, ModelConfig, TrainConfig
 from uipe.data import TofuRecord
 from uipe.faults import NONE, Faults
 
+# A training record: a QA pair (TOFU) or a raw text (MUSE); uipe.prompts.encode_record encodes either.
+Record = TofuRecord | str
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -30,8 +33,8 @@ class Job:
     objective: str  # "finetune" or an unlearning method
     params: BaseModel | None
     model_path: str  # theta_ini: the start weights, and the frozen reference where the method needs one
-    forget: tuple[TofuRecord, ...]  # the forget split (finetune: the fine-tuning data)
-    retain: tuple[TofuRecord, ...]
+    forget: tuple[Record, ...]  # the forget split (finetune: the fine-tuning data)
+    retain: tuple[Record, ...]
     idk: tuple[str, ...]
     epochs: int
     lr: float
@@ -46,7 +49,7 @@ class Job:
     schedule: str = "linear"  # the learning-rate decay after warm-up: "linear" (TOFU's) or "cosine"
     # prepare's gate (uipe.gate), measured on rank 0 after the last epoch: greedy ROUGE-L on a sample of each
     # training split, model utility on the evaluation splits (empty: not measured, e.g. benchmarks).
-    gate: dict[str, tuple[TofuRecord, ...]] = field(default_factory=dict)
+    gate: dict[str, tuple[Record, ...]] = field(default_factory=dict)
     eval_splits: dict[str, tuple[TofuRecord, ...]] = field(default_factory=dict)
     forget_split: str = ""
     eval: EvalConfig | None = None

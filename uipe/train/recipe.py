@@ -1,5 +1,6 @@
-"""The training recipes on the driver, top to bottom: `prepare` (TOFU's target and retain models) and `unlearn` (a
-base method, a Hugging Face model folder per epoch), each one Ray Train TorchTrainer running uipe/train/loop.py.
+"""The training recipes on the driver, top to bottom: `prepare` (the benchmark's target and retain models) and
+`unlearn` (a base method, a Hugging Face model folder per epoch), each one Ray Train TorchTrainer running
+uipe/train/loop.py.
 
     prepare(cfg, run_dir) -> {"target": meta, "retain": meta}
     unlearn(cfg, run_dir, method) -> the manifest path (unlearn/<method>/manifest.json)
@@ -13,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from uipe.benchmarks import get_benchmark
+from uipe.benchmarks import Benchmark, get_benchmark
 from uipe.checkpoint import config_hash, model_identity, read_meta, require_weights
 from uipe.config import ExperimentConfig
 from uipe.errors import UipeError
@@ -53,7 +54,9 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
     source = bench.ensure_data(cfg, paths)
     split = cfg.data.forget_split
     parts = {role: dict(bench.training_parts(source, split, role)) for role in ("target", "retain")}
-    evaluation = {role: tuple(records) for role, records in bench.evaluation_records(source, split).items()}
+    # the utility-gap half of the gate is TOFU's model utility; a raw-text benchmark's models are gated on ROUGE-L
+    evaluation = {} if bench.raw_text else {
+        role: tuple(records) for role, records in bench.evaluation_records(source, split).items()}
     base = prepare_base_model(cfg, paths, source)
     out: dict[str, Any] = {}
     trained_here = [(role, folder) for role, folder in (("target", paths.target_model), ("retain", paths.retain_model))
@@ -127,6 +130,14 @@ def check_utility_gap(cfg: ExperimentConfig, paths: RunPaths, out: dict[str, Any
     raise UipeError(failure + f"; the models were moved to {paths.target_model.parent}/*.failed")
 
 
+def check_method_applies(bench: Benchmark, method: str) -> None:
+    """One line, before any worker starts, for a method the benchmark's data cannot feed: IdkDPO's "I don't know"
+    answers need forget questions, and a raw-text benchmark (MUSE) has none."""
+    if get_objective(method).needs_idk and bench.raw_text:
+        raise UipeError(f"unlearn {method}: needs forget questions to answer \"I don't know\" to, and "
+                        f"{bench.name}'s forget set is raw text; choose another method (unlearn.methods)")
+
+
 def unlearn(cfg: ExperimentConfig, run_dir: str | Path, method: str, resume: bool = True) -> Path:
     """Run `method` for unlearn.epochs from the target model; an HF folder per epoch and a manifest, written last.
 
@@ -134,6 +145,8 @@ def unlearn(cfg: ExperimentConfig, run_dir: str | Path, method: str, resume: boo
     resume=False deletes this method's earlier results (folders and Ray checkpoints) first.
     """
     objective, params = get_objective(method), cfg.method_params(method)
+    bench = get_benchmark(cfg.data.benchmark)
+    check_method_applies(bench, method)
     paths = RunPaths.of(run_dir)
     theta_ini = require_weights(cfg.model.target or paths.target_model, "target model")
     if objective.check is not None:  # e.g. RMU's layer within the model's depth: one line, before any worker starts
@@ -142,7 +155,6 @@ def unlearn(cfg: ExperimentConfig, run_dir: str | Path, method: str, resume: boo
         objective.check(params, AutoConfig.from_pretrained(theta_ini, trust_remote_code=cfg.model.trust_remote_code))
     ensure_ray()
     check_workers(cfg.train)
-    bench = get_benchmark(cfg.data.benchmark)
     source = bench.ensure_data(cfg, paths)
     forget, retain, idk = bench.unlearning_records(source, cfg.data.forget_split, objective.needs_idk)
     data_hash = bench.records_hash(forget, retain, idk)

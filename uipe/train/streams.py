@@ -1,4 +1,6 @@
-"""Per-rank training batches: each stream sharded with DistributedSampler, forget and retain micro-batches paired."""
+"""Per-rank training batches: each stream sharded with DistributedSampler, forget and retain micro-batches paired.
+A stream's examples are its records encoded by uipe.prompts.encode_record: a QA record (TOFU) is one example, a
+raw text (MUSE) its max_length windows, so the samplers count windows."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from uipe.methods import Batch
-from uipe.prompts import collate, encode_qa
+from uipe.prompts import Example, collate, encode_qa, encode_record
 from uipe.train.job import Job
 
 
@@ -30,13 +32,14 @@ class Streams:
     def __init__(self, job: Job, tokenizer: Any, rank: int, world: int, needs_retain: bool, needs_idk: bool) -> None:
         t, m = job.model.prompt_template, job.model.max_length
 
-        def enc(question: str, answer: str) -> tuple[list[int], list[int]]:
-            return encode_qa(tokenizer, question, answer, t, m)
+        def examples(records: tuple) -> list[Example]:  # a QA record is one example, a raw text its windows
+            return [ex for r in records for ex in encode_record(tokenizer, r, t, m)]
 
-        self.forget = [enc(r.question, r.answer) for r in job.forget]
-        self.retain = [enc(r.question, r.answer) for r in job.retain] if needs_retain else []
-        pick = random.Random(job.train.seed)
-        self.idk = [enc(r.question, job.idk[pick.randrange(len(job.idk))]) for r in job.forget] if needs_idk else []
+        self.forget = examples(job.forget)
+        self.retain = examples(job.retain) if needs_retain else []
+        pick = random.Random(job.train.seed)  # IdkDPO: QA only (the driver refuses it on raw text)
+        self.idk = [encode_qa(tokenizer, r.question, job.idk[pick.randrange(len(job.idk))], t, m)
+                    for r in job.forget] if needs_idk else []
         self.pad_id = tokenizer.pad_token_id
         self.micro, self.seed, self.rank, self.world = job.train.micro_batch_size, job.train.seed, rank, world
         self.forget_sampler = self._sampler(len(self.forget))
