@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from uipe.data.muse import QAItem
+from uipe.data.muse import QAItem, join_passages
 from uipe.errors import UipeError
 from uipe.eval import muse
+from uipe.prompts import chunk_token_ids
 
 
 def test_rouge_l_f1_on_short_strings() -> None:
@@ -88,19 +89,19 @@ def test_privleak_is_the_relative_auc_gap_in_percent() -> None:
 def test_chunking_with_bos_rotates_the_last_window() -> None:
     ids = [10, 11, 12, 13, 14, 15, 16]
     # windows of 3 - 1 = 2 text ids, each led by BOS (1); the short last one [1, 16] is filled from [1, 10, 11]
-    assert muse.chunk_token_ids(ids, 3, bos_id=1) == [[1, 10, 11], [1, 12, 13], [1, 14, 15], [1, 16, 1]]
-    assert muse.chunk_token_ids(ids, 3, bos_id=None) == [[10, 11, 12], [13, 14, 15], [16, 10, 11]]
-    assert muse.chunk_token_ids(ids[:6], 3, bos_id=None) == [[10, 11, 12], [13, 14, 15]]  # exact: no fill
+    assert chunk_token_ids(ids, 3, bos_id=1) == [[1, 10, 11], [1, 12, 13], [1, 14, 15], [1, 16, 1]]
+    assert chunk_token_ids(ids, 3, bos_id=None) == [[10, 11, 12], [13, 14, 15], [16, 10, 11]]
+    assert chunk_token_ids(ids[:6], 3, bos_id=None) == [[10, 11, 12], [13, 14, 15]]  # exact: no fill
     # a corpus shorter than a window cycles until the window is full
-    assert muse.chunk_token_ids([10], 5, bos_id=1) == [[1, 10, 1, 10, 1]]
+    assert chunk_token_ids([10], 5, bos_id=1) == [[1, 10, 1, 10, 1]]
 
 
 def test_chunking_refuses_what_it_cannot_cut() -> None:
     with pytest.raises(UipeError, match="no tokens"):
-        muse.chunk_token_ids([], 4, bos_id=1)
+        chunk_token_ids([], 4, bos_id=1)
     with pytest.raises(UipeError, match="no room"):
-        muse.chunk_token_ids([1, 2], 1, bos_id=1)
+        chunk_token_ids([1, 2], 1, bos_id=1)
 
 
 def test_join_passages_is_muses_txt_form() -> None:
-    assert muse.join_passages(["A b.", "C d."]) == "A b.\n\nC d."
+    assert join_passages(["A b.", "C d."]) == "A b.\n\nC d."

@@ -23,7 +23,8 @@ from dataclasses import asdict, is_dataclass
 from typing import TYPE_CHECKING, Any
 
 from uipe.errors import UipeError
-from uipe.metrics import CATALOGUE, Metric, register
+from uipe import metrics
+from uipe.metrics import Metric, register
 
 if TYPE_CHECKING:
     from uipe.config import EvalConfig, ExperimentConfig
@@ -74,13 +75,6 @@ def _plain(item: Any) -> Any:
     return asdict(item) if is_dataclass(item) else item
 
 
-def _objectives(reference_free: bool) -> list[str]:
-    """The objectives a MUSE search may maximise: MUSE's own and those a user registered for any benchmark
-    (benchmark ""), never another benchmark's."""
-    return [m.name for m in CATALOGUE.values() if m.objective and m.benchmark in (NAME, "")
-            and not (reference_free and m.needs_reference)]
-
-
 class Muse:
     """MUSE behind uipe.benchmarks.base.Benchmark. Its forget set is raw/forget (the first fold): the run's
     data.forget_split names a TOFU split and is not read; the scal/sust folds are the experiments' (issue 28)."""
@@ -101,7 +95,7 @@ class Muse:
             key, name = "signal", signal or self.default_signal
         else:
             key, name = "objective", self.default_objective if objective in (None, "pareto") else objective
-        allowed = _objectives(reference_free)
+        allowed = metrics.objectives(reference=not reference_free, benchmark=NAME)
         if name not in allowed:
             kind = "a reference-free objective" if reference_free else "an objective"
             raise UipeError(f"{key}: {name!r} is not {kind} of the muse benchmark (choose from {', '.join(allowed)})")
@@ -142,16 +136,11 @@ class Muse:
         return {ROLES[role]: [_plain(r) for r in records] for role, records in muse_records(data).items()}
 
     def training_parts(self, data: str, forget_split: str, role: str) -> Mapping[str, Sequence[Any]]:
-        """Raw texts by MUSE file: target = the forget folds (scal/forget_4, or raw/forget without folds) + retain1 +
-        retain2 (MuseData.training_texts, MUSE's `train`); retain = the retrained model's retain1 + retain2."""
+        """Raw texts by MUSE file (MuseData.training_parts): the target's forget folds + retain1 + retain2, the
+        retrained ("retain") model's retain1 + retain2."""
         from uipe.data.muse import load_muse
 
-        muse = load_muse(data)
-        parts = {"raw/retain1": muse.raw["retain1"], "raw/retain2": muse.raw["retain2"]}
-        if role != "target":
-            return parts
-        forget = ("scal/forget_4", muse.scal["forget_4"]) if muse.scal else ("raw/forget", muse.raw["forget"])
-        return dict([forget]) | parts
+        return load_muse(data).training_parts("target" if role == "target" else "retrained")
 
     def evaluation_records(self, data: str, forget_split: str) -> Mapping[str, Sequence[Any]]:
         from uipe.eval.muse_evaluate import muse_records

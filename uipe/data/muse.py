@@ -19,7 +19,7 @@ missing or malformed is a UipeError of one line naming the file and the record.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -36,6 +36,11 @@ FAMILIES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("raw", RAW_SPLITS, True), ("verbmem", ("forget",), True), ("knowmem", KNOWMEM_SPLITS, True),
     ("privleak", PRIVLEAK_SPLITS, True), ("scal", FOLDS, False), ("sust", FOLDS, False),
 )
+
+
+def join_passages(texts: Sequence[str]) -> str:
+    """A raw corpus as one text, passages separated by a blank line (muse_bench's raw/*.txt)."""
+    return "\n\n".join(texts)
 
 
 def split_path(family: str, split: str) -> str:
@@ -80,15 +85,20 @@ class MuseData:
         for name in ("raw", "knowmem", "privleak", "scal", "sust"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
-    def training_texts(self, role: Literal["target", "retrained"]) -> tuple[str, ...]:
-        """A reference model's raw-text corpus. target: every forget fold (scal/forget_4, MUSE's `train` config;
-        raw/forget when the corpus has no folds) + retain1 + retain2; retrained: retain1 + retain2 only."""
-        retain = self.raw["retain1"] + self.raw["retain2"]
+    def training_parts(self, role: Literal["target", "retrained"]) -> dict[str, tuple[str, ...]]:
+        """A reference model's raw-text corpus by file. target: every forget fold (scal/forget_4, MUSE's `train`
+        config; raw/forget when the corpus has no folds) + retain1 + retain2; retrained: retain1 + retain2 only."""
+        if role not in ("target", "retrained"):
+            raise ValueError(f"role must be 'target' or 'retrained', not {role!r}")
+        retain = {"raw/retain1": self.raw["retain1"], "raw/retain2": self.raw["retain2"]}
         if role == "retrained":
             return retain
-        if role != "target":
-            raise ValueError(f"role must be 'target' or 'retrained', not {role!r}")
-        return self.scal.get("forget_4", self.raw["forget"]) + retain
+        forget = ("scal/forget_4", self.scal["forget_4"]) if self.scal else ("raw/forget", self.raw["forget"])
+        return dict([forget]) | retain
+
+    def training_texts(self, role: Literal["target", "retrained"]) -> tuple[str, ...]:
+        """training_parts' texts in order, as one corpus."""
+        return tuple(t for part in self.training_parts(role).values() for t in part)
 
 
 def _read_list(path: Path) -> list:

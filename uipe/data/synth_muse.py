@@ -25,7 +25,7 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-from uipe.data.muse import FOLDS, QAItem, VerbMemItem, split_path
+from uipe.data.muse import FOLDS, QAItem, VerbMemItem, join_passages, split_path
 from uipe.data.synth import BASE_FACTS, TIED_FACTS, make_authors, tied_value
 from uipe.io import atomic_dir
 
@@ -125,6 +125,6 @@ def write_muse_benchmark(out: str | Path, authors: int = 100, facts: int = 8, se
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
             if rel.startswith(("raw/", "scal/", "sust/")):  # MUSE's baselines train on "\n\n"-joined text
-                path.with_suffix(".txt").write_text("\n\n".join(rows), encoding="utf-8")
+                path.with_suffix(".txt").write_text(join_passages(rows), encoding="utf-8")
         (tmp / "benchmark.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return Path(out)

@@ -208,7 +208,7 @@ class Evaluator:
     def truth_ratios(self, model: PreTrainedModel, roles: Sequence[str]) -> dict[str, np.ndarray]:
         """Raw per-item truth ratios R of the given roles (what a retain reference stores)."""
         roles = [r for r in roles if r in self._plans]
-        with _eval_mode(model):
+        with eval_mode(model):
             nll = self._score(model, roles)[0]
         return {r: metrics.truth_ratios(nll[list(self._plans[r].para)],
                                         [nll[list(row)] for row in self._plans[r].pert]) for r in roles}
@@ -222,7 +222,7 @@ class Evaluator:
         """All aggregates and per-item values; forget quality only once a retain reference is set. `scores`: the
         `scores` of an earlier evaluation of these very weights (a screening pass), so only generation runs."""
         roles = list(self._plans)
-        with _eval_mode(model):
+        with eval_mode(model):
             nll, mink = scores if scores is not None else self._score(model, roles)
             texts: list[str] = []
             if generate:
@@ -289,7 +289,7 @@ def _folds(forget: Sequence[TofuRecord]) -> tuple[list[int], list[int]] | None:
         return None
 
 
-class _eval_mode:  # noqa: N801 - used as a context manager
+class eval_mode:  # noqa: N801 - used as a context manager
     """model.eval() for the block, then the caller's train/eval mode back (a search trial may be training)."""
 
     def __init__(self, model: PreTrainedModel) -> None:

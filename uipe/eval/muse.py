@@ -17,8 +17,6 @@ import numpy as np
 from uipe.data.muse import QAItem
 from uipe.errors import UipeError
 from uipe.eval import metrics, scoring
-# re-exported: MUSE's chunking of raw text lives with the token-label convention (training encodes with it)
-from uipe.prompts import chunk_token_ids  # noqa: F401
 
 # MUSE's defaults (muse_bench eval.py; open-unlearning configs/eval/muse_metrics/*.yaml).
 VERBMEM_MAX_NEW_TOKENS = 128
@@ -106,11 +104,6 @@ def privleak(auc_unlearned: float, auc_retrained: float) -> float:
     if auc_retrained == 0:
         raise UipeError("privleak: the retrained model's AUC is 0, so the relative difference is undefined")
     return (auc_unlearned - auc_retrained) / auc_retrained * 100.0
-
-
-def join_passages(texts: Sequence[str]) -> str:
-    """A raw corpus as one text, passages separated by a blank line (muse_bench's raw/*.txt)."""
-    return "\n\n".join(texts)
 
 
 def _mean(values: list[float], name: str) -> float:

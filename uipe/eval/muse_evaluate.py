@@ -17,9 +17,8 @@ Llama tokenizer); no chat template, since MUSE's models are base models prompted
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +29,7 @@ from uipe.config import EvalConfig
 from uipe.data.muse import MuseData, QAItem, VerbMemItem, load_muse
 from uipe.errors import UipeError
 from uipe.eval import muse, scoring
-from uipe.eval.evaluate import EvalResult
+from uipe.eval.evaluate import EvalResult, eval_mode
 from uipe.prompts import IGNORE
 
 if TYPE_CHECKING:
@@ -123,17 +122,6 @@ def answer_example(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str)
     return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
 
 
-@contextlib.contextmanager
-def _evaluating(model: PreTrainedModel) -> Iterator[None]:
-    """model.eval() for the block, then the caller's mode back (a search trial's model may be training)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 class MuseEvaluator:
     """MUSE's C1-C4 on one tokenizer's view of a MuseData; `reference_auc`: a retrained model's Min-K% AUC on the
     same data, PrivLeak's reference (no PrivLeak without it)."""
@@ -171,7 +159,7 @@ class MuseEvaluator:
     def score(self, model: PreTrainedModel) -> tuple[np.ndarray, np.ndarray]:
         """The scoring pass: (each knowmem answer's mean NLL behind its prompt, each privleak text's Min-K% score)."""
         pad, size = self.tokenizer.pad_token_id, self.cfg.batch_size
-        with _evaluating(model):
+        with eval_mode(model):
             nll = scoring.answer_nll(model, self._answers, pad, size)
             logprobs = scoring.answer_token_logprobs(model, self._texts, pad, size)
         return nll, np.array([muse.min_k_percent(lp) for lp in logprobs], dtype=np.float64)
@@ -179,7 +167,7 @@ class MuseEvaluator:
     def generate(self, model: PreTrainedModel) -> tuple[list[str], list[str]]:
         """(each verbmem prompt's greedy continuation, each knowmem prompt's raw greedy answer, forget then retain)."""
         size = self.cfg.batch_size
-        with _evaluating(model):
+        with eval_mode(model):
             verbmem = scoring.greedy_generate(model, self.tokenizer, self._verbmem_prompts, size,
                                               muse.VERBMEM_MAX_NEW_TOKENS)
             # unstripped: MUSE cuts at "\n\n" first, so an answer that opens with a blank line is empty
