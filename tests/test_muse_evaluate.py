@@ -42,7 +42,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model_dir = build_tiny(root / "model", _corpus(data), TINY, seed=0)
     tok, model = load_tokenizer(model_dir), load_model(model_dir)
     ev = MuseEvaluator(data, tok, CFG)
-    return {"source": data.root, "data": data, "tok": tok, "model": model, "ev": ev, "full": ev.evaluate(model)}
+    return {"source": data.root, "data": data, "tok": tok, "model": model, "ev": ev, "full": ev.evaluate(model),
+            "model_dir": model_dir}
 
 
 def _ids(tok, text: str) -> list[int]:
@@ -112,13 +113,19 @@ def test_the_models_own_answers_as_gold_score_one(world: dict):
 
 def test_a_continuation_that_fits_the_budget_as_gold_scores_one(world: dict):
     """VerbMem's gold is cut to VERBMEM_MAX_NEW_TOKENS tokens after re-tokenisation, so a random model's garbled
-    bytes (more tokens once re-encoded) cannot be their own gold. A model whose head always says " the" can: its 128
-    generated tokens re-encode to the same 128 ("the" + 127 x " the"), and the score through the real path is 1."""
+    bytes (more tokens once re-encoded) cannot be their own gold. A model whose head always says " the" (or another
+    word that is one token with and without its space) can: its 128 generated tokens re-encode to the same 128
+    ("the" + 127 x " the"), and the score through the real path is 1."""
     import copy
 
     tok, data = world["tok"], world["data"]
-    (word,) = tok(" the", add_special_tokens=False)["input_ids"]
-    assert len(tok("the the", add_special_tokens=False)["input_ids"]) == 2  # "the" and " the": one token each
+
+    def tokens(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    # a word that is one token with and without its leading space (which words are depends on the trained tokenizer)
+    w = next(w for w in ("the", "was", "of", "in", "a") if len(tokens(f" {w}")) == 1 and len(tokens(f"{w} {w}")) == 2)
+    (word,) = tokens(f" {w}")
     parrot = copy.deepcopy(world["model"])
     head = torch.nn.Linear(parrot.lm_head.in_features, parrot.lm_head.out_features, bias=True)
     with torch.no_grad():
@@ -126,9 +133,9 @@ def test_a_continuation_that_fits_the_budget_as_gold_scores_one(world: dict):
         head.bias.zero_()
         head.bias[word] = 1.0
     parrot.lm_head = head
-    gold = " ".join(["the"] * muse.VERBMEM_MAX_NEW_TOKENS)
+    gold = " ".join([w] * muse.VERBMEM_MAX_NEW_TOKENS)
     # the gold text goes on past the budget: the cut brings it back to what 128 tokens can say
-    mine = MuseData(data.root, data.raw, tuple(VerbMemItem(v.prompt, gold + " the end") for v in data.verbmem),
+    mine = MuseData(data.root, data.raw, tuple(VerbMemItem(v.prompt, f"{gold} {w} end") for v in data.verbmem),
                     data.knowmem, data.privleak)
     res = MuseEvaluator(mine, tok, CFG).evaluate(parrot)
     assert res.per_item["verbmem"]["gold"] == res.per_item["verbmem"]["generation"] == [gold] * len(data.verbmem)
@@ -172,6 +179,56 @@ def test_privleak_against_a_retrained_models_auc(world: dict, tmp_path: Path):
     with pytest.raises(UipeError, match="no 'min_k_auc' in \\[0, 1\\]") as e:
         load_reference_auc(ref)
     assert "\n" not in str(e.value)
+
+
+def test_the_knowmem_proxy_scores_the_answer_a_decoder_would_emit_after_the_generation_prompt(world: dict):
+    from uipe.eval.muse_evaluate import answer_example
+
+    ev, tok = world["ev"], world["tok"]
+    qa = world["data"].knowmem["retain_qa"][0]
+    prompt = muse.knowmem_prompt(qa.question, world["data"].knowmem["retain_qa_icl"])
+    ids, labels = answer_example(tok, prompt, qa.answer)
+    n = labels.count(-100)
+    assert ids[:n] == ev._knowmem_prompts[len(world["data"].knowmem["forget_qa"])]  # exactly what generation sees
+    # the prompt's trailing space is a token of its own; the answer is the space-led word after it, which MUSE's
+    # strip turns back into the gold answer
+    assert tok.convert_ids_to_tokens(ids[n - 1:n]) == ["Ġ"] and labels[n:] == ids[n:]
+    assert tok.decode(ids[n:]) == f" {qa.answer}"
+
+
+def test_the_retrained_models_reference_is_computed_once_and_cut_to_a_subset(world: dict, tmp_path: Path):
+    out = tmp_path / "retain_reference.json"
+    summary = MUSE.reference(world["model_dir"], str(world["source"]), "forget10", out, "plain", CFG.model_copy(
+        update={"subset": 1}), "auto", 128)  # a subset config still gets a reference over every text
+    doc, full = json.loads(out.read_text()), world["full"]
+    assert summary["min_k_auc"] == pytest.approx(full.aggregates["min_k_auc"], abs=1e-6)
+    for role in ("privleak_forget", "privleak_holdout"):
+        assert doc["min_k_scores"][role] == pytest.approx(full.per_item[role]["min_k"], abs=1e-5)
+    stamp = out.stat().st_mtime_ns
+    MUSE.reference(world["model_dir"], str(world["source"]), "forget10", out, "plain", CFG, "auto", 128)
+    assert out.stat().st_mtime_ns == stamp  # same model files and texts: reused, not recomputed
+    # a subset's reference is the AUC of the same first texts (by hand: P(forget score > holdout score), ties half)
+    forget, holdout = (doc["min_k_scores"][r] for r in ("privleak_forget", "privleak_holdout"))
+
+    def auc(f: list, h: list) -> float:
+        return sum((a > b) + 0.5 * (a == b) for a in f for b in h) / (len(f) * len(h))
+
+    for n in range(1, len(forget) + 1):
+        assert load_reference_auc(out, subset=n) == pytest.approx(auc(forget[:n], holdout[:n]))
+    # A hand-made retrained model (this random model's own AUC is 0, against which PrivLeak is undefined): forget
+    # scores (2, 0), holdout (1, 3). Over both texts 1 of 4 pairs has forget > holdout: AUC 1/4; over the first
+    # text of each side, 2 > 1: AUC 1. A 1-text subset's PrivLeak is relative to 1, the full evaluation's to 1/4.
+    hand = tmp_path / "hand.json"
+    hand.write_text(json.dumps({"min_k_auc": 0.25, "min_k_scores": {"privleak_forget": [2.0, 0.0],
+                                                                    "privleak_holdout": [1.0, 3.0]}}))
+    assert len(forget) == 2 and load_reference_auc(hand) == 0.25 and load_reference_auc(hand, subset=1) == 1.0
+    for subset, ref in ((None, 0.25), (1, 1.0)):
+        mine = auc(forget[:subset], holdout[:subset])
+        ev = MuseEvaluator.from_source(world["source"], world["tok"], CFG.model_copy(update={"subset": subset}),
+                                       reference=hand)
+        got = ev.evaluate(world["model"], generate=False).aggregates
+        assert got["min_k_auc"] == pytest.approx(mine)
+        assert got["privleak"] == pytest.approx((mine - ref) / ref * 100)
 
 
 def test_a_subset_is_the_first_items_and_reported_as_lower_fidelity(world: dict):

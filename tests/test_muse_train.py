@@ -131,13 +131,3 @@ def test_prepare_and_ga_on_a_small_muse_world(ray_session: object, tmp_path: Pat
         nlls.append(_text_nll(Path(epoch["path"]), forget, 64))
     assert [e["epoch"] for e in manifest["epochs"]] == [1, 2]
     assert all(b > a for a, b in zip(nlls, nlls[1:])), nlls
-
-
-def test_uipe_run_on_muse_stops_at_the_reference_stage_in_one_line(tmp_path) -> None:
-    from uipe.config import load_config
-    from uipe.paths import RunPaths
-    from uipe.pipeline import ensure_reference
-
-    cfg = load_config(Path(__file__).resolve().parent.parent / "uipe" / "presets" / "tiny_muse.yaml")
-    with pytest.raises(UipeError, match=r"^muse: the retrained model's reference .* not wired into uipe run yet"):
-        ensure_reference(cfg, RunPaths.of(tmp_path / "run"), str(tmp_path / "data"))

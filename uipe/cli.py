@@ -191,13 +191,15 @@ def reference(model: Annotated[Optional[Path], typer.Option("--model", help="Ret
               data: Annotated[Optional[str], typer.Option("--data")] = None,
               forget_split: Annotated[Optional[str], typer.Option("--forget-split")] = None,
               config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
-    """Evaluate the retain model once and cache its truth ratios (the reference for forget quality)."""
+    """Evaluate the retain model once and cache what the objective compares against (TOFU: its truth ratios, the
+    reference of forget quality; MUSE: the retrained model's Min-K% AUC, PrivLeak's)."""
     from uipe.evaluation import retain_reference
 
     cfg, paths = _setup(config, run_dir, set_)
     summary = retain_reference(model or paths.retain_model, data or _data_source(cfg, paths),
                             forget_split or cfg.data.forget_split, out or paths.retain_reference,
-                            cfg.model.prompt_template, cfg.eval, cfg.model.dtype, cfg.model.max_length)
+                            cfg.model.prompt_template, cfg.eval, cfg.model.dtype, cfg.model.max_length,
+                            cfg.data.benchmark)
     typer.echo(json.dumps(summary, indent=1))
 
 

@@ -1,5 +1,6 @@
 """One model evaluated outside a search: `uipe evaluate` (every aggregate and per-item value to a file) and
-`uipe reference` (the retain model's truth ratios, the reference of forget quality), through the run's benchmark.
+`uipe reference` (the
+retain model's evaluation an objective compares against: TOFU's truth ratios, MUSE's Min-K% AUC), through the run's benchmark.
 
     uipe evaluate --model runs/tiny/search/ga/chosen --out metrics.json     # after `uipe run`, on a CPU
 """
@@ -27,12 +28,7 @@ def evaluate_model(model: Path, data: str, forget_split: str, retain_reference: 
 
 
 def retain_reference(model: Path, data: str, forget_split: str, out: Path, template: str, eval_cfg: EvalConfig,
-                     dtype: str, max_length: int = 128) -> dict:
-    """The retain model's truth ratios -> `out` (reused when model and data are unchanged), summarised. TOFU's: the
-    reference is what its forget quality compares against."""
-    from uipe.eval import Evaluator, load_or_compute_reference
-    from uipe.eval.reference import reference_summary
-    from uipe.models import load_tokenizer
-
-    evaluator = Evaluator.from_source(data, forget_split, load_tokenizer(model), template, eval_cfg, max_length)
-    return reference_summary(load_or_compute_reference(out, evaluator, model, dtype), out)
+                     dtype: str, max_length: int = 128, benchmark: str = "tofu") -> dict:
+    """The reference model's evaluation -> `out` (reused when model and data are unchanged), summarised: TOFU's
+    retain model's truth ratios (forget quality's reference), MUSE's retrained model's Min-K% AUC (PrivLeak's)."""
+    return get_benchmark(benchmark).reference(model, data, forget_split, out, template, eval_cfg, dtype, max_length)

@@ -13,7 +13,6 @@ import time
 
 from uipe.config import ExperimentConfig
 from uipe.console import say, stage
-from uipe.errors import UipeError
 from uipe.io import atomic_write_json, exclusive
 from uipe.paths import RunPaths
 from uipe.results import SearchOutcome
@@ -21,21 +20,14 @@ from uipe.tables import show_search_tables
 
 
 def ensure_reference(cfg: ExperimentConfig, paths: RunPaths, data: str) -> str:
-    """The retain model's truth ratios, computed once (or TOFU's published logs when configured)."""
+    """The retain model's evaluation, computed once (or TOFU's published logs when configured): what the
+    benchmark's objective compares against (uipe.benchmarks.base.Benchmark.reference)."""
     if cfg.eval.retain_reference:
         return cfg.eval.retain_reference
-    from uipe.benchmarks import get_benchmark
+    from uipe.evaluation import retain_reference
 
-    if get_benchmark(cfg.data.benchmark).raw_text:  # one line, not a TOFU evaluator failing on MUSE's folder
-        raise UipeError(f"{cfg.data.benchmark}: the retrained model's reference (PrivLeak's AUC) is not wired into "
-                        "uipe run yet (issue 28); uipe prepare and uipe unlearn run with this config")
-    from uipe.eval.evaluate import Evaluator
-    from uipe.eval.reference import load_or_compute_reference
-    from uipe.models import load_tokenizer
-
-    evaluator = Evaluator.from_source(data, cfg.data.forget_split, load_tokenizer(paths.retain_model),
-                                      cfg.model.prompt_template, cfg.eval, cfg.model.max_length)
-    load_or_compute_reference(paths.retain_reference, evaluator.full_fidelity(), paths.retain_model, cfg.model.dtype)
+    retain_reference(paths.retain_model, data, cfg.data.forget_split, paths.retain_reference, cfg.model.prompt_template,
+                     cfg.eval, cfg.model.dtype, cfg.model.max_length, cfg.data.benchmark)
     return str(paths.retain_reference)
 
 

@@ -8,6 +8,7 @@ benchmark's split or metric themselves. TOFU (uipe/benchmarks/tofu.py) is the fi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from uipe.metrics import Metric
@@ -86,4 +87,10 @@ class Benchmark(Protocol):
     def evaluator(self, data: str, forget_split: str, tokenizer: Any, template: str, cfg: EvalConfig,
                   max_length: int, reference: str | None) -> BenchmarkEvaluator:
         """An evaluator over the data, its reference (a retain model's, where the benchmark has one) loaded."""
+        ...
+
+    def reference(self, model: str | Path, data: str, forget_split: str, out: Path, template: str, cfg: EvalConfig,
+                  dtype: str, max_length: int) -> dict:
+        """The reference model's evaluation its objectives compare against, computed once into `out` (reused while
+        the model's files and the evaluated data are unchanged), summarised; `model`: the retain role's model."""
         ...

@@ -19,6 +19,7 @@ method that needs questions (IdkDPO's "I don't know" answers) does not apply: `r
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from dataclasses import asdict, is_dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -107,7 +108,7 @@ class Muse:
         """data.source "synth": the embedded MUSE world under the run folder, written once per (authors, facts,
         seed) (its benchmark.json is the record); anything else is a MUSE folder used where it is."""
         from uipe.config import SynthConfig
-        from uipe.data.synth_muse import write_muse_benchmark
+        from uipe.data.synth_muse import VERSION, write_muse_benchmark
         from uipe.stages import recorded, reusable
 
         if cfg.data.source != "synth":
@@ -115,8 +116,8 @@ class Muse:
         synth, default = cfg.data.synth, SynthConfig()
         if (synth.tied, synth.ties) != (default.tied, default.ties):
             raise UipeError("data.synth.tied/ties: the MUSE world writes every tied fact; it has no such knob")
-        want = {"generator": "uipe.data.synth_muse", "authors": synth.authors, "facts": synth.facts,
-                "seed": synth.seed}
+        want = {"generator": "uipe.data.synth_muse", "version": VERSION, "authors": synth.authors,
+                "facts": synth.facts, "seed": synth.seed}
         if not reusable(recorded(paths.data / "benchmark.json"), want, paths.data):
             try:
                 write_muse_benchmark(paths.data, synth.authors, synth.facts, synth.seed, overwrite=True)
@@ -172,6 +173,19 @@ class Muse:
         from uipe.eval.muse_evaluate import MuseEvaluator
 
         return MuseEvaluator.from_source(data, tokenizer, cfg, reference=reference)
+
+    def reference(self, model: str | Path, data: str, forget_split: str, out: Path, template: str, cfg: EvalConfig,
+                  dtype: str, max_length: int) -> dict:
+        """The retrained model's Min-40% AUC on privleak/forget vs privleak/holdout (PrivLeak's reference), over
+        every text whatever eval.subset says, with each text's score (a subset search's reference is their first
+        texts' AUC)."""
+        from uipe.eval.muse_evaluate import MuseEvaluator, load_or_compute_reference
+        from uipe.models import load_tokenizer
+
+        evaluator = MuseEvaluator.from_source(data, load_tokenizer(model), cfg.model_copy(update={"subset": None}))
+        doc = load_or_compute_reference(out, evaluator, model, dtype)
+        return {"path": str(out), "min_k_auc": doc["min_k_auc"], "model": str(model), "model_hash": doc["model_hash"],
+                "data_hash": doc["data_hash"], "texts": {r: len(v) for r, v in doc["min_k_scores"].items()}}
 
 
 MUSE = Muse()

@@ -6,6 +6,7 @@ metric catalogue. The only place outside uipe/data and uipe/eval that names a TO
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from uipe.errors import UipeError
@@ -159,6 +160,16 @@ class Tofu:
         if reference:
             evaluator.set_reference(load_reference(reference))
         return evaluator
+
+    def reference(self, model: str | Path, data: str, forget_split: str, out: Path, template: str, cfg: EvalConfig,
+                  dtype: str, max_length: int) -> dict:
+        """The retain model's truth ratios on the forget (and related) items, forget quality's reference."""
+        from uipe.eval.evaluate import Evaluator
+        from uipe.eval.reference import load_or_compute_reference, reference_summary
+        from uipe.models import load_tokenizer
+
+        evaluator = Evaluator.from_source(data, forget_split, load_tokenizer(model), template, cfg, max_length)
+        return reference_summary(load_or_compute_reference(out, evaluator.full_fidelity(), model, dtype), out)
 
 
 TOFU = Tofu()

@@ -28,6 +28,7 @@ import numpy as np
 from uipe.config import EvalConfig
 from uipe.data.muse import MuseData, QAItem, VerbMemItem, load_muse
 from uipe.errors import UipeError
+from uipe.io import sha256_bytes
 from uipe.eval import muse, scoring
 from uipe.eval.evaluate import EvalResult, eval_mode
 from uipe.prompts import IGNORE
@@ -43,6 +44,7 @@ PRIVLEAK_ROLES = ("privleak_forget", "privleak_holdout")
 # open-unlearning's MUSE_MIA datasets keep the first 2048 tokens of a text (muse_bench keeps all: MUSE's texts fit).
 PRIVLEAK_MAX_TOKENS = 2048
 REFERENCE_KEY = "min_k_auc"  # what a reference file (a retrained model's evaluation) must hold
+REFERENCE_FORMAT = "uipe-muse-reference/1"
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,11 @@ def muse_records(source: str | Path) -> dict[str, tuple]:
     return MuseItems.of(load_muse(source)).records()
 
 
-def load_reference_auc(path: str | Path) -> float:
-    """PrivLeak's reference: the Min-K% AUC in a retrained model's evaluation (the JSON `uipe evaluate` writes for
-    it), or in any JSON object with a `min_k_auc` number; UipeError naming the file otherwise."""
+def load_reference_auc(path: str | Path, subset: int | None = None) -> float:
+    """PrivLeak's reference: the Min-K% AUC in a retrained model's evaluation (the file `uipe reference` writes,
+    or any JSON object with a `min_k_auc` number); UipeError naming the file otherwise. With `subset`, and the
+    retrained model's per-text scores in the file, the AUC of their first `subset` texts per side: the reference of a
+    subset evaluation, which scores those very texts."""
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -89,7 +93,37 @@ def load_reference_auc(path: str | Path) -> float:
     value = doc.get(REFERENCE_KEY) if isinstance(doc, dict) else None
     if not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise UipeError(f"{path}: no {REFERENCE_KEY!r} in [0, 1] (PrivLeak's reference AUC), got {value!r}")
-    return float(value)
+    scores = doc.get("min_k_scores")
+    if subset is None or not isinstance(scores, dict):
+        return float(value)
+    try:
+        return muse.privleak_auc(*(np.asarray(scores[r][:subset], dtype=np.float64) for r in PRIVLEAK_ROLES))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UipeError(f"{path}: malformed min_k_scores ({type(e).__name__}: {e})") from None
+
+
+def load_or_compute_reference(path: str | Path, evaluator: MuseEvaluator, model_dir: str | Path,
+                              dtype: str = "auto") -> dict:
+    """The retrained model's Min-K% AUC and per-text scores at `path`, reused while the model's files and the
+    evaluated texts are unchanged, else computed (a scoring pass over every privleak text) and written atomically."""
+    from uipe.eval.reference import model_hash
+    from uipe.io import atomic_write_json
+    from uipe.stages import recorded, reusable
+
+    if evaluator.fidelity != "full":
+        raise UipeError(f"{path}: PrivLeak's reference is computed over every text (eval.subset is "
+                        f"{evaluator.cfg.subset})")
+    want = {"format": REFERENCE_FORMAT, "model_hash": model_hash(model_dir), "data_hash": evaluator.data_hash}
+    have = recorded(Path(path))
+    if reusable(have, want, path):
+        return have  # type: ignore[return-value]
+    from uipe.models import default_device, load_model
+
+    result = evaluator.evaluate(load_model(model_dir, dtype=dtype, device=default_device()), generate=False)
+    doc = {**want, "model": str(model_dir), REFERENCE_KEY: result.aggregates[REFERENCE_KEY],
+           "min_k_scores": {r: result.per_item[r]["min_k"] for r in PRIVLEAK_ROLES}}
+    atomic_write_json(path, doc)
+    return doc
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -117,8 +151,16 @@ def text_example(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int)
 
 
 def answer_example(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> scoring.Example:
-    """A knowmem answer behind its prompt, only the answer's tokens scored (the screening proxy of KnowMem)."""
-    prompt_ids, answer_ids = _with_bos(tokenizer, _token_ids(tokenizer, prompt)), _token_ids(tokenizer, answer)
+    """A knowmem answer behind its prompt, only the answer's tokens scored (the screening proxy of KnowMem, uipe's
+    own: MUSE scores generations only). The answer's tokens are those a greedy decoder would emit after exactly the
+    prompt's tokens: MUSE's prompt ends in "Answer: ", whose space a byte-level or SentencePiece tokenizer encodes
+    as a token of its own, so the answer is the space-led word that follows it (the tokens that extend the prompt's
+    in the tokenization of prompt + " " + answer; MUSE strips the leading space of a generation). Where that
+    tokenization does not extend the prompt's, the answer tokenized alone."""
+    prompt_ids = _with_bos(tokenizer, _token_ids(tokenizer, prompt))
+    joined = _with_bos(tokenizer, _token_ids(tokenizer, f"{prompt} {answer}"))
+    extends = joined[:len(prompt_ids)] == prompt_ids and len(joined) > len(prompt_ids)
+    answer_ids = joined[len(prompt_ids):] if extends else _token_ids(tokenizer, answer)
     return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
 
 
@@ -141,12 +183,14 @@ class MuseEvaluator:
         self._answers = [answer_example(tokenizer, p, qa.answer) for r in KNOWMEM_ROLES
                          for p, qa in zip(prompts[r], self.items.knowmem[r], strict=True)]
         self._texts = [text_example(tokenizer, t, max_length) for r in PRIVLEAK_ROLES for t in self.items.privleak[r]]
+        # what PrivLeak's reference depends on: the scored token ids of every privleak text (texts, tokenizer, cut)
+        self.data_hash = sha256_bytes(json.dumps(self._texts).encode())
 
     @classmethod
     def from_source(cls, source: str | Path, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig | None = None,
                     max_length: int = PRIVLEAK_MAX_TOKENS, reference: str | Path | None = None) -> MuseEvaluator:
         """An evaluator over a MUSE folder, PrivLeak's reference AUC read from `reference` when given."""
-        auc = load_reference_auc(reference) if reference else None
+        auc = load_reference_auc(reference, (cfg or EvalConfig()).subset) if reference else None
         return cls(load_muse(source), tokenizer, cfg, max_length, auc)
 
     def _split(self, values: Sequence, roles: Sequence[str]) -> dict[str, list]:
