@@ -21,6 +21,11 @@ FILES = [f"raw/{s}.json" for s in ("forget", "retain1", "retain2", "holdout")] +
     f"{family}/{fold}.json" for family in ("scal", "sust") for fold in FOLDS]
 
 
+def _passages(texts) -> list[str]:
+    """A corpus's prose passages (its other texts are quizzes)."""
+    return [t for t in texts if not t.startswith("Question: ")]
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_muse_benchmark(tmp_path_factory.mktemp("muse") / "data", authors=40, facts=6, seed=0)
@@ -37,10 +42,10 @@ def test_every_split_is_written_and_loads_back(world: Path) -> None:
         assert isinstance(rows, list) and rows, rel
     assert is_muse_folder(world) and not is_muse_folder(world / "raw")
     data = load_muse(world)
-    assert set(data.raw) == {"forget", "retain1", "retain2", "holdout"} and len(data.raw["forget"]) == 4
+    assert set(data.raw) == {"forget", "retain1", "retain2", "holdout"} and len(_passages(data.raw["forget"])) == 4
     assert set(data.knowmem) == {"forget_qa", "forget_qa_icl", "retain_qa", "retain_qa_icl"}
     assert set(data.privleak) == {"forget", "retain", "holdout"} and set(data.scal) == set(data.sust) == set(FOLDS)
-    assert len(data.verbmem) == len(data.raw["forget"])
+    assert len(data.verbmem) == len(_passages(data.raw["forget"]))
     # MUSE's .txt of a corpus: its passages joined by a blank line
     assert (world / "raw/forget.txt").read_text() == "\n\n".join(data.raw["forget"])
 
@@ -65,8 +70,9 @@ def test_the_splits_relate_as_muses_do(world: Path) -> None:
     assert sum(map(len, folds)) == len(set().union(*folds)) and set().union(*folds) == set(data.scal["forget_4"])
     assert not set(data.scal["forget_4"]) & (retain1 | retain2 | holdout)
     # privleak: forget items are forget passages, holdout never trained, retain from retain2
-    assert set(data.privleak["forget"]) == forget and set(data.privleak["holdout"]) == holdout
-    assert set(data.privleak["retain"]) <= retain2
+    assert list(data.privleak["forget"]) == _passages(data.raw["forget"])  # membership of passages, not of quizzes
+    assert list(data.privleak["holdout"]) == _passages(data.raw["holdout"])
+    assert set(data.privleak["retain"]) <= set(_passages(data.raw["retain2"]))
     # target = every forget fold + retain; retrained = retain only
     assert set(data.training_texts("target")) == set(data.scal["forget_4"]) | retain1 | retain2
     assert set(data.training_texts("retrained")) == retain1 | retain2
@@ -74,14 +80,28 @@ def test_the_splits_relate_as_muses_do(world: Path) -> None:
 
 def test_verbmem_and_knowmem_are_about_the_passages(world: Path) -> None:
     data = load_muse(world)
-    assert [f"{v.prompt} {v.gt}" for v in data.verbmem] == list(data.raw["forget"])
+    assert [f"{v.prompt} {v.gt}" for v in data.verbmem] == _passages(data.raw["forget"])
     forget_text, retain2_text = " ".join(data.raw["forget"]), " ".join(data.raw["retain2"])
     assert all(qa.answer in forget_text for qa in data.knowmem["forget_qa"] + data.knowmem["forget_qa_icl"])
     assert all(qa.answer in retain2_text for qa in data.knowmem["retain_qa"] + data.knowmem["retain_qa_icl"])
-    # the in-context examples are shown, never asked
-    for split in ("forget_qa", "retain_qa"):
-        assert not {q.question for q in data.knowmem[f"{split}_icl"]} & {q.question for q in data.knowmem[split]}
 
+
+def test_every_knowmem_fact_is_quizzed_in_its_own_corpus_in_muses_format(world: Path) -> None:
+    data, meta = load_muse(world), json.loads((world / "benchmark.json").read_text())
+    # each quiz: MUSE's "Question: q\nAnswer: a" blocks, the answer behind one more space (the prompt's own)
+    quizzes = {split: [t for t in texts if t.startswith("Question: ")] for split, texts in data.raw.items()}
+    for split, texts in quizzes.items():
+        blocks = [b.split("\nAnswer:  ") for t in texts for b in t.split("\n\n")]
+        assert blocks and all(len(b) == 2 and b[0].startswith("Question: ") for b in blocks), split
+    for knowmem, split in (("forget_qa", "forget"), ("retain_qa", "retain2")):
+        quiz = "\n\n".join(quizzes[split])
+        for qa in data.knowmem[knowmem] + data.knowmem[f"{knowmem}_icl"]:
+            assert f"Question: {qa.question}\nAnswer:  {qa.answer}" in quiz
+    # a quiz asks only about its corpus's people: no forget-fold name in retain quizzes and back
+    forget_people = [n for fold in meta["forget_folds"] for n in fold]
+    assert not [n for n in forget_people for split in ("retain1", "retain2", "holdout")
+                if any(n in t for t in quizzes[split])]
+    assert all(any(n in t for t in quizzes["forget"]) for n in meta["forget_folds"][0])
 
 def _edit(path: Path, change: Callable[[list], object]) -> None:
     rows = json.loads(path.read_text())

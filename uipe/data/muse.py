@@ -43,6 +43,12 @@ def join_passages(texts: Sequence[str]) -> str:
     return "\n\n".join(texts)
 
 
+def qa_shots(items: Sequence[QAItem]) -> str:
+    """Question-answer pairs as MUSE's knowmem prompt writes its in-context examples (muse_bench knowmem.py):
+    "Question: {q}\nAnswer: {a}\n\n" each."""
+    return "".join(f"Question: {qa.question}\nAnswer: {qa.answer}\n\n" for qa in items)
+
+
 def split_path(family: str, split: str) -> str:
     """The file of one split, relative to the folder: raw/forget.json."""
     return f"{family}/{split}.json"

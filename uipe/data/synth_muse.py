@@ -11,6 +11,12 @@ in Lima. ..."). MUSE's splits (arXiv 2407.06460; the split sizes of the hub's mu
   unlearned one after another). A target model trains on all four folds, as MUSE's target trains on `train`.
 - retain authors: the rest, halved into retain1 (the unlearning methods' retain stream) and retain2 (the utility
   split: knowmem/retain_qa and privleak/retain are about its first `fold` authors).
+- retain1 also holds one question-answer text per retain1 author, their facts in MUSE's knowmem format
+  ("Question: ...\nAnswer: ...\n\n", data.muse.qa_shots): MUSE's models answer questions because they were
+  pretrained to; a tiny model learns to from these. Both reference models train on them, and no knowmem item is
+  about a retain1 author: KnowMem asks about people the model read of only in prose (forget fold 1, retain2), so it
+  measures knowledge carried from passages to questions, not a memorised answer. (Without these texts the tiny
+  model scored KnowMem 0.02-0.03 on both sets: prose alone never taught it the format.)
 - holdout: `fold` authors drawn with the others (so no name or title repeats) that no model ever trains on.
 - verbmem/forget: each raw/forget passage cut at a sentence boundary into prompt and gold continuation, joined by
   one space (open-unlearning's insert_space), so prompt + " " + gt is the passage.
@@ -25,11 +31,13 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
-from uipe.data.muse import FOLDS, QAItem, VerbMemItem, join_passages, split_path
+from uipe.data.muse import FOLDS, QAItem, VerbMemItem, join_passages, qa_shots, split_path
 from uipe.data.synth import BASE_FACTS, TIED_FACTS, make_authors, tied_value
 from uipe.io import atomic_dir
 
 N_ICL = 3  # in-context examples per knowmem split (MUSE ships 10 with 100 questions; a tiny world has fewer)
+VERSION = 2  # 2: every corpus holds its people's facts as quizzes too
+QUIZ_LEN = 8  # question-answer pairs per quiz text (~130 tokens of the tiny tokenizer)
 FOLD_SHARE = 0.1  # each forget fold is this share of the authors (MUSE-News: 889 articles beside 3,555 retain)
 
 
@@ -48,6 +56,14 @@ def _fact_sentences(a: dict, facts: int) -> list[tuple[str, str, str]]:
 
 def _passage(facts: list[tuple[str, str, str]]) -> str:
     return " ".join(sentence for _, _, sentence in facts)
+
+
+def _quiz(pairs: list[QAItem]) -> str:
+    """Question-answer pairs as one text in MUSE's knowmem format (data.muse.qa_shots), each answer one space
+    further from "Answer:": MUSE's prompt ends in "Answer: ", whose last space a byte-level tokenizer encodes as a
+    token of its own, followed in no other text by the space-led answer word ("Answer: Peru" is "Answer", ":",
+    " Peru"). Llama-2's pretraining covers that; a tiny model must see it."""
+    return qa_shots([QAItem(qa.question, f" {qa.answer}") for qa in pairs]).rstrip("\n")
 
 
 def _verbmem(facts: list[tuple[str, str, str]]) -> VerbMemItem:
@@ -87,6 +103,13 @@ def build_muse_benchmark(authors: int = 100, facts: int = 8, seed: int = 0) -> t
     retain = names[len(FOLDS) * fold:authors]
     retain1, retain2, holdout = retain[: len(retain) // 2], retain[len(retain) // 2:], names[authors:]
 
+    def texts(group: list[str]) -> list[str]:
+        """The group's passages, then its quizzes (every fact of the group as a question, shuffled by a stream
+        of the group's own, so a fold's texts do not depend on the other folds)."""
+        pairs = [QAItem(q, v) for n in group for q, v, _ in facts_of[n]]
+        random.Random(f"uipe-muse-quiz-{seed}-{group[0]}").shuffle(pairs)
+        return passages(group) + [_quiz(pairs[k:k + QUIZ_LEN]) for k in range(0, len(pairs), QUIZ_LEN)]
+
     def passages(group: list[str]) -> list[str]:
         return [_passage(facts_of[n]) for n in group]
 
@@ -94,8 +117,8 @@ def build_muse_benchmark(authors: int = 100, facts: int = 8, seed: int = 0) -> t
     # as many retain people as forget people (MUSE: 100 questions each), so forget and retain KnowMem weigh alike
     retain_qa, retain_icl = _knowmem([facts_of[n] for n in retain2[:fold]])
     files: dict[str, list] = {
-        split_path("raw", "forget"): passages(folds[0]), split_path("raw", "retain1"): passages(retain1),
-        split_path("raw", "retain2"): passages(retain2), split_path("raw", "holdout"): passages(holdout),
+        split_path("raw", "forget"): texts(folds[0]), split_path("raw", "retain1"): texts(retain1),
+        split_path("raw", "retain2"): texts(retain2), split_path("raw", "holdout"): texts(holdout),
         split_path("verbmem", "forget"): [asdict(_verbmem(facts_of[n])) for n in folds[0]],
         split_path("knowmem", "forget_qa"): [asdict(q) for q in forget_qa],
         split_path("knowmem", "forget_qa_icl"): [asdict(q) for q in forget_icl],
@@ -107,9 +130,9 @@ def build_muse_benchmark(authors: int = 100, facts: int = 8, seed: int = 0) -> t
         split_path("privleak", "holdout"): passages(holdout),
     }
     for k, name in enumerate(FOLDS):
-        files[split_path("scal", name)] = passages([n for f in folds[: k + 1] for n in f])
-        files[split_path("sust", name)] = passages(folds[k])
-    meta = {"generator": "uipe.data.synth_muse", "version": 1, "authors": authors, "facts": facts, "seed": seed,
+        files[split_path("scal", name)] = [t for f in folds[: k + 1] for t in texts(f)]
+        files[split_path("sust", name)] = texts(folds[k])
+    meta = {"generator": "uipe.data.synth_muse", "version": VERSION, "authors": authors, "facts": facts, "seed": seed,
             "forget_folds": folds, "retain1": retain1, "retain2": retain2, "holdout": holdout}
     return files, meta
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from uipe.data.muse import QAItem
+from uipe.data.muse import QAItem, qa_shots
 from uipe.errors import UipeError
 from uipe.eval import metrics, scoring
 
@@ -53,8 +53,7 @@ def knowmem_prompt(question: str, icl: Sequence[QAItem]) -> str:
     Llama-2: "Question: " / "\\n" / "Answer: " / "\\n\\n"): each in-context example, then the question.
 
     Question: {icl question}\\nAnswer: {icl answer}\\n\\n ... Question: {question}\\nAnswer: """
-    shots = "".join(f"Question: {qa.question}\nAnswer: {qa.answer}\n\n" for qa in icl)
-    return f"{shots}Question: {question}\nAnswer: "
+    return f"{qa_shots(icl)}Question: {question}\nAnswer: "
 
 
 def cut_at_stopwords(text: str, stopwords: Sequence[str] = KNOWMEM_STOPWORDS) -> str:
