@@ -292,8 +292,9 @@ def test_muse_data_splits_hash_and_training_refusal(world: dict, tmp_path: Path)
     assert MUSE.records_hash(records["verbmem"]) != MUSE.records_hash(records["knowmem_forget"])
     MUSE.check_reference_free(world["source"], "forget05")
     with pytest.raises(UipeError, match=r"^muse: MUSE's forget set is raw text, with no questions[^\n]*IdkDPO"):
-        MUSE.unlearning_records(world["source"], "forget05", True)
-    cfg = load_config(None, ["data.benchmark=muse", "data.synth.authors=20", "data.synth.facts=4"])
+        MUSE.unlearning_records(world["source"], "raw/forget", True)
+    cfg = load_config(None, ["data.benchmark=muse", "data.forget_split=raw/forget", "data.synth.authors=20",
+                                "data.synth.facts=4"])
     paths = RunPaths.of(tmp_path / "run")
     source = MUSE.ensure_data(cfg, paths)
     assert load_muse(source).privleak == world["data"].privleak  # same seed and size: the same world

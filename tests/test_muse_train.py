@@ -17,7 +17,8 @@ torch.set_num_threads(1)
 
 # A small world (20 authors x 4 facts: 8 forget-fold passages, 6 + 6 retain) and a 2-layer model: about a minute.
 SMALL = [
-    "data.benchmark=muse", "data.synth.authors=20", "data.synth.facts=4", *SMALL_MODEL, "model.max_length=64",
+    "data.benchmark=muse", "data.forget_split=raw/forget", "data.synth.authors=20", "data.synth.facts=4", *SMALL_MODEL,
+    "model.max_length=64",
     "eval.max_new_tokens=24", "train.num_workers=2", "train.micro_batch_size=4", "train.effective_batch_size=8",
     "prepare.epochs=12", "prepare.lr=1e-2", "prepare.min_rouge=0", "prepare.max_utility_gap=null",
     "unlearn.epochs=2", "unlearn.lr=2e-3", "unlearn.methods=[ga]",
@@ -80,13 +81,25 @@ def test_muse_training_records(tmp_path: Path) -> None:
     assert tuple(t for part in target.values() for t in part) == data.training_texts("target")
     retain = MUSE.training_parts(source, "forget05", "retain")
     assert tuple(t for part in retain.values() for t in part) == data.training_texts("retrained")
-    assert MUSE.unlearning_records(source, "forget05", False) == (data.raw["forget"], data.raw["retain1"], ())
+    assert MUSE.unlearning_records(source, "raw/forget", False) == (data.raw["forget"], data.raw["retain1"], ())
+    # the scalability and sustainability experiments' forget sets, each with the same retain stream
+    assert MUSE.unlearning_records(source, "scal/forget_3", False)[0] == data.scal["forget_3"]
+    assert MUSE.unlearning_records(source, "sust/forget_2", False)[:2] == (data.sust["forget_2"], data.raw["retain1"])
+    assert MUSE.unlearning_split_names("sust/forget_2") == ("sust/forget_2", "raw/retain1")
+
+
+def test_a_forget_split_of_the_other_benchmark_is_refused_in_one_line() -> None:
+    for overrides, words in ((["data.benchmark=muse"], "'forget05' is not a forget split of muse"),
+                             (["data.forget_split=scal/forget_2"], "'scal/forget_2' is not a forget split of tofu")):
+        with pytest.raises(UipeError, match=words) as e:
+            load_config(None, overrides)
+        assert "\n" not in str(e.value)
 
 
 def test_idkdpo_is_refused_on_muse_in_one_line(tmp_path: Path) -> None:
     from uipe.train.recipe import unlearn
 
-    cfg = load_config(None, ["data.benchmark=muse"])
+    cfg = load_config(None, ["data.benchmark=muse", "data.forget_split=raw/forget"])
     with pytest.raises(UipeError, match=r"^unlearn idkdpo: needs forget questions .* muse's forget set is raw text"
                                         r"[^\n]*$"):
         unlearn(cfg, tmp_path / "run", "idkdpo")
@@ -131,3 +144,24 @@ def test_prepare_and_ga_on_a_small_muse_world(ray_session: object, tmp_path: Pat
         nlls.append(_text_nll(Path(epoch["path"]), forget, 64))
     assert [e["epoch"] for e in manifest["epochs"]] == [1, 2]
     assert all(b > a for a, b in zip(nlls, nlls[1:])), nlls
+
+
+def test_a_request_row_reads_the_spaces_floor_and_a_sust_request_starts_from_the_chosen_model() -> None:
+    from uipe.study.muse_requests import _row, markdown, request_config
+
+    point = {"alpha": 1.5, "epoch": 3, "objective": 0.9, "knowmem_retain_rougeL": 0.28, "verbmem_rougeL": 0.45,
+             "knowmem_forget_rougeL": 0.2, "privleak": -10.0}
+    # theta_ini's KnowMem retain 0.30 and a threshold of 0.27: the space's floor is 0.9, not 0.95 or 0.85
+    outcome = {"method": "npo", "utility_metric": "knowmem_retain_rougeL", "utility_threshold": 0.27,
+               "theta_ini": {"knowmem_retain_rougeL": 0.30}, "chosen_model": "/r/search/npo/chosen",
+               "floors": {"0.95": {"base": None, "uipe": None}, "0.9": {"base": {**point, "alpha": 0.0}, "uipe": point},
+                          "0.85": {"base": None, "uipe": None}}}
+    row = _row("sust/forget_2", outcome)
+    assert row["floor"] == "0.9" and row["uipe"]["privleak"] == -10.0 and row["base"]["alpha"] == 0.0
+    table = markdown([row], "sust", "uipe experiment muse-sust")
+    assert "| sust/forget_2 | npo | 0.9 | UIPE | 1.500 | 3 | 0.280 | 0.450 | 0.200 | -10.0 |" in table
+    base = load_config(Path(__file__).resolve().parent.parent / "uipe" / "presets" / "tiny_muse.yaml")
+    cfg = request_config(base, "sust/forget_2", ["npo"], "/r/search/npo/chosen", "sust-npo-2")
+    assert (cfg.data.forget_split, cfg.unlearn.methods, cfg.model.target) == ("sust/forget_2", ["npo"],
+                                                                              "/r/search/npo/chosen")
+    assert cfg.name == "tiny_muse-sust-npo-2"

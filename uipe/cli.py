@@ -298,6 +298,34 @@ def experiment_sweep(vary: Annotated[str, typer.Option("--vary", help="key=v1,v2
         run_sweep(cfg, paths.root, key, values, " ".join(["uipe", *sys.argv[1:]]))
 
 
+@experiment_app.command("muse-scal")
+def experiment_muse_scal(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+                         verbose: VerboseOpt = False) -> None:
+    """MUSE's scalability (C5): scal/forget_1..4, each unlearned from the target and searched."""
+    _muse_requests("scal", config, run_dir, set_, verbose)
+
+
+@experiment_app.command("muse-sust")
+def experiment_muse_sust(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+                         verbose: VerboseOpt = False) -> None:
+    """MUSE's sustainability (C6): sust/forget_1..4 in turn, each from the previous request's chosen model."""
+    _muse_requests("sust", config, run_dir, set_, verbose)
+
+
+def _muse_requests(kind: str, config: Path | None, run_dir: Path | None, set_: list[str] | None,
+                   verbose: bool) -> None:
+    from uipe.study.muse_requests import run_requests
+
+    cfg, paths = _setup(config, run_dir, set_)
+    if cfg.data.benchmark != "muse":
+        raise UipeError(f"uipe experiment muse-{kind}: data.benchmark is {cfg.data.benchmark}, not muse "
+                        "(--config uipe/presets/tiny_muse.yaml)")
+    if run_dir is None:
+        paths = type(paths).of(Path("runs") / f"{cfg.name}-{kind}")
+    with _quiet(paths, f"muse-{kind}", verbose):
+        run_requests(cfg, paths.root, kind, " ".join(["uipe", *sys.argv[1:]]))
+
+
 def _seed_list(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.replace(" ", "").strip("[]").split(",") if x]

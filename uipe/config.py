@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from uipe.data.muse import FORGET_FILES as MUSE_FORGET_FILES
 from uipe.data.records import FORGET_SPLITS
 from uipe.data.synth import TIED_FACTS, TIES
 from uipe.errors import UipeError
@@ -34,7 +35,7 @@ PRESETS = ("tiny",)
 # which one's point becomes the registered champion.
 FLOORS = (0.95, 0.90, 0.85, 0.80)
 MethodName = Literal[UNLEARN_METHODS]  # type: ignore[valid-type]  # the registry's names, nowhere else
-ForgetSplit = Literal[FORGET_SPLITS]  # type: ignore[valid-type]
+ForgetSplit = Literal[FORGET_SPLITS + MUSE_FORGET_FILES]  # type: ignore[valid-type]
 
 
 class SynthConfig(Strict):
@@ -55,7 +56,14 @@ class DataConfig(Strict):
     # files or a Hugging Face dataset id such as locuslab/TOFU.
     source: str = "synth"
     synth: SynthConfig = SynthConfig()
-    forget_split: ForgetSplit = "forget05"
+    forget_split: ForgetSplit = "forget05"  # TOFU's split names, or MUSE's forget files (raw/forget, scal/..., sust/...)
+
+    @model_validator(mode="after")
+    def _split_of_the_benchmark(self) -> DataConfig:
+        if (self.forget_split in MUSE_FORGET_FILES) != (self.benchmark == "muse"):
+            names = ", ".join(MUSE_FORGET_FILES if self.benchmark == "muse" else FORGET_SPLITS)
+            raise ValueError(f"{self.forget_split!r} is not a forget split of {self.benchmark} (choose from {names})")
+        return self
 
 
 class TinyModelConfig(Strict):

@@ -77,8 +77,9 @@ def _plain(item: Any) -> Any:
 
 
 class Muse:
-    """MUSE behind uipe.benchmarks.base.Benchmark. Its forget set is raw/forget (the first fold): the run's
-    data.forget_split names a TOFU split and is not read; the scal/sust folds are the experiments' (issue 28)."""
+    """MUSE behind uipe.benchmarks.base.Benchmark. data.forget_split names the forget file unlearning trains on:
+    raw/forget (MUSE's forget set, the first fold), scal/forget_k or sust/forget_k (uipe experiment muse-scal and
+    muse-sust); the evaluation is always MUSE's (verbmem, knowmem and privleak are about the first fold)."""
 
     name = NAME
     metrics = METRICS
@@ -149,16 +150,21 @@ class Muse:
         return muse_records(data)
 
     def unlearning_split_names(self, forget_split: str) -> tuple[str, str]:
-        return "raw/forget", "raw/retain1"  # MUSE's forget corpus and its baselines' retain stream
+        return forget_split, "raw/retain1"  # a MUSE forget file and its baselines' retain stream
 
     def unlearning_records(self, data: str, forget_split: str, needs_idk: bool) -> tuple:
-        """(raw/forget, raw/retain1, no idk): MUSE's forget corpus and its baselines' retain stream, as texts."""
+        """(the forget file's texts, raw/retain1, no idk): data.forget_split is raw/forget (MUSE's forget corpus), a
+        scalability set scal/forget_k or a sustainability request sust/forget_k."""
         from uipe.data.muse import load_muse
 
         if needs_idk:
             raise UipeError(NO_QUESTIONS)
         muse = load_muse(data)
-        return muse.raw["forget"], muse.raw["retain1"], ()
+        family, name = forget_split.split("/")
+        folds = {"raw": muse.raw, "scal": muse.scal, "sust": muse.sust}[family]
+        if name not in folds:
+            raise UipeError(f"{data}: no {forget_split}.json (data.forget_split; MUSE-Books has no scal/ or sust/)")
+        return folds[name], muse.raw["retain1"], ()
 
     def records_hash(self, *records: Any) -> str:
         from uipe.data import records_hash

@@ -31,6 +31,9 @@ RAW_SPLITS = ("forget", "retain1", "retain2", "holdout")
 KNOWMEM_SPLITS = ("forget_qa", "forget_qa_icl", "retain_qa", "retain_qa_icl")
 PRIVLEAK_SPLITS = ("forget", "retain", "holdout")
 FOLDS = ("forget_1", "forget_2", "forget_3", "forget_4")
+# The forget sets an unlearning run can take (data.forget_split): MUSE's forget corpus, each scalability set (folds
+# 1..k) and each sustainability request (fold k).
+FORGET_FILES = ("raw/forget", *(f"{family}/{fold}" for family in ("scal", "sust") for fold in FOLDS))
 # (family, splits, required): every file the loader reads, in the order it reads them.
 FAMILIES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("raw", RAW_SPLITS, True), ("verbmem", ("forget",), True), ("knowmem", KNOWMEM_SPLITS, True),
