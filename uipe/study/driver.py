@@ -35,6 +35,9 @@ RESULT_FILE = "study.json"
 def check_study(cfg: ExperimentConfig, root: Path) -> None:
     """Refuse, before anything is written, a study that cannot compare forget quality or a folder made with another
     configuration (adding seeds to a study is fine: the seed list is not part of its identity)."""
+    if cfg.data.benchmark != "tofu":  # its records, folds and cross-fitting read TOFU's forget quality
+        raise UipeError(f"uipe study compares TOFU's forget quality on author folds; on {cfg.data.benchmark} run "
+                        "scripts/muse_seeds.py (uipe run per seed beside the base method trained longer)")
     if not (cfg.prepare.retain or cfg.eval.retain_reference):
         raise UipeError("uipe study compares forget quality: it needs a retain model (prepare.retain: true) or "
                         "eval.retain_reference")
