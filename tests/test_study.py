@@ -184,7 +184,7 @@ def _study(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (["--set", "study.floors=[0.9,1.5]"], "floor 1.5 is outside (0, 1]"),
     (["--seeds", "two"], "--seeds 'two'"),
     (["--set", "prepare.retain=false"], "needs a retain model"),
-    (["--set", "data.benchmark=muse"], "on muse run scripts/muse_seeds.py"),
+    (["--set", "data.benchmark=muse", "--set", "data.forget_split=raw/forget"], "on muse run scripts/muse_seeds.py"),
 ])
 def test_bad_study_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, args: list[str], words: str) -> None:
     proc = _study(tmp_path, *args)
