@@ -142,6 +142,18 @@ def test_a_continuation_that_fits_the_budget_as_gold_scores_one(world: dict):
     assert res.aggregates["verbmem_rougeL"] == 1.0
 
 
+def test_generation_stopped_at_a_stop_string_cuts_to_what_the_full_budget_gives(world: dict):
+    from uipe.eval import scoring
+
+    ev, tok, model = world["ev"], world["tok"], world["model"]
+    prompts = ev._knowmem_prompts
+    full = scoring.greedy_generate(model, tok, prompts, 8, 32, strip=False)
+    stop = full[0][6:9]  # three characters this random model does generate, wherever its tokens split them
+    stopped = scoring.greedy_generate(model, tok, prompts, 8, 32, strip=False, stop_strings=[stop])
+    assert all(f.startswith(s) and f.split(stop)[0] == s.split(stop)[0] for f, s in zip(full, stopped))
+    assert sum(len(s) < len(f) for f, s in zip(full, stopped)) >= 1  # stopped early somewhere, not a no-op
+
+
 def test_batch_size_changes_no_value(world: dict):
     one = MuseEvaluator(world["data"], world["tok"], CFG.model_copy(update={"batch_size": 1})).evaluate(world["model"])
     many = world["full"]

@@ -4,8 +4,11 @@ Shi et al. 2024, "MUSE: Machine Unlearning Six-Way Evaluation for Language Model
 (no verbatim memorisation: VerbMem), C2 (no knowledge memorisation: KnowMem on the forget set), C3 (no privacy
 leakage: PrivLeak) and C4 (utility preservation: KnowMem on the retain set). Each formula follows the benchmark's
 own code (github.com/swj0419/muse_bench: metrics/{verbmem,knowmem,privleak}.py, eval.py, constants.py) and, where
-the two differ, open-unlearning's reproduction (github.com/locuslab/open-unlearning: src/evals/metrics/
-{utils,privacy}.py, src/evals/metrics/mia/{min_k,utils}.py), which is the evaluator uipe's numbers are compared to.
+the two differ, mostly open-unlearning's reproduction (github.com/locuslab/open-unlearning: src/evals/metrics/
+{utils,privacy}.py, src/evals/metrics/mia/{min_k,utils}.py), which is the evaluator uipe's numbers are compared to
+(scripts/parity_muse.py). One exception: Min-K% scores every token of a text after the first, as muse_bench's
+compute_ppl does; open-unlearning's tokenwise_logprobs drops each text's last token, so its Min-K% scores, AUCs
+and PrivLeak differ from uipe's (and MUSE's) by a few percent (docs/BENCHMARKS.md, "MUSE parity").
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ def knowmem_prompt(question: str, icl: Sequence[QAItem]) -> str:
 
 def cut_at_stopwords(text: str, stopwords: Sequence[str] = KNOWMEM_STOPWORDS) -> str:
     """The answer part of a knowmem generation: the text before the first stopword (the model starting the next
-    "Question:"), stripped (muse_bench's get_prefix_before_words_occur; open-unlearning strips as well)."""
+    "Question:") (muse_bench's get_prefix_before_words_occur), then stripped as open-unlearning does (muse_bench
+    does not strip; ROUGE-L's tokenizer ignores the surrounding whitespace either way)."""
     for word in stopwords:
         text = text.split(word)[0]
     return text.strip()

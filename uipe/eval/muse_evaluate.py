@@ -216,7 +216,8 @@ class MuseEvaluator:
                                               muse.VERBMEM_MAX_NEW_TOKENS)
             # unstripped: MUSE cuts at "\n\n" first, so an answer that opens with a blank line is empty
             knowmem = scoring.greedy_generate(model, self.tokenizer, self._knowmem_prompts, size,
-                                              muse.KNOWMEM_MAX_NEW_TOKENS, strip=False)
+                                              muse.KNOWMEM_MAX_NEW_TOKENS, strip=False,
+                                              stop_strings=muse.KNOWMEM_STOPWORDS)  # cut there anyway
         return verbmem, knowmem
 
     def evaluate(self, model: PreTrainedModel, generate: bool = True,

@@ -136,9 +136,12 @@ def min_k_token_z(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def greedy_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
-                    batch_size: int, max_new_tokens: int, strip: bool = True) -> list[str]:
+                    batch_size: int, max_new_tokens: int, strip: bool = True,
+                    stop_strings: Sequence[str] = ()) -> list[str]:
     """Greedy continuations of prompt token ids (KV cache, left padding), decoded without special tokens; `strip`
-    False keeps leading and trailing whitespace (MUSE cuts a knowmem answer at "\\n\\n" before stripping)."""
+    False keeps leading and trailing whitespace (MUSE cuts a knowmem answer at "\\n\\n" before stripping).
+    `stop_strings`: a row stops once its text holds one (the text up to and including it is kept), so a caller that
+    cuts at those strings reads what the full budget would have given, without generating past them."""
     from transformers import GenerationConfig
 
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -146,14 +149,15 @@ def greedy_generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
         raise UipeError("tokenizer: generation needs a pad token and an EOS token")
     # A fresh config: a chat model's saved generation_config (temperature, top_p, do_sample) must not leak in.
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                               pad_token_id=pad_id, eos_token_id=eos_id)
+                               pad_token_id=pad_id, eos_token_id=eos_id, stop_strings=list(stop_strings) or None)
     device = model_device(model)
     texts: list[str] = [""] * len(prompts)
     for idx in length_batches([len(p) for p in prompts], batch_size):
         batch = collate([(list(prompts[i]), list(prompts[i])) for i in idx], pad_id, side="left")
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         with _autocast(device):
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
+                                 tokenizer=tokenizer if stop_strings else None)
         for row, i in enumerate(idx):
             new = out[row, ids.shape[1]:].tolist()
             if eos_id in new:  # finished rows are padded after their EOS
