@@ -146,8 +146,8 @@ def test_prepare_and_ga_on_a_small_muse_world(ray_session: object, tmp_path: Pat
     assert all(b > a for a, b in zip(nlls, nlls[1:])), nlls
 
 
-def test_a_request_row_reads_the_spaces_floor_and_a_sust_request_starts_from_the_chosen_model() -> None:
-    from uipe.study.muse_requests import _row, markdown, request_config
+def test_a_request_row_reads_the_spaces_floor_and_a_sust_request_starts_from_the_chosen_model(tmp_path: Path) -> None:
+    from uipe.study.muse_requests import _row, markdown, plot, request_config
 
     point = {"alpha": 1.5, "epoch": 3, "objective": 0.9, "knowmem_retain_rougeL": 0.28, "verbmem_rougeL": 0.45,
              "knowmem_forget_rougeL": 0.2, "privleak": -10.0}
@@ -159,6 +159,7 @@ def test_a_request_row_reads_the_spaces_floor_and_a_sust_request_starts_from_the
     row = _row("sust/forget_2", outcome)
     assert row["floor"] == "0.9" and row["uipe"]["privleak"] == -10.0 and row["base"]["alpha"] == 0.0
     table = markdown([row], "sust", "uipe experiment muse-sust")
+    assert plot([row, {**row, "request": "sust/forget_3", "uipe": None}], "sust", tmp_path / "p.png").stat().st_size
     assert "| sust/forget_2 | npo | 0.9 | UIPE | 1.500 | 3 | 0.280 | 0.450 | 0.200 | -10.0 |" in table
     base = load_config(Path(__file__).resolve().parent.parent / "uipe" / "presets" / "tiny_muse.yaml")
     cfg = request_config(base, "sust/forget_2", ["npo"], "/r/search/npo/chosen", "sust-npo-2")

@@ -101,8 +101,34 @@ def run_requests(cfg: ExperimentConfig, root: Path, kind: Kind, command: str) ->
     atomic_write_json(root / f"muse_{kind}.json", {"command": command, "rows": rows,
                                                     "seconds": time.time() - start})
     atomic_write_text(root / f"muse_{kind}.md", text)
+    plot(rows, kind, root / f"muse_{kind}.png")
     say(text)
+    say(f"muse-{kind} done in {time.time() - start:.0f} s: {root}/muse_{kind}.md, .json, .png")
     return rows
+
+
+def plot(rows: list[dict], kind: Kind, out: Path) -> Path:
+    """KnowMem retain (utility) and PrivLeak per request, the base method and UIPE per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from uipe.study.render import finish_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        for arm, style in (("base", "--"), ("uipe", "-")):
+            for ax, key in zip(axes, ("knowmem_retain_rougeL", "privleak")):
+                ys = [None if r[arm] is None else r[arm][key] for r in mine]
+                ax.plot(range(1, len(mine) + 1), [float("nan") if y is None else y for y in ys], style, marker="o",
+                        label=f"{method} {'UIPE' if arm == 'uipe' else 'base'}")
+    for ax, label in zip(axes, ("KnowMem retain (utility)", "PrivLeak (0: as the retrained model)")):
+        ax.set_xlabel("scal/forget_k: folds 1..k" if kind == "scal" else "sust/forget_k: request k")
+        ax.set_ylabel(label)
+    axes[1].axhline(0.0, color="grey", lw=0.8)
+    return finish_figure(fig, axes, out)
 
 
 def _f(x: float | None) -> str:
