@@ -117,14 +117,15 @@ def plot(rows: list[dict], kind: Kind, out: Path) -> Path:
     from uipe.study.render import finish_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         mine = [r for r in rows if r["method"] == method]
-        for arm, style in (("base", "--"), ("uipe", "-")):
+        for arm, style in (("base", "--"), ("uipe", "-")):  # one colour per method, dashed: the base method
             for ax, key in zip(axes, ("knowmem_retain_rougeL", "privleak")):
                 ys = [None if r[arm] is None else r[arm][key] for r in mine]
                 ax.plot(range(1, len(mine) + 1), [float("nan") if y is None else y for y in ys], style, marker="o",
-                        label=f"{method} {'UIPE' if arm == 'uipe' else 'base'}")
+                        color=f"C{i}", label=f"{method} {'UIPE' if arm == 'uipe' else 'base'}")
     for ax, label in zip(axes, ("KnowMem retain (utility)", "PrivLeak (0: as the retrained model)")):
+        ax.set_xticks(range(1, len(FOLDS) + 1))
         ax.set_xlabel("scal/forget_k: folds 1..k" if kind == "scal" else "sust/forget_k: request k")
         ax.set_ylabel(label)
     axes[1].axhline(0.0, color="grey", lw=0.8)
