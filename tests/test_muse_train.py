@@ -166,3 +166,13 @@ def test_a_request_row_reads_the_spaces_floor_and_a_sust_request_starts_from_the
     assert (cfg.data.forget_split, cfg.unlearn.methods, cfg.model.target) == ("sust/forget_2", ["npo"],
                                                                               "/r/search/npo/chosen")
     assert cfg.name == "tiny_muse-sust-npo-2"
+
+
+def test_a_muse_experiment_on_a_tofu_config_exits_2_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "uipe.cli", "experiment", "muse-sust", "--run-dir",
+                           str(tmp_path / "req")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "data.benchmark is tofu, not muse" in proc.stderr and not (tmp_path / "req").exists()
