@@ -62,6 +62,11 @@ def _point(summary: dict, method: str, floor: str, arm: str) -> dict | None:
     return by_method[method]["floors"].get(floor, {}).get(arm)
 
 
+def _objective(p: dict | None) -> float:
+    """An arm's objective at a floor; 0 without a point there (the target itself, PrivLeak -100, is such a point)."""
+    return p["objective"] if p else 0.0
+
+
 def aggregate(seeds: dict[int, dict]) -> dict:
     """Per method and floor: each arm's mean objective and headline metrics, and the paired differences."""
     first = next(iter(seeds.values()))["uipe"]
@@ -72,15 +77,12 @@ def aggregate(seeds: dict[int, dict]) -> dict:
             arms = {s: {"base": _point(r["uipe"], method, floor, "base"), "uipe": _point(r["uipe"], method, floor, "uipe"),
                         "more": _point(r["longer"], method, floor, "base")} for s, r in seeds.items()}
 
-            def objective(p: dict | None) -> float:
-                return p["objective"] if p else 0.0
-
             row = {"missing": {a: sum(arms[s][a] is None for s in arms) for a in ("base", "more", "uipe")}}
             for arm in ("base", "more", "uipe"):
                 row[arm] = {k: t_interval([(arms[s][arm] or {}).get(k) for s in arms])
                             for k in ("objective", *HEADLINE)}
             for other in ("base", "more"):
-                diffs = [objective(arms[s]["uipe"]) - objective(arms[s][other]) for s in arms]
+                diffs = [_objective(arms[s]["uipe"]) - _objective(arms[s][other]) for s in arms]
                 row[f"uipe-{other}"] = {**t_interval(diffs), "wins": sum(d > 0 for d in diffs),
                                         "ties": sum(d == 0 for d in diffs)}
             out.setdefault(method, {})[floor] = row

@@ -148,7 +148,11 @@ def test_generation_stopped_at_a_stop_string_cuts_to_what_the_full_budget_gives(
     ev, tok, model = world["ev"], world["tok"], world["model"]
     prompts = ev._knowmem_prompts
     full = scoring.greedy_generate(model, tok, prompts, 8, 32, strip=False)
-    stop = full[0][6:9]  # three characters this random model does generate, wherever its tokens split them
+    longest = max(full, key=len)
+    assert len(longest) >= 6
+    # three characters this random model does generate (mid-way through its longest text, so the stop cuts it short),
+    # wherever its tokens split them
+    stop = longest[len(longest) // 2:len(longest) // 2 + 3]
     stopped = scoring.greedy_generate(model, tok, prompts, 8, 32, strip=False, stop_strings=[stop])
     assert all(f.startswith(s) and f.split(stop)[0] == s.split(stop)[0] for f, s in zip(full, stopped))
     assert sum(len(s) < len(f) for f, s in zip(full, stopped)) >= 1  # stopped early somewhere, not a no-op

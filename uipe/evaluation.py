@@ -1,6 +1,6 @@
-"""One model evaluated outside a search: `uipe evaluate` (every aggregate and per-item value to a file) and
-`uipe reference` (the
-retain model's evaluation an objective compares against: TOFU's truth ratios, MUSE's Min-K% AUC), through the run's benchmark.
+"""One model evaluated outside a search, through the run's benchmark: `uipe evaluate` (every aggregate and per-item
+value to a file) and `uipe reference` (the retain model's evaluation an objective compares against: TOFU's truth
+ratios, MUSE's Min-K% AUC).
 
     uipe evaluate --model runs/tiny/search/ga/chosen --out metrics.json     # after `uipe run`, on a CPU
 """

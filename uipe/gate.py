@@ -40,14 +40,13 @@ def probe(tokenizer: PreTrainedTokenizerBase, record: Any, template: str, budget
     against). A QA record: its prompt and answer (TOFU). A raw text (MUSE, arXiv 2407.06460, as its VerbMem asks):
     [BOS] + its first third of tokens, and the next `budget` tokens (the generation budget) decoded, so a passage
     longer than the budget can still be recalled in full."""
-    from uipe.prompts import prompt_token_ids
+    from uipe.prompts import prompt_token_ids, text_ids, with_bos
 
     if not isinstance(record, str):
         return prompt_token_ids(tokenizer, record.question, template), record.answer
-    ids = tokenizer(record, add_special_tokens=False)["input_ids"]
+    ids = text_ids(tokenizer, record)
     cut = max(1, len(ids) // 3)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + ids[:cut], tokenizer.decode(ids[cut:cut + budget])
+    return with_bos(tokenizer, ids[:cut]), tokenizer.decode(ids[cut:cut + budget])
 
 
 def split_rouge(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

@@ -30,9 +30,18 @@ def format_prompt(question: str, template: str = "llama2") -> str:
     return TEMPLATES[template].format(question=question)
 
 
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A text's token ids without special tokens (uipe adds BOS itself: with_bos)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def with_bos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
+    """[BOS] + ids, or ids alone for a tokenizer without a BOS token."""
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, question: str, template: str = "llama2") -> list[int]:
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer(format_prompt(question, template), add_special_tokens=False)["input_ids"]
+    return with_bos(tokenizer, text_ids(tokenizer, format_prompt(question, template)))
 
 
 def encode_qa(tokenizer: PreTrainedTokenizerBase, question: str, answer: str, template: str = "llama2",
@@ -70,8 +79,8 @@ def chunk_token_ids(ids: Sequence[int], length: int, bos_id: int | None) -> list
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> list[Example]:
     """A raw text as BOS-led windows of `max_length` tokens, every token a label (MUSE's causal-LM training)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [(window, list(window)) for window in chunk_token_ids(ids, max_length, tokenizer.bos_token_id)]
+    return [(window, list(window))
+            for window in chunk_token_ids(text_ids(tokenizer, text), max_length, tokenizer.bos_token_id)]
 
 
 def encode_record(tokenizer: PreTrainedTokenizerBase, record: Any, template: str = "llama2",

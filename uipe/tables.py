@@ -59,9 +59,9 @@ def show_search_tables(outcomes: Sequence[SearchOutcome], cfg: ExperimentConfig)
     point at each utility floor (rendered from the outcomes' result.json form)."""
     from uipe.benchmarks import get_benchmark
 
-    bench, summaries = get_benchmark(cfg.data.benchmark), [o.to_json() for o in outcomes]
-    forget = bench.unlearning_split_names(cfg.data.forget_split)[0]  # MUSE's is raw/forget, whatever the config says
-    show_table(results_table(summaries, f"{cfg.name} ({forget})", bench.table_metrics))
+    summaries = [o.to_json() for o in outcomes]
+    context = get_benchmark(cfg.data.benchmark).table_metrics
+    show_table(results_table(summaries, f"{cfg.name} ({cfg.data.forget_split})", context))
     show_table(floors_table(summaries))
 
 

@@ -43,10 +43,10 @@ def corpus_from_data(source: str | Path, template: str = "llama2") -> list[str]:
 def muse_corpus(source: str | Path) -> list[str]:
     """A MUSE folder's trained texts (the target's corpus) and its knowmem questions and answers in MUSE's prompt
     wording (arXiv 2407.06460); never the holdout texts, which no model may have seen, not even here."""
-    from uipe.data.muse import load_muse
+    from uipe.data.muse import load_muse, qa_shots
 
     data = load_muse(source)
-    qa = [f"Question: {q.question}\nAnswer: {q.answer}" for split in data.knowmem.values() for q in split]
+    qa = [qa_shots([q]).rstrip("\n") for split in data.knowmem.values() for q in split]
     return [*data.training_texts("target"), *qa]
 
 

@@ -19,12 +19,12 @@ method that needs questions (IdkDPO's "I don't know" answers) does not apply: `r
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from dataclasses import asdict, is_dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uipe.errors import UipeError
 from uipe import metrics
+from uipe.errors import UipeError
 from uipe.metrics import Metric, register
 
 if TYPE_CHECKING:

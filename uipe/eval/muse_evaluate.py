@@ -31,7 +31,7 @@ from uipe.errors import UipeError
 from uipe.io import sha256_bytes
 from uipe.eval import muse, scoring
 from uipe.eval.evaluate import EvalResult, eval_mode
-from uipe.prompts import IGNORE
+from uipe.prompts import IGNORE, text_ids, with_bos
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -126,14 +126,6 @@ def load_or_compute_reference(path: str | Path, evaluator: MuseEvaluator, model_
     return doc
 
 
-def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _with_bos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
-
-
 def gold_continuation(tokenizer: PreTrainedTokenizerBase, gt: str, budget: int) -> str:
     """VerbMem's reference: the gold continuation cut to its first `budget` tokens, as muse_bench's verbmem.py
     cuts it (tokenised with the tokenizer's special tokens, so a Llama BOS counts in the budget, then decoded
@@ -144,7 +136,7 @@ def gold_continuation(tokenizer: PreTrainedTokenizerBase, gt: str, budget: int) 
 def text_example(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> scoring.Example:
     """A privleak text as (input_ids, labels): [BOS] + its first `max_tokens` tokens, every token after the first
     scored (muse_bench's compute_ppl reads log-probs of input_ids[1:])."""
-    ids = _with_bos(tokenizer, _token_ids(tokenizer, text)[:max_tokens])
+    ids = with_bos(tokenizer, text_ids(tokenizer, text)[:max_tokens])
     if len(ids) < 2:
         raise UipeError(f"privleak: text {text[:40]!r} has no token to score")
     return ids, [IGNORE, *ids[1:]]
@@ -157,10 +149,10 @@ def answer_example(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str)
     as a token of its own, so the answer is the space-led word that follows it (the tokens that extend the prompt's
     in the tokenization of prompt + " " + answer; MUSE strips the leading space of a generation). Where that
     tokenization does not extend the prompt's, the answer tokenized alone."""
-    prompt_ids = _with_bos(tokenizer, _token_ids(tokenizer, prompt))
-    joined = _with_bos(tokenizer, _token_ids(tokenizer, f"{prompt} {answer}"))
+    prompt_ids = with_bos(tokenizer, text_ids(tokenizer, prompt))
+    joined = with_bos(tokenizer, text_ids(tokenizer, f"{prompt} {answer}"))
     extends = joined[:len(prompt_ids)] == prompt_ids and len(joined) > len(prompt_ids)
-    answer_ids = joined[len(prompt_ids):] if extends else _token_ids(tokenizer, answer)
+    answer_ids = joined[len(prompt_ids):] if extends else text_ids(tokenizer, answer)
     return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
 
 
@@ -174,11 +166,11 @@ class MuseEvaluator:
         self.items = MuseItems.of(data, self.cfg.subset)
         full = MuseItems.of(data).counts()
         self.fidelity = "full" if self.items.counts() == full else f"subset:{self.cfg.subset}"
-        self._verbmem_prompts = [_with_bos(tokenizer, _token_ids(tokenizer, v.prompt)) for v in self.items.verbmem]
+        self._verbmem_prompts = [with_bos(tokenizer, text_ids(tokenizer, v.prompt)) for v in self.items.verbmem]
         self._gold = [gold_continuation(tokenizer, v.gt, muse.VERBMEM_MAX_NEW_TOKENS) for v in self.items.verbmem]
         prompts = {r: [muse.knowmem_prompt(qa.question, self.items.icl[r]) for qa in self.items.knowmem[r]]
                    for r in KNOWMEM_ROLES}
-        self._knowmem_prompts = [_with_bos(tokenizer, _token_ids(tokenizer, p)) for r in KNOWMEM_ROLES
+        self._knowmem_prompts = [with_bos(tokenizer, text_ids(tokenizer, p)) for r in KNOWMEM_ROLES
                                  for p in prompts[r]]
         self._answers = [answer_example(tokenizer, p, qa.answer) for r in KNOWMEM_ROLES
                          for p, qa in zip(prompts[r], self.items.knowmem[r], strict=True)]
