@@ -89,10 +89,10 @@ def ray_loop(root: Path, hidden: int, layers: int, items: int, micro: int, worke
               job_hash=config_hash({"bench": workers, "t": time.time()}), export=str(root / f"out{workers}"),
               export_every_epoch=False, checkpoint_every=epochs, runtime=runtime(cfg, paths), meta={})
     t0 = time.perf_counter()
-    result = fit(cfg, paths, job, f"bench-{workers}w-{int(t0)}", keep_all=False, loop=train_loop)
+    result = fit(cfg, paths, [job], f"bench-{workers}w-{int(t0)}", keep_all=False, loop=train_loop)
     wall = time.perf_counter() - t0
     rv = result.return_value
-    return {"tokens_per_s": rv["history"][-1]["tokens_per_s"], "fit_seconds": wall,
+    return {"tokens_per_s": rv["jobs"][job.label]["history"][-1]["tokens_per_s"], "fit_seconds": wall,
             "fixed_seconds": wall - rv["loop_seconds"] + rv["setup_seconds"], "worker_setup_seconds": rv["setup_seconds"]}
 
 

@@ -273,11 +273,11 @@ def test_a_failed_fit_is_one_line_on_the_console_and_a_traceback_in_the_log(unle
     lines = out.read_text().splitlines()
     assert rc == 1, lines
     errors = [ln for ln in lines if ln.startswith("uipe: error:")]
-    assert len(errors) == 1 and "injected test fault in epoch 1 on rank 0" in errors[0], lines
+    assert len(errors) == 1 and "injected test fault in job kl on epoch 1 on rank 0" in errors[0], lines
     assert not [ln for ln in lines if any(s in ln for s in RAY_INTERNALS)], lines
     log = Path(lines[0].removeprefix("log: "))
     text = log.read_text()
-    assert "Traceback (most recent call last)" in text and "injected test fault in epoch 1 on rank 0" in text
+    assert "Traceback (most recent call last)" in text and "injected test fault in job kl on epoch 1 on rank 0" in text
 
 
 def test_the_floors_table_lists_the_highest_floor_first_whatever_order_the_json_kept() -> None:

@@ -32,10 +32,11 @@ def test_new_methods_train_on_two_fsdp2_workers(ray_session: object, synth_dir: 
     from safetensors.torch import load_file
 
     from uipe.methods.rmu import Params, is_trainable
-    from uipe.train.recipe import unlearn
+    from uipe.train.recipe import unlearn, unlearn_methods
 
-    for method in ("undial", "wga", "satimp"):
-        manifest = json.loads(unlearn(_cfg(synth_dir, tiny_base), tmp_path / "run", method).read_text())
+    manifests = unlearn_methods(_cfg(synth_dir, tiny_base), tmp_path / "run", ["undial", "wga", "satimp"])  # one fit
+    for method, path in manifests.items():
+        manifest = json.loads(path.read_text())
         (epoch,) = manifest["epochs"]
         assert manifest["optimizer_steps"] >= 1 and math.isfinite(epoch["loss"]), method
         assert (Path(epoch["path"]) / "model.safetensors").is_file(), method

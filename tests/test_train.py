@@ -65,15 +65,26 @@ def test_accumulation_groups() -> None:
 def test_only_committed_training_states_are_pruned(tmp_path: Path) -> None:
     from uipe.checkpoint import prune_train_states
 
-    for e in (1, 2, 3):
-        (tmp_path / f"epoch_{e:02d}" / "dcp").mkdir(parents=True)
-        (tmp_path / f"epoch_{e:02d}" / "state.json").write_text("{}")
-    left = lambda: [e for e in (1, 2, 3) if (tmp_path / f"epoch_{e:02d}" / "dcp").is_dir()]  # noqa: E731
+    names = ["ga-epoch_01", "ga-epoch_02", "ga-epoch_03"]
+    for n in names:
+        (tmp_path / n / "dcp").mkdir(parents=True)
+        (tmp_path / n / "state.json").write_text("{}")
+    left = lambda: [n for n in names if (tmp_path / n / "dcp").is_dir()]  # noqa: E731
     # epoch 3 reported by rank 0 but not committed by Ray: the newest committed state (2) stays
-    assert len(prune_train_states(str(tmp_path), [1, 2], keep=1)) == 1 and left() == [2, 3]
-    assert prune_train_states(str(tmp_path), [2, 1, 2], keep=2) == [] and left() == [2, 3]
-    assert len(prune_train_states(str(tmp_path), [1, 2, 3], keep=1)) == 1 and left() == [3]
-    assert all((tmp_path / f"epoch_{e:02d}" / "state.json").is_file() for e in (1, 2, 3))  # only dcp goes
+    assert len(prune_train_states(str(tmp_path), names[:2], keep=1)) == 1 and left() == names[1:]
+    assert prune_train_states(str(tmp_path), [names[1], names[1]], keep=1) == [] and left() == names[1:]
+    assert len(prune_train_states(str(tmp_path), names, keep=1)) == 1 and left() == names[2:]
+    assert all((tmp_path / n / "state.json").is_file() for n in names)  # only dcp goes
+
+
+def test_checkpoints_of_a_group_in_order_job_then_epoch() -> None:
+    from uipe.checkpoint import checkpoint_name, group_order
+
+    order = {"prepare-target": 0, "npo": 1, "ga": 2}
+    names = [checkpoint_name("ga", 1), checkpoint_name("npo", 10), "other-epoch_01", checkpoint_name("npo", 9),
+             checkpoint_name("prepare-target", 3), "ga-epoch_x", "ga-final"]
+    # epoch 10 after 9 (numbers, not text); a job's place in the group, not its name, orders jobs; strangers dropped
+    assert group_order(names, order) == ["prepare-target-epoch_03", "npo-epoch_09", "npo-epoch_10", "ga-epoch_01"]
 
 
 def test_streams_cover_the_shard_and_pair_idk(tiny_base: Path, synth_dir: Path) -> None:
@@ -343,8 +354,8 @@ def test_worker_failure_resumes_exactly(prepared: tuple[Path, dict], ga_manifest
     # epoch 1's and epoch 2's before newer ones were committed); every epoch keeps its HF export, the candidates.
     ckpts = RunPaths.of(other).ray_storage / f"{cfg.name}-ga"
     assert [(e.name, (e / "dcp").is_dir(), (e / "hf" / "model.safetensors").is_file())
-            for e in sorted(ckpts.glob("epoch_*"))] == [("epoch_01", False, True), ("epoch_02", False, True),
-                                                        ("epoch_03", True, True)]
+            for e in sorted(ckpts.glob("ga-epoch_*"))] == [("ga-epoch_01", False, True), ("ga-epoch_02", False, True),
+                                                           ("ga-epoch_03", True, True)]
     # Re-running a finished run returns its manifest; the same folder with another config is refused.
     assert json.loads(unlearn(cfg, other, "ga").read_text()) == manifest
     with pytest.raises(UipeError, match="results of a different config"):

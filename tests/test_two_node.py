@@ -57,5 +57,5 @@ def test_unlearn_runs_one_worker_per_node_over_shared_storage(tmp_path: Path, pr
     for e in manifest["epochs"]:
         assert any(Path(e["path"]).glob("*.safetensors"))
     # Every epoch's Ray Train checkpoint landed in the shared storage path.
-    checkpoints = sorted(p.name for p in shared.rglob("epoch_*") if p.is_dir())
-    assert {"epoch_01", "epoch_02"} <= set(checkpoints), checkpoints
+    checkpoints = sorted(p.name for p in shared.rglob("ga-epoch_*") if p.is_dir())
+    assert {"ga-epoch_01", "ga-epoch_02"} <= set(checkpoints), checkpoints

@@ -164,11 +164,28 @@ def load_train_state(folder: Path, model: nn.Module, optimizer: torch.optim.Opti
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def prune_train_states(run_storage: str, committed_epochs: list[int], keep: int) -> list[str]:
-    """Delete the DCP training state (<run_storage>/epoch_XX/dcp) of every committed checkpoint but the newest
-    `keep`, local or remote (pyarrow's file systems, as Ray's storage); their HF exports and state.json stay. Returns
-    what was deleted. Only committed epochs count: an epoch Ray has not committed may never be (a rank lost
-    mid-upload), and then the restart goes back to the newest committed one, whose state must still be there."""
+def checkpoint_name(label: str, epoch: int) -> str:
+    """A Ray checkpoint's folder in a fit's storage: the job's label and the epoch (several jobs share one fit)."""
+    return f"{label}-epoch_{epoch:02d}"
+
+
+def group_order(names: list[str], order: dict[str, int]) -> list[str]:
+    """The checkpoint names of a group's jobs (`order`: label -> place in the group), oldest first: by job, then
+    epoch; names of no job of the group are left out."""
+    keys = {}
+    for name in names:
+        label, sep, epoch = name.rpartition("-epoch_")
+        if sep and label in order and epoch.isdigit():
+            keys[name] = (order[label], int(epoch))
+    return sorted(keys, key=keys.__getitem__)
+
+
+def prune_train_states(run_storage: str, committed: list[str], keep: int) -> list[str]:
+    """Delete the DCP training state (<run_storage>/<checkpoint>/dcp) of every committed checkpoint but the newest
+    `keep` (`committed`: their folder names, oldest first), local or remote (pyarrow's file systems, as Ray's
+    storage); their HF exports and state.json stay. Returns what was deleted. Only committed checkpoints count: one Ray
+    has not committed may never be (a rank lost mid-upload), and then the restart goes back to the newest committed
+    one, whose state must still be there."""
     if not run_storage:
         return []
     from pyarrow import fs
@@ -176,8 +193,8 @@ def prune_train_states(run_storage: str, committed_epochs: list[int], keep: int)
     filesystem, root = fs.FileSystem.from_uri(run_storage if "://" in run_storage else
                                               Path(run_storage).resolve().as_uri())
     deleted = []
-    for old in sorted(set(committed_epochs))[:-keep]:
-        target = f"{root.rstrip('/')}/epoch_{old:02d}/{DCP_DIR}"
+    for old in list(dict.fromkeys(committed))[:-keep]:
+        target = f"{root.rstrip('/')}/{old}/{DCP_DIR}"
         if filesystem.get_file_info(target).type != fs.FileType.NotFound:
             filesystem.delete_dir(target)
             deleted.append(target)

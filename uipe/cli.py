@@ -122,17 +122,24 @@ def prepare(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = 
 
 
 @app.command()
-def unlearn(method: MethodOpt, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+def unlearn(methods: Annotated[list[str], typer.Option(
+                "--method", "-m", help="ga, graddiff, kl, npo, simnpo, idkdpo, rmu, undial, wga or satimp; repeat it "
+                                       "for several methods, trained one after another in one fit.")],
+            config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
             verbose: VerboseOpt = False) -> None:
-    """Run a base unlearning method on Ray Train (FSDP2), writing a HF checkpoint every epoch."""
-    from uipe.train.recipe import unlearn as run_unlearn
+    """Run base unlearning methods on Ray Train (FSDP2), writing a HF checkpoint every epoch."""
+    from uipe.train.recipe import unlearn_methods
 
     cfg, paths = _setup(config, run_dir, set_)
-    cfg.method_params(method)
+    for method in methods:
+        cfg.method_params(method)
+    if len(set(methods)) < len(methods):
+        raise UipeError(f"--method: {methods} names a method twice")
     from uipe.console import say
 
-    with _quiet(paths, f"unlearn-{method}", verbose):
-        say(str(run_unlearn(cfg, paths.root, method)))
+    with _quiet(paths, f"unlearn-{'+'.join(methods)}", verbose):
+        for manifest in unlearn_methods(cfg, paths.root, methods).values():
+            say(str(manifest))
 
 
 @app.command()

@@ -17,14 +17,14 @@ Grammar (no spaces; a marker path must not hold "," or ";"):
 
 Sites, and the values a point there is called with:
     trial       alpha, epoch    a search trial's process, as the trial starts (in-process and sharded trials)
-    train.step  epoch, rank     every training rank, after each optimizer step
-    train.report epoch, rank    every training rank, after it reported an epoch's checkpoint to Ray Train
+    train.step  job, epoch, rank    every training rank, after each optimizer step (job: its label, "ga")
+    train.report job, epoch, rank   every training rank, after it reported an epoch's checkpoint to Ray Train
 
 Actions: "kill" ends the process at once with status 137, as the OOM killer would; "raise" raises RuntimeError
-("injected test fault in epoch 2 on rank 1"). Every other key is a condition: the fault fires where the point's value
-of that name equals it (numbers compared as numbers; a name the point does not have never matches). "marker=PATH"
-makes it fire once across processes and restarts: the first firing writes the point's values to PATH in this same
-key=value form (read it back with `fired`), and a marker that exists disarms the fault.
+("injected test fault in job ga on epoch 2 on rank 1"). Every other key is a condition: the fault fires where the
+point's value of that name equals it (numbers compared as numbers; a name the point does not have never matches).
+"marker=PATH" makes it fire once across processes and restarts: the first firing writes the point's values to PATH
+in this same key=value form (read it back with `fired`), and a marker that exists disarms the fault.
 """
 
 from __future__ import annotations

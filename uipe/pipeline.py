@@ -1,5 +1,6 @@
-"""`uipe run`: the main job. Data, reference models, the retain reference, then per method: unlearning (Ray Train)
-and the alpha search (Ray Tune + Optuna), and the tables of the base method beside UIPE (uipe/tables.py).
+"""`uipe run`: the main job. Data, reference models, the retain reference, unlearning (Ray Train: every method in
+one fit), then per method the alpha search (Ray Tune + Optuna), and the tables of the base method beside UIPE
+(uipe/tables.py).
 
     uipe run                                       # the embedded tiny benchmark, offline, 2 CPU cores, minutes
     uipe run --config configs/tofu_llama2_7b.yaml  # the same pipeline on a GPU cluster
@@ -43,7 +44,7 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
     from uipe.ray_session import ensure_ray
     from uipe.search.driver import run_search
     from uipe.tracking import SERVER_ENV, tracking_uri
-    from uipe.train.recipe import check_method_applies, prepare, unlearn
+    from uipe.train.recipe import check_method_applies, prepare, unlearn_methods
 
     start = time.time()
     bench = get_benchmark(cfg.data.benchmark)
@@ -57,10 +58,11 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
     if cfg.prepare.retain or cfg.eval.retain_reference:
         stage("retain reference")
         ensure_reference(cfg, paths, data)
+    stage(f"unlearn {', '.join(cfg.unlearn.methods)} ({cfg.unlearn.epochs} epochs each, {cfg.train.num_workers} "
+          "workers)")
+    unlearn_methods(cfg, paths.root, list(cfg.unlearn.methods))
     summaries = []
     for method in cfg.unlearn.methods:
-        stage(f"unlearn {method} ({cfg.unlearn.epochs} epochs, {cfg.train.num_workers} workers)")
-        unlearn(cfg, paths.root, method)
         stage(f"search {method}: alpha and epoch")
         summaries.append(run_search(cfg, paths, method, None, resume=True))  # reuses or resumes
     show_search_tables(summaries, cfg)

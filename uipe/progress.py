@@ -5,8 +5,9 @@ Rank 0 of a fit posts events to a small Ray actor (`Board`, no CPU) that the dri
 worker process ever opens the tracking store (SQLite over a shared file system breaks with writers on several hosts),
 and the driver's console shows live progress without Ray's forwarded worker output.
 
-Events are plain dicts: {"kind": "steps", "rows": [(step, {metric: value})]}, {"kind": "epoch", "epoch": e,
-"step": s, "metrics": {...}}, {"kind": "final", "metrics": {...}} (prepare's gate figures).
+Events are plain dicts, each naming its job (several jobs may share one fit): {"kind": "steps", "job": label,
+"rows": [(step, {metric: value})]}, {"kind": "epoch", "job": label, "epoch": e, "step": s, "metrics": {...}},
+{"kind": "final", "job": label, "metrics": {...}} (prepare's gate figures), {"kind": "done", "job": label}.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ class Board:
 
 
 class Reporter:
-    """Worker side (rank 0): buffer step metrics, post them with each epoch (or every few seconds); fire and forget."""
+    """Worker side (rank 0) of one job: buffer step metrics, post them with each epoch (or every few seconds); fire
+    and forget."""
 
-    def __init__(self, board: Any) -> None:
-        self.board, self.rows, self.last_post = board, [], time.monotonic()
+    def __init__(self, board: Any, job: str) -> None:
+        self.board, self.job, self.rows, self.last_post = board, job, [], time.monotonic()
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
@@ -54,12 +56,15 @@ class Reporter:
     def final(self, step: int, metrics: dict[str, float]) -> None:
         self._post([{"kind": "final", "step": step, "metrics": metrics}])
 
+    def done(self) -> None:
+        self._post([{"kind": "done"}])
+
     def _post(self, events: list[dict[str, Any]]) -> None:
         if self.board is None:
             return
         batch = ([{"kind": "steps", "rows": self.rows}] if self.rows else []) + events
         if batch:
-            self.board.post.remote(batch)
+            self.board.post.remote([{**event, "job": self.job} for event in batch])
         self.rows, self.last_post = [], time.monotonic()
 
 

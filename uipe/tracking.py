@@ -274,19 +274,21 @@ def _error_text(trial: Any) -> str:
 class TrainRunLog:
     """A training job's MLflow run, written by the driver from what rank 0 reports (uipe.progress).
 
-    A job restarted after a failure, or run again after a crash, continues the unfinished run of the same job hash.
+    A job restarted after a failure, or run again after a crash, continues the unfinished run of the same job hash;
+    with create=False there is no run (log and finish do nothing) unless such an unfinished one exists.
     """
 
     def __init__(self, uri: str, experiment_id: str, name: str, job_hash: str, stage: str,
                  params: dict[str, Any], data: tuple[str, Mapping[str, Sequence[TofuRecord]]] | None = None,
-                 parent: str | None = None) -> None:
+                 parent: str | None = None, create: bool = True) -> None:
         self.client = client(uri)
         found = self.client.search_runs([experiment_id], f"tags.`uipe.job_hash` = '{job_hash}' and "
                                         "attributes.status != 'FINISHED'", max_results=1)
+        self.run_id: str | None = None
         if found:
             self.run_id = found[0].info.run_id
             self.client.update_run(self.run_id, "RUNNING")
-        else:
+        elif create:
             self.run_id = create_run(uri, experiment_id, name, {"uipe.job_hash": job_hash, "uipe.stage": stage,
                                                                 **source_tags()}, parent=parent)
             log_flat(uri, self.run_id, {}, params)
@@ -294,7 +296,9 @@ class TrainRunLog:
                 log_datasets(uri, self.run_id, data[0], data[1], "training")
 
     def log(self, rows: Sequence[tuple[int, dict[str, float]]]) -> None:
-        log_rows(self.client, self.run_id, rows)
+        if self.run_id is not None:
+            log_rows(self.client, self.run_id, rows)
 
     def finish(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status)
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status)

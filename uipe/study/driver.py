@@ -115,6 +115,8 @@ def run_seed(cfg: ExperimentConfig, root: Path, seed: int) -> SeedResult:
 
     paths = RunPaths.of(root)
     summaries = run_pipeline(cfg, paths)
+    if cfg.study.more_baseline:
+        train_longer(cfg, paths)
     methods = {}
     for s in summaries:  # each method's SearchOutcome (uipe/results.py)
         method = s.method
@@ -151,6 +153,17 @@ def longer_config(cfg: ExperimentConfig, paths: RunPaths, data: str) -> Experime
     return ExperimentConfig.model_validate(raw)
 
 
+def train_longer(cfg: ExperimentConfig, paths: RunPaths) -> None:
+    """The more-iterations baseline of every method, in one fit."""
+    from uipe.data import ensure_data
+    from uipe.train.recipe import unlearn_methods
+
+    long_cfg = longer_config(cfg, paths, ensure_data(cfg, paths))
+    stage(f"unlearn {', '.join(cfg.unlearn.methods)} for {long_cfg.unlearn.epochs} epochs (the more-iterations "
+          "baseline)")
+    unlearn_methods(long_cfg, paths.root / "longer", list(cfg.unlearn.methods))
+
+
 def longer_trajectory(cfg: ExperimentConfig, paths: RunPaths, method: str) -> list[TrialResult]:
     """Every epoch of the longer run scored at alpha 0 with the search's evaluator (cached beside it)."""
     from uipe.data import ensure_data
@@ -159,8 +172,7 @@ def longer_trajectory(cfg: ExperimentConfig, paths: RunPaths, method: str) -> li
 
     long_cfg = longer_config(cfg, paths, ensure_data(cfg, paths))
     long_paths = RunPaths.of(paths.root / "longer")
-    stage(f"unlearn {method} for {long_cfg.unlearn.epochs} epochs (the more-iterations baseline)")
-    unlearn(long_cfg, long_paths.root, method)
+    unlearn(long_cfg, long_paths.root, method)  # trained by train_longer: returns its manifest
     metric = resolve_space(cfg, method, None)[1].objective_metric(benchmark_of(cfg))
     setup = make_setup(long_cfg, long_paths, method)
     epochs = sorted(setup.epoch_dirs)

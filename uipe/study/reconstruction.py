@@ -108,7 +108,7 @@ def run_seed(cfg: ExperimentConfig, root: Path, seed: int) -> dict:
     """The three arms of one seed, trained, unlearned and scored; {method: {arm: [metrics per epoch, 0 first]}}."""
     from uipe.data import ensure_data
     from uipe.pipeline import ensure_reference
-    from uipe.train.recipe import prepare, unlearn
+    from uipe.train.recipe import prepare, unlearn_methods
 
     cfgs = arm_configs(cfg, root, seed)
     paths = {arm: RunPaths.of(root / arm) for arm in ARMS}
@@ -122,13 +122,11 @@ def run_seed(cfg: ExperimentConfig, root: Path, seed: int) -> dict:
     workers = prepare_workers(cfgs["with"])
     prepare(cfgs["without"].model_copy(update={"train": cfgs["without"].train.model_copy(
         update={"num_workers": workers})}), paths["without"].root)
-    out: dict = {}
-    for method in cfg.unlearn.methods:
-        for arm in ARMS:
-            stage(f"reconstruction seed {seed}: unlearn {method} from `{arm}` ({cfg.unlearn.epochs} epochs)")
-            unlearn(cfgs[arm], paths[arm].root, method)
-        out[method] = _score(cfgs, paths, method)
-    return out
+    for arm in ARMS:  # each arm's methods in one fit
+        stage(f"reconstruction seed {seed}: unlearn {', '.join(cfg.unlearn.methods)} from `{arm}` "
+              f"({cfg.unlearn.epochs} epochs)")
+        unlearn_methods(cfgs[arm], paths[arm].root, list(cfg.unlearn.methods))
+    return {method: _score(cfgs, paths, method) for method in cfg.unlearn.methods}
 
 
 def _score(cfgs: dict[str, ExperimentConfig], paths: dict[str, RunPaths], method: str) -> dict[str, list[dict]]:

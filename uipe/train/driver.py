@@ -1,5 +1,5 @@
-"""Driver-side plumbing for the training recipes: resource checks, run identities, one TorchTrainer per job,
-and reading results back (epoch rows, epoch folders restored from Ray checkpoints).
+"""Driver-side plumbing for the training recipes: resource checks, run identities, one TorchTrainer per group of
+jobs, and reading results back (epoch rows, epoch folders restored from Ray checkpoints).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import ray
 
 from uipe import faults
-from uipe.checkpoint import latest_run_state
+from uipe.checkpoint import checkpoint_name, config_hash, latest_run_state
 from uipe.config import ExperimentConfig, TrainConfig
 from uipe.errors import UipeError
 from uipe.io import atomic_dir
@@ -45,32 +45,45 @@ def train_identity(train: TrainConfig) -> dict[str, Any]:
     return train.model_dump(exclude={"storage_path", "max_failures", "reshard_after_forward", "keep_train_states"})
 
 
+def group_hash(jobs: list[Job]) -> str:
+    """The identity of a group of jobs trained in one fit: its checkpoints are resumed only by the same group."""
+    return config_hash({"jobs": [job.job_hash for job in jobs]})
+
+
 def check_ray_run(storage: str, run_name: str, job_hash: str, folder: Path) -> None:
     reusable(latest_run_state(storage, run_name), {"job_hash": job_hash}, f"{storage}/{run_name}",
              f"Ray checkpoints of a different config/data (delete them and {folder} to start over)", "refuse")
 
 
-def fit(cfg: ExperimentConfig, paths: RunPaths, job: Job, run_name: str, keep_all: bool,
-        loop: Callable[[dict[str, Any]], dict[str, Any]], data: tuple[str, dict[str, Any]] | None = None) -> Any:
-    """One TorchTrainer fit. Rank 0 reports to a Board; this driver logs the reports to MLflow (the one writer of the
-    tracking store) and shows them as the fit's progress display. `data`: (source, {split: records}) of the
-    training data, logged as the run's MLflow datasets."""
+def fit(cfg: ExperimentConfig, paths: RunPaths, jobs: list[Job], run_name: str, keep_all: bool,
+        loop: Callable[[dict[str, Any]], dict[str, Any]], data: dict[str, tuple[str, dict[str, Any]]] | None = None,
+        skip: frozenset[str] = frozenset()) -> Any:
+    """One TorchTrainer fit that trains `jobs` in order on one worker group (uipe/train/loop.py), leaving out those
+    labelled in `skip` (finished before; they stay in the group so that its identity, and so its resume, does not
+    depend on what is left). Rank 0 reports to a Board; this driver logs the reports to MLflow (the one writer of the
+    tracking store, a run per job) and shows them as the fit's progress. `data`: per job label, (source, {split:
+    records}) of its training data, logged as the run's MLflow datasets."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from uipe.progress import Board, Follower
 
+    first = jobs[0]
+    for job in jobs[1:]:  # what the worker group sets up once must be the same for every job
+        if (job.model_path, job.model, job.train) != (first.model_path, first.model, first.train):
+            raise UipeError(f"{job.label}: a job of another model or training config cannot share a fit with "
+                            f"{first.label}")
     env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cfg.train.threads_per_worker),
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     board = Board.remote()
     storage = storage_path(cfg, paths)
-    job = dataclasses.replace(job, runtime=dataclasses.replace(job.runtime, board=board,
-                                                               run_storage=f"{storage.rstrip('/')}/{run_name}"))
+    rt = dataclasses.replace(first.runtime, board=board, run_storage=f"{storage.rstrip('/')}/{run_name}")
+    jobs = [dataclasses.replace(job, runtime=rt) for job in jobs]
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=job.runtime.use_gpu),
-        torch_config=TorchConfig(backend="nccl" if job.runtime.use_gpu else "gloo"),
+        train_loop_config={"jobs": tuple(jobs), "group_hash": group_hash(jobs), "skip": skip},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=rt.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if rt.use_gpu else "gloo"),
         run_config=RunConfig(
             name=run_name, storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -78,7 +91,7 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, job: Job, run_name: str, keep_al
             worker_runtime_env={"env_vars": env},
         ),
     )
-    watcher = FitWatcher(cfg, paths, job, data)
+    watcher = FitWatcher(cfg, paths, {job.label: job for job in jobs}, data or {})
     try:
         with Follower(board, watcher.handle):
             result = trainer.fit()
@@ -92,37 +105,64 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, job: Job, run_name: str, keep_al
 
 
 class FitWatcher:
-    """Driver side of one fit: its MLflow run and its progress display, fed by rank 0's reports."""
+    """Driver side of one fit: an MLflow run and a progress display per job, opened as its first report arrives
+    (a job's run continues the unfinished one of its job hash: a restart or a re-run after a crash).
 
-    def __init__(self, cfg: ExperimentConfig, paths: RunPaths, job: Job,
-                 data: tuple[str, dict[str, Any]] | None = None) -> None:
+    A worker group restarted after a failure retrains from the newest committed checkpoint, so an epoch it had
+    reported may come again, with the same figures (training is deterministic): steps already logged are not logged
+    twice. A job that only reports it is done (it had finished before a restart) opens no new run."""
+
+    def __init__(self, cfg: ExperimentConfig, paths: RunPaths, jobs: dict[str, Job],
+                 data: dict[str, tuple[str, dict[str, Any]]]) -> None:
+        from uipe.tracking import ensure_experiment
+
+        self.cfg, self.jobs, self.data = cfg, jobs, data
+        self.uri, self.experiment_id = ensure_experiment(cfg, paths)
+        self.open: dict[str, tuple[Any, Any]] = {}  # label -> (TrainRunLog, Task)
+        self.logged: dict[tuple[str, str], int] = {}  # (label, event kind) -> the newest optimizer step logged
+        self.failed_events = 0
+
+    def _new(self, label: str, kind: str, step: int) -> bool:
+        """Whether `step` of this kind of event is past what was logged for the job (and now it is)."""
+        if step <= self.logged.get((label, kind), 0):
+            return False
+        self.logged[label, kind] = step
+        return True
+
+    def _job(self, label: str, create: bool = True) -> tuple[Any, Any]:
         from uipe.console import Task
-        from uipe.tracking import TrainRunLog, ensure_experiment
+        from uipe.tracking import TrainRunLog
 
-        uri, experiment_id = ensure_experiment(cfg, paths)
-        name = job.label if job.objective == "finetune" else f"unlearn-{job.label}"
-        params = {"method": job.objective, "lr": job.lr, "epochs": job.epochs, "schedule": job.schedule,
-                  **(job.params.model_dump() if job.params else {}),
-                  **{f"train.{k}": v for k, v in job.train.model_dump().items()}}
-        self.run = TrainRunLog(uri, experiment_id, name, job.job_hash, job.objective, params, data,
-                               cfg.tracking.parent_run_id)
-        self.task = Task(job.label, job.epochs)
-        self.epochs, self.failed_events = job.epochs, 0
+        if label not in self.open:
+            job = self.jobs[label]
+            name = label if job.objective == "finetune" else f"unlearn-{label}"
+            params = {"method": job.objective, "lr": job.lr, "epochs": job.epochs, "schedule": job.schedule,
+                      **(job.params.model_dump() if job.params else {}),
+                      **{f"train.{k}": v for k, v in job.train.model_dump().items()}}
+            run = TrainRunLog(self.uri, self.experiment_id, name, job.job_hash, job.objective, params,
+                              self.data.get(label), self.cfg.tracking.parent_run_id, create)
+            self.open[label] = (run, Task(label, job.epochs))
+        return self.open[label]
 
     def handle(self, event: dict[str, Any]) -> None:
         try:
+            label = event["job"]
+            run, task = self._job(label, create=event["kind"] != "done")
             if event["kind"] == "steps":
-                self.run.log(event["rows"])
+                run.log([row for row in event["rows"] if self._new(label, "steps", row[0])])
             elif event["kind"] == "epoch":
-                m = event["metrics"]
-                self.run.log([(event["step"], {f"epoch_{k}": v for k, v in m.items()
-                                               if k not in ("epoch", "total_steps")})])
+                m, epochs = event["metrics"], self.jobs[label].epochs
+                if self._new(label, "epoch", event["step"]):
+                    run.log([(event["step"], {f"epoch_{k}": v for k, v in m.items()
+                                              if k not in ("epoch", "total_steps")})])
                 losses = " ".join(f"{k} {m[k]:.3f}" for k in ("loss", "forget_nll", "retain_nll") if k in m)
-                self.task.update(event["epoch"], f"epoch {event['epoch']}/{self.epochs} step {event['step']}/"
-                                 f"{m['total_steps']} {losses} {m['seconds']:.1f} s/epoch",
-                                 eta_s=m["seconds"] * (self.epochs - event["epoch"]))
+                task.update(event["epoch"], f"epoch {event['epoch']}/{epochs} step {event['step']}/"
+                            f"{m['total_steps']} {losses} {m['seconds']:.1f} s/epoch",
+                            eta_s=m["seconds"] * (epochs - event["epoch"]))
             elif event["kind"] == "final":
-                self.run.log([(event["step"], event["metrics"])])
+                run.log([(event["step"], event["metrics"])])
+            elif event["kind"] == "done":
+                self._close(label, "FINISHED")
         except Exception as e:  # noqa: BLE001 - a tracking hiccup must not kill the fit; say it once
             self.failed_events += 1
             if self.failed_events == 1:
@@ -130,12 +170,18 @@ class FitWatcher:
 
                 warn(f"could not log training metrics to MLflow ({type(e).__name__}: {e}); training goes on")
 
-    def close(self, status: str) -> None:
-        self.task.finish()
+    def _close(self, label: str, status: str) -> None:
+        run, task = self.open.pop(label)
+        task.finish()
         try:
-            self.run.finish(status)
+            run.finish(status)
         except Exception:  # noqa: BLE001 - the fit's own outcome matters more than its run's status
             pass
+
+    def close(self, status: str) -> None:
+        """The end of the fit: a job still open finished with it (FINISHED) or was cut off by its failure."""
+        for label in list(self.open):
+            self._close(label, status)
 
 
 def runtime(cfg: ExperimentConfig, paths: RunPaths) -> Runtime:
@@ -156,7 +202,7 @@ def restore_missing_epochs(result: Any, paths: RunPaths, method: str, epochs: in
     for e in range(1, epochs + 1):
         target = paths.epoch_dir(method, e)
         if not (target / "config.json").is_file():
-            ckpt = by_name.get(target.name)
+            ckpt = by_name.get(checkpoint_name(method, e))
             if ckpt is None:
                 raise UipeError(f"{target}: missing and no Ray checkpoint holds it; re-run with resume=False")
             with ckpt.as_directory() as d, atomic_dir(target, overwrite=True) as tmp:

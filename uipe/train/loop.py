@@ -1,56 +1,122 @@
 """The training loop every Ray Train worker runs, read top to bottom: setup, train, save. One loop serves
 `prepare` (objective finetune, gated final model) and `unlearn` (a base method, a Hugging Face folder per epoch);
-uipe/train/recipe.py builds its Job on the driver.
+uipe/train/recipe.py builds the Jobs on the driver.
+
+A fit runs a group of jobs in order on one worker group (issue 27: starting a worker group costs 15-20 s on the tiny
+preset, a method trains for ~12 s of it). The group's processes, tokenizer and frozen reference are set up once;
+each job starts from theta_ini again (its own shards re-read from the page cache), with its own seed, optimizer,
+schedule, exports and checkpoints, so it trains exactly as it would in a fit of its own.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from uipe.checkpoint import link_tree, load_train_state, prune_train_states, save_train_state
+from uipe.checkpoint import (
+    checkpoint_name, group_order, link_tree, load_train_state, prune_train_states, save_train_state,
+)
 from uipe.methods import get_objective
 from uipe.models import peak_memory_bytes
 from uipe.progress import Reporter
 from uipe.train.export import export_epoch, finish_prepare
 from uipe.train.job import Job
-from uipe.train.sharding import full_value, load_sharded, mean_over_ranks
+from uipe.train.sharding import full_value, load_sharded, mean_over_ranks, reload_initial
 from uipe.train.streams import Streams
+
+
+@dataclass
+class Worker:
+    """What a rank sets up once and every job of its group shares."""
+
+    rank: int
+    world: int
+    device: torch.device
+    mesh: Any
+    tokenizer: Any
+    ref: torch.nn.Module | None  # the frozen theta_ini, where some job needs it
+    group_hash: str
+    order: dict[str, int]  # job label -> its place in the group, to order checkpoints
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
-    from ray.train import Checkpoint
     from torch.distributed.device_mesh import init_device_mesh
-    from transformers import AutoConfig
 
+    from uipe.checkpoint import STATE_FILE
     from uipe.models import load_tokenizer
 
-    # ---- setup: process, device, data, sharded models, optimiser, and the state to resume from ----
-    job: Job = config["job"]
-    t_start = time.perf_counter()
+    # ---- setup, once per worker group: process, device, tokenizer, frozen reference, where to resume ----
+    jobs: tuple[Job, ...] = config["jobs"]
+    t_start, first = time.perf_counter(), jobs[0]  # the driver checked: one theta_ini, model and train config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # ~20x slower training here without it
-    torch.set_num_threads(job.train.threads_per_worker)
-    torch.manual_seed(job.train.seed)
-    device = ray.train.torch.get_device() if job.runtime.use_gpu else torch.device("cpu")
-    objective = get_objective(job.objective)
-    streams = Streams(job, load_tokenizer(job.model_path), rank, world, objective.needs_retain, objective.needs_idk)
+    torch.set_num_threads(first.train.threads_per_worker)
+    device = ray.train.torch.get_device() if first.runtime.use_gpu else torch.device("cpu")
     mesh = init_device_mesh(device.type, (world,))
+    checkpoint = ray.train.get_checkpoint()  # a restart after a failure, or a re-run of the same run name
+    state: dict[str, Any] = {}
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = json.loads((Path(folder) / STATE_FILE).read_text())
+        if state["job_hash"] != config["group_hash"]:
+            raise RuntimeError(f"Ray checkpoint {checkpoint.path} belongs to another job; use a new run folder")
+    done: dict[str, dict[str, Any]] = dict(state.get("done", {}))  # finished jobs' results, carried in each state
+    todo = [(i, job) for i, job in enumerate(jobs) if job.label not in done and job.label not in config["skip"]]
+    needs_ref = any(get_objective(job.objective).needs_ref for _, job in todo)
+    worker = Worker(rank, world, device, mesh, load_tokenizer(first.model_path),
+                    load_sharded(first, device, mesh, trainable=False) if needs_ref else None,
+                    config["group_hash"], {job.label: i for i, job in enumerate(jobs)})
+    setup_seconds = time.perf_counter() - t_start
+
+    # ---- train each job in turn, from theta_ini, resuming the one the checkpoint was saved in ----
+    model, shared = None, False
+    for index, job in todo:
+        model, shared = start_model(job, worker, model, shared)
+        resume = checkpoint if state.get("job") == index else None
+        done[job.label] = train_job(job, worker, model, resume, done)
+    return {"jobs": done, "setup_seconds": setup_seconds, "loop_seconds": time.perf_counter() - t_start}
+
+
+def start_model(job: Job, w: Worker, model: torch.nn.Module | None, shared: bool) -> tuple[torch.nn.Module, bool]:
+    """theta_ini as `job` trains it: the previous job's model with its shards re-read (bit-identical to a fresh load;
+    every parameter trained), or a fresh load where a job trains only some parameters (FSDP2 reads requires_grad as
+    it initialises) or none came before. Returns the model and whether the next job may reuse it."""
+    objective = get_objective(job.objective)
     if objective.check is not None:  # the driver checks first; a worker never trains on params that do not fit
+        from transformers import AutoConfig
+
         objective.check(job.params, AutoConfig.from_pretrained(job.model_path,
                                                                trust_remote_code=job.model.trust_remote_code))
+    if objective.trainable is None and shared and model is not None:
+        reload_initial(model, job.model_path)
+        return model.train(), True
+    del model  # its memory is free before the fresh copy loads
     train_only = None if objective.trainable is None else partial(objective.trainable, job.params)
-    model = load_sharded(job, device, mesh, trainable=True, train_only=train_only)
-    ref = load_sharded(job, device, mesh, trainable=False) if objective.needs_ref else None
+    return load_sharded(job, w.device, w.mesh, trainable=True, train_only=train_only), train_only is None
+
+
+def train_job(job: Job, w: Worker, model: torch.nn.Module, resume: Any, done: dict[str, Any]) -> dict[str, Any]:
+    """One job from theta_ini (or from `resume`, the group's newest checkpoint, saved in this job): its epochs,
+    exports and checkpoints; prepare's gate at the end. Returns its result (history, steps, timing)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    # ---- setup: seed, data, optimiser, schedule, and the state to resume from ----
+    t_job, rank, world, device = time.perf_counter(), w.rank, w.world, w.device
+    torch.manual_seed(job.train.seed)
+    objective = get_objective(job.objective)
+    streams = Streams(job, w.tokenizer, rank, world, objective.needs_retain, objective.needs_idk)
     # Only trained parameters: a frozen one (RMU) gets no AdamW step and no weight decay, so it stays bit-identical.
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=job.lr, weight_decay=job.train.weight_decay)
@@ -60,17 +126,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     total_steps = job.epochs * len(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=warmup, total=total_steps,
                                                                      schedule=job.schedule))
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "job_hash": job.job_hash}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restart after a failure, or a re-run of the same run name: continue exactly
-        with checkpoint.as_directory() as folder:
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
+    if resume is not None:  # continue exactly where the checkpoint left this job
+        with resume.as_directory() as folder:
             state = load_train_state(Path(folder), model, optimizer)
-        if state["job_hash"] != job.job_hash:
-            raise RuntimeError(f"Ray checkpoint {checkpoint.path} belongs to another job; use a new run folder")
         scheduler.load_state_dict(state["scheduler"])
-    report = Reporter(job.runtime.board) if rank == 0 else None  # to the driver, which logs and shows it
-
-    setup_seconds = time.perf_counter() - t_start
+    state |= {"job_hash": w.group_hash, "job": w.order[job.label], "label": job.label, "done": done}
+    report = Reporter(job.runtime.board, job.label) if rank == 0 else None  # to the driver, which logs and shows it
+    job_setup_seconds = time.perf_counter() - t_job
 
     # ---- train: one optimizer step per group of micro-batches, metrics averaged over ranks per epoch ----
     for epoch in range(state["epoch"] + 1, job.epochs + 1):
@@ -81,7 +144,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             for k in range(size):
                 batch, n_tok = next(batches)
                 model.set_requires_gradient_sync(k == size - 1)  # reduce-scatter once per optimizer step
-                loss, metrics = objective.compute(model, ref, batch, job.params)
+                loss, metrics = objective.compute(model, w.ref, batch, job.params)
                 (loss / size).backward()
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
@@ -92,7 +155,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             tokens += step_tokens
-            job.runtime.faults.point("train.step", epoch=epoch, rank=rank)  # tests only: see uipe/faults.py
+            job.runtime.faults.point("train.step", job=job.label, epoch=epoch, rank=rank)  # tests: uipe/faults.py
             if report is not None:  # the last micro-batch's terms; tokens/s counts every rank's tokens
                 report.step(state["step"], {**{k: float(v) for k, v in metrics.items()},
                                             "lr": scheduler.get_last_lr()[0], "grad_norm": float(full_value(grad_norm)),
@@ -118,15 +181,16 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 if hf_folder is not None:
                     link_tree(hf_folder, Path(tmp) / "hf")
                 ray.train.report(epoch_metrics, checkpoint=Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"epoch_{epoch:02d}")
-            job.runtime.faults.point("train.report", epoch=epoch, rank=rank)  # tests only: see uipe/faults.py
-            if rank == 0 and epoch > job.train.keep_train_states:  # at the last epoch, wait for Ray's commit
-                prune_train_states(job.runtime.run_storage, committed_epochs(wait=epoch == job.epochs),
+                                 checkpoint_dir_name=checkpoint_name(job.label, epoch))
+            job.runtime.faults.point("train.report", job=job.label, epoch=epoch, rank=rank)  # tests only
+            # At a job's last epoch rank 0 waits for Ray's commit: a restart then never goes back into a finished job.
+            if rank == 0 and (epoch > job.train.keep_train_states or epoch == job.epochs):
+                prune_train_states(job.runtime.run_storage, committed(w.order, wait=epoch == job.epochs),
                                    job.train.keep_train_states)
 
     # ---- prepare: gate on greedy ROUGE-L, then publish the final folder ----
     result: dict[str, Any] = {"history": state["history"], "optimizer_steps": state["step"],
-                              "setup_seconds": setup_seconds, "loop_seconds": time.perf_counter() - t_start}
+                              "job_setup_seconds": job_setup_seconds}
     if not job.export_every_epoch:
         result |= finish_prepare(job, model, device, rank, state)
         if report is not None:  # the gate's figures beside the training curves
@@ -134,11 +198,14 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if result["model_utility"] is not None:
                 gate["gate_model_utility"] = result["model_utility"]
             report.final(state["step"], gate)
-    return result
+    if report is not None:
+        report.done()
+    return result | {"job_seconds": time.perf_counter() - t_job}
 
 
-def committed_epochs(wait: bool) -> list[int]:
-    """The epochs whose checkpoints Ray has committed; with `wait`, after the newest report is committed too.
+def committed(order: dict[str, int], wait: bool) -> list[str]:
+    """The group's checkpoints Ray has committed, oldest first (job, then epoch); with `wait`, after the newest
+    report is committed too.
 
     Why ask Ray: `ray.train.report` returns once this rank's files are uploaded, not once every rank's are; the
     controller commits a checkpoint only when all ranks have reported. Pruning on rank 0's word alone lost a run
@@ -150,8 +217,7 @@ def committed_epochs(wait: bool) -> list[int]:
 
     reported = ray.train.get_all_reported_checkpoints(
         consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=None if wait else 0)
-    names = (Path(r.checkpoint.path).name for r in reported)
-    return [int(n.removeprefix("epoch_")) for n in names if n.startswith("epoch_") and n[6:].isdigit()]
+    return group_order([Path(r.checkpoint.path).name for r in reported], order)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str = "linear") -> float:

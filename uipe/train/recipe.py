@@ -1,9 +1,10 @@
 """The training recipes on the driver, top to bottom: `prepare` (the benchmark's target and retain models) and
-`unlearn` (a base method, a Hugging Face model folder per epoch), each one Ray Train TorchTrainer running
-uipe/train/loop.py.
+`unlearn` (base methods, a Hugging Face model folder per epoch each), Ray Train TorchTrainers running
+uipe/train/loop.py; every method of one `unlearn` call trains in one fit (one worker group).
 
     prepare(cfg, run_dir) -> {"target": meta, "retain": meta}
-    unlearn(cfg, run_dir, method) -> the manifest path (unlearn/<method>/manifest.json)
+    unlearn(cfg, run_dir, "ga") -> the manifest path (unlearn/ga/manifest.json)
+    unlearn_methods(cfg, run_dir, ["ga", "npo"]) -> {method: manifest path}
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from uipe.paths import RunPaths
 from uipe.stages import recorded, reusable
 from uipe.ray_session import ensure_ray
 from uipe.train.driver import (
-    check_ray_run, check_workers, epoch_row, fit, restore_missing_epochs, runtime, storage_path,
+    check_ray_run, check_workers, epoch_row, fit, group_hash, restore_missing_epochs, runtime, storage_path,
     train_identity,
 )
 from uipe.train.job import Job
@@ -91,14 +92,16 @@ def prepare(cfg: ExperimentConfig, run_dir: str | Path) -> dict[str, Any]:
             schedule=cfg.prepare.schedule, gate=gate_sample(parts[role], cfg.prepare.gate_items, train_cfg.seed),
             eval_splits=evaluation, forget_split=split, eval=cfg.eval, min_rouge=cfg.prepare.min_rouge,
         )
-        check_ray_run(storage_path(cfg, paths), run_name, job.job_hash, folder)
+        check_ray_run(storage_path(cfg, paths), run_name, group_hash([job]), folder)
         jobs.append((role, folder, job, run_name))
 
     def train_one(item: tuple) -> None:
         role, folder, job, run_name = item
-        result = fit(job_cfg, paths, job, run_name, keep_all=False, loop=train_loop, data=(source, parts[role]))
+        result = fit(job_cfg, paths, [job], run_name, keep_all=False, loop=train_loop,
+                     data={job.label: (source, parts[role])})
         counts = {name: len(items) for name, items in job.gate.items()}
-        failure = rouge_failure(role, result.return_value["gate_rouge_l"], cfg.prepare.min_rouge, counts)
+        figures = result.return_value["jobs"][job.label]["gate_rouge_l"]
+        failure = rouge_failure(role, figures, cfg.prepare.min_rouge, counts)
         if failure:  # one after the other, a failing target stops prepare before the retain model trains
             raise UipeError(failure)
         out[role] = {**read_meta(folder), "path": str(folder), "trained": True}
@@ -139,43 +142,78 @@ def check_method_applies(bench: Benchmark, method: str) -> None:
 
 
 def unlearn(cfg: ExperimentConfig, run_dir: str | Path, method: str, resume: bool = True) -> Path:
-    """Run `method` for unlearn.epochs from the target model; an HF folder per epoch and a manifest, written last.
+    """Run `method` for unlearn.epochs from the target model: unlearn_methods with one method."""
+    return unlearn_methods(cfg, run_dir, [method], resume)[method]
 
-    Re-running resumes (same run name, same job hash); a run folder holding another config's results is an error.
-    resume=False deletes this method's earlier results (folders and Ray checkpoints) first.
+
+def unlearn_methods(cfg: ExperimentConfig, run_dir: str | Path, methods: list[str],
+                    resume: bool = True) -> dict[str, Path]:
+    """Run each method for unlearn.epochs from the target model, all in one fit (one worker group, theta_ini and the
+    frozen reference loaded once); an HF folder per epoch and a manifest per method, written last.
+
+    Re-running resumes (same methods, same job hashes): a method with a manifest is done, the fit resumes the
+    others; a run folder holding another config's results is an error. resume=False deletes these methods' earlier
+    results (folders and the fit's Ray checkpoints) first.
     """
-    objective, params = get_objective(method), cfg.method_params(method)
-    bench = get_benchmark(cfg.data.benchmark)
-    check_method_applies(bench, method)
     paths = RunPaths.of(run_dir)
+    bench = get_benchmark(cfg.data.benchmark)
+    for method in methods:
+        check_method_applies(bench, method)
     theta_ini = require_weights(cfg.model.target or paths.target_model, "target model")
-    if objective.check is not None:  # e.g. RMU's layer within the model's depth: one line, before any worker starts
-        from transformers import AutoConfig
+    for method in methods:  # e.g. RMU's layer within the model's depth: one line, before any worker starts
+        objective = get_objective(method)
+        if objective.check is not None:
+            from transformers import AutoConfig
 
-        objective.check(params, AutoConfig.from_pretrained(theta_ini, trust_remote_code=cfg.model.trust_remote_code))
+            objective.check(cfg.method_params(method),
+                            AutoConfig.from_pretrained(theta_ini, trust_remote_code=cfg.model.trust_remote_code))
     ensure_ray()
     check_workers(cfg.train)
     source = bench.ensure_data(cfg, paths)
+    storage, run_name = storage_path(cfg, paths), f"{cfg.name}-{'+'.join(methods)}"
+    if not resume:
+        for method in methods:
+            shutil.rmtree(paths.unlearn(method), ignore_errors=True)
+        if "://" not in storage:
+            shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
+    jobs, data, data_hashes = [], {}, {}
+    for method in methods:
+        job, splits, data_hashes[method] = unlearn_job(cfg, paths, bench, source, method, theta_ini)
+        jobs.append(job)
+        data[method] = (source, splits)
+    check_ray_run(storage, run_name, group_hash(jobs), paths.unlearn(methods[0]))
+    done = frozenset(j.label for j in jobs if reusable(recorded(paths.manifest(j.label)), {"job_hash": j.job_hash},
+                                                       paths.unlearn(j.label)))
+    if len(done) < len(jobs):
+        for job in jobs:
+            if job.label not in done:
+                atomic_write_json(paths.unlearn(job.label) / "job.json", {
+                    "job_hash": job.job_hash, "method": job.label, "theta_ini": str(theta_ini)})
+        t_fit = time.perf_counter()
+        result = fit(cfg, paths, jobs, run_name, keep_all=True, loop=train_loop, data=data, skip=done)
+        for job in jobs:
+            if job.label not in done:
+                write_manifest(cfg, paths, job, data_hashes[job.label], result, time.perf_counter() - t_fit, methods)
+    return {method: paths.manifest(method) for method in methods}
+
+
+def unlearn_job(cfg: ExperimentConfig, paths: RunPaths, bench: Benchmark, source: str, method: str,
+                theta_ini: Path) -> tuple[Job, dict[str, Any], str]:
+    """`method`'s Job, its named training splits and their hash, after refusing a folder that holds another
+    config's results."""
+    objective, params = get_objective(method), cfg.method_params(method)
     forget, retain, idk = bench.unlearning_records(source, cfg.data.forget_split, objective.needs_idk)
     data_hash = bench.records_hash(forget, retain, idk)
     ident = {"method": method, "params": params, "unlearn": cfg.unlearn.model_dump(include={"epochs", "lr"}),
              "train": train_identity(cfg.train), "model": cfg.model.model_dump(exclude={"target", "base"}),
              "theta_ini": model_identity(theta_ini), "data_hash": data_hash, "forget_split": cfg.data.forget_split}
     job_hash = config_hash(ident)
-    folder, storage, run_name = paths.unlearn(method), storage_path(cfg, paths), f"{cfg.name}-{method}"
-    if not resume:
-        shutil.rmtree(folder, ignore_errors=True)
-        if "://" not in storage:
-            shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
+    folder = paths.unlearn(method)
     job_file = folder / "job.json"
     old = recorded(job_file)
     if old is None and folder.exists() and any(folder.iterdir()):
         raise UipeError(f"{folder}: results without a {job_file.name}; use a new run folder or delete it")
     reusable(old, {"job_hash": job_hash}, folder, "results of a different config/data", "refuse")
-    check_ray_run(storage, run_name, job_hash, folder)
-    if reusable(recorded(paths.manifest(method)), {"job_hash": job_hash}, folder):
-        return paths.manifest(method)  # finished before: nothing to do
-    atomic_write_json(job_file, {"job_hash": job_hash, "method": method, "theta_ini": str(theta_ini)})
     meta = {"kind": "unlearn", "method": method, "theta_ini": str(theta_ini), "job_hash": job_hash,
             "params": params.model_dump(), "code_version": code_version()}
     job = Job(
@@ -184,17 +222,23 @@ def unlearn(cfg: ExperimentConfig, run_dir: str | Path, method: str, resume: boo
         job_hash=job_hash, export=str(folder), export_every_epoch=True, checkpoint_every=1,
         runtime=runtime(cfg, paths), meta=meta,
     )
-    t_fit = time.perf_counter()
-    splits = dict(zip(bench.unlearning_split_names(cfg.data.forget_split), (forget, retain)))
-    result = fit(cfg, paths, job, run_name, keep_all=True, loop=train_loop, data=(source, splits))
-    timing = {"fit_seconds": time.perf_counter() - t_fit, "worker_setup_seconds": result.return_value["setup_seconds"],
-              "worker_loop_seconds": result.return_value["loop_seconds"]}
+    return job, dict(zip(bench.unlearning_split_names(cfg.data.forget_split), (forget, retain))), data_hash
+
+
+def write_manifest(cfg: ExperimentConfig, paths: RunPaths, job: Job, data_hash: str, result: Any,
+                   fit_seconds: float, group: list[str]) -> None:
+    """What the search reads of a finished method: its epoch folders (restored from Ray if deleted), their
+    training metrics, identities, and where the time went (`group`: the methods that shared the fit)."""
+    method, out = job.label, result.return_value
+    mine = out["jobs"][method]
+    timing = {"fit_seconds": fit_seconds, "fit_methods": group, "worker_setup_seconds": out["setup_seconds"],
+              "job_setup_seconds": mine["job_setup_seconds"], "job_seconds": mine["job_seconds"],
+              "worker_loop_seconds": out["loop_seconds"]}
     epochs = restore_missing_epochs(result, paths, method, cfg.unlearn.epochs)
-    history = result.return_value["history"]
     atomic_write_json(paths.manifest(method), {
-        "method": method, "params": params.model_dump(), "theta_ini": str(theta_ini), "job_hash": job_hash,
+        "method": method, "params": job.meta["params"], "theta_ini": job.model_path, "job_hash": job.job_hash,
         "data_hash": data_hash, "forget_split": cfg.data.forget_split, "code_version": code_version(),
-        "lr": cfg.unlearn.lr, "epochs": [{"epoch": e, "path": str(p), **epoch_row(history, e)} for e, p in epochs],
-        "optimizer_steps": result.return_value["optimizer_steps"], "ray_run": str(result.path), "timing": timing,
+        "lr": cfg.unlearn.lr, "epochs": [{"epoch": e, "path": str(p), **epoch_row(mine["history"], e)}
+                                         for e, p in epochs],
+        "optimizer_steps": mine["optimizer_steps"], "ray_run": str(result.path), "timing": timing,
     })
-    return paths.manifest(method)

@@ -65,6 +65,14 @@ def load_sharded(job: Job, device: torch.device, mesh: Any, trainable: bool,
     return model.eval()
 
 
+def reload_initial(model: nn.Module, model_path: str) -> None:
+    """theta_ini back into this rank's shards of `model`, in place (the next job of a group starts where a fresh load
+    would: the same reads into the same storage; the page cache serves them)."""
+    from uipe.safetensors_io import read_checkpoint
+
+    load_own_shards(model, read_checkpoint(local_weights(model_path)))
+
+
 def freeze_untrained(model: nn.Module, train_only: Callable[[str], bool]) -> None:
     """requires_grad False on every parameter none of whose names (tied aliases included) `train_only` accepts.
 
