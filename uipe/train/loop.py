@@ -14,6 +14,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -45,7 +46,7 @@ class Worker:
     tokenizer: Any
     ref: torch.nn.Module | None  # the frozen theta_ini, where some job needs it
     group_hash: str
-    order: dict[str, int]  # job label -> its place in the group, to order checkpoints
+    pruner: Pruner  # rank 0's
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -76,7 +77,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     needs_ref = any(get_objective(job.objective).needs_ref for _, job in todo)
     worker = Worker(rank, world, device, mesh, load_tokenizer(first.model_path),
                     load_sharded(first, device, mesh, trainable=False) if needs_ref else None,
-                    config["group_hash"], {job.label: i for i, job in enumerate(jobs)})
+                    config["group_hash"], Pruner({job.label: i for i, job in enumerate(jobs)}))
     setup_seconds = time.perf_counter() - t_start
 
     # ---- train each job in turn, from theta_ini, resuming the one the checkpoint was saved in ----
@@ -131,7 +132,7 @@ def train_job(job: Job, w: Worker, model: torch.nn.Module, resume: Any, done: di
         with resume.as_directory() as folder:
             state = load_train_state(Path(folder), model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
-    state |= {"job_hash": w.group_hash, "job": w.order[job.label], "label": job.label, "done": done}
+    state |= {"job_hash": w.group_hash, "job": w.pruner.order[job.label], "label": job.label, "done": done}
     report = Reporter(job.runtime.board, job.label) if rank == 0 else None  # to the driver, which logs and shows it
     job_setup_seconds = time.perf_counter() - t_job
 
@@ -183,10 +184,8 @@ def train_job(job: Job, w: Worker, model: torch.nn.Module, resume: Any, done: di
                 ray.train.report(epoch_metrics, checkpoint=Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=checkpoint_name(job.label, epoch))
             job.runtime.faults.point("train.report", job=job.label, epoch=epoch, rank=rank)  # tests only
-            # At a job's last epoch rank 0 waits for Ray's commit: a restart then never goes back into a finished job.
-            if rank == 0 and (epoch > job.train.keep_train_states or epoch == job.epochs):
-                prune_train_states(job.runtime.run_storage, committed(w.order, wait=epoch == job.epochs),
-                                   job.train.keep_train_states)
+            if rank == 0:
+                w.pruner.after(job, epoch)
 
     # ---- prepare: gate on greedy ROUGE-L, then publish the final folder ----
     result: dict[str, Any] = {"history": state["history"], "optimizer_steps": state["step"],
@@ -203,21 +202,49 @@ def train_job(job: Job, w: Worker, model: torch.nn.Module, resume: Any, done: di
     return result | {"job_seconds": time.perf_counter() - t_job}
 
 
-def committed(order: dict[str, int], wait: bool) -> list[str]:
-    """The group's checkpoints Ray has committed, oldest first (job, then epoch); with `wait`, after the newest
-    report is committed too.
+class Pruner:
+    """Rank 0 deletes the sharded training state of all but the newest train.keep_train_states committed checkpoints
+    of the group, mostly off the training thread.
 
-    Why ask Ray: `ray.train.report` returns once this rank's files are uploaded, not once every rank's are; the
-    controller commits a checkpoint only when all ranks have reported. Pruning on rank 0's word alone lost a run
-    (on-prem check, a worker killed mid-upload): epoch e stayed uncommitted, the restart went back to e-1, whose state
-    rank 0 had already deleted. Without `wait` this does not block training (an epoch's commit lands a poll later, so
-    one more state stays on disk until the next epoch); with it, if a rank dies, the call ends with the worker group.
+    Why ask Ray what it committed: `ray.train.report` returns once this rank's files are uploaded, not once every
+    rank's are; the controller commits a checkpoint only when all ranks have reported. Pruning on rank 0's word alone
+    lost a run (on-prem check, a worker killed mid-upload): epoch e stayed uncommitted, the restart went back to
+    e-1, whose state rank 0 had already deleted. Why a thread: the answer waits for the controller's next poll of
+    the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), which cost ~1.7 s per epoch on the tiny
+    preset, more than its training. At a job's last epoch rank 0 waits for the commit on the training thread, so a
+    restart never goes back into a finished job (if a rank dies meanwhile, the wait ends with the worker group).
     """
-    import ray.train
 
-    reported = ray.train.get_all_reported_checkpoints(
-        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=None if wait else 0)
-    return group_order([Path(r.checkpoint.path).name for r in reported], order)
+    def __init__(self, order: dict[str, int]) -> None:
+        self.order = order  # job label -> its place in the group, to order checkpoints
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # the thread's, raised on the training thread at the job's end
+
+    def after(self, job: Job, epoch: int) -> None:
+        args = (job.runtime.run_storage, job.train.keep_train_states)
+        if epoch == job.epochs:
+            if self.thread is not None:
+                self.thread.join()
+            if self.error is not None:
+                raise self.error
+            self.prune(*args, wait=True)
+        elif epoch > job.train.keep_train_states and not (self.thread is not None and self.thread.is_alive()):
+            self.thread = threading.Thread(target=self._prune_soon, args=args, name="uipe-prune", daemon=True)
+            self.thread.start()  # one at a time: while one runs, the next epoch's prune catches up
+
+    def _prune_soon(self, run_storage: str, keep: int) -> None:
+        try:
+            self.prune(run_storage, keep, wait=False)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread
+            self.error = e
+
+    def prune(self, run_storage: str, keep: int, wait: bool) -> None:
+        import ray.train
+
+        reported = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=None if wait else 0)
+        prune_train_states(run_storage, group_order([Path(r.checkpoint.path).name for r in reported], self.order),
+                           keep)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str = "linear") -> float:
