@@ -96,11 +96,10 @@ def prepared_run(tmp_path_factory: pytest.TempPathFactory, ray_session, tiny_cfg
 
 @pytest.fixture(scope="session")
 def unlearned_run(prepared_run, tiny_cfg):
-    """prepared_run plus GA and NPO unlearning (2 Ray Train workers, a checkpoint per epoch)."""
-    from uipe.train.recipe import unlearn
+    """prepared_run plus GA and NPO unlearning (2 Ray Train workers, one fit, a checkpoint per epoch)."""
+    from uipe.train.recipe import unlearn_methods
 
-    for method in ("ga", "npo"):
-        unlearn(tiny_cfg, prepared_run.root, method)
+    unlearn_methods(tiny_cfg, prepared_run.root, ["ga", "npo"])
     return prepared_run
 
 

@@ -1,6 +1,8 @@
 """Several unlearning methods in one fit (one worker group, theta_ini and the reference loaded once) train exactly
 as one fit per method; a worker killed in the second method resumes that method exactly and leaves the first
-method's outputs untouched; each method keeps its own MLflow run.
+method's outputs untouched; each method keeps its own MLflow run. The newer methods (RMU, UNDIAL, WGA, SatImp) train
+through the same fit on 2 FSDP2 workers; RMU's frozen parameters stay bit-identical, and it resumes exactly after a
+worker fails; a bad RMU layer is refused before any worker starts.
 
 theta_ini is the tiny preset's random-init model (no prepare: these check the mechanics, not the forgetting).
 """
@@ -8,22 +10,26 @@ theta_ini is the tiny preset's random-init model (no prepare: these check the me
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from uipe.config import load_config
+from uipe.errors import UipeError
 
 torch.set_num_threads(1)
 
-# GA (no reference), NPO (the shared frozen reference), RMU (some parameters frozen: a fresh load, not a reload)
-METHODS = ["ga", "npo", "rmu"]
+# GA first (a fresh load), NPO (theta_ini re-read into the same model; the shared frozen reference), RMU (some
+# parameters frozen: a fresh load after a shared model), then the other newer methods (re-reads again)
+METHODS = ["ga", "npo", "rmu", "undial", "wga", "satimp"]
 
 
 def _cfg(synth_dir: Path, tiny_base: Path, *extra: str):
+    # tiny_base has the tiny preset's 4 layers; rmu.layer 2 trains layers 0-2's mlp.down_proj.weight.
     return load_config(None, [f"data.source={synth_dir}", f"model.target={tiny_base}", "unlearn.epochs=2",
-                              "unlearn.rmu.layer=2", "train.max_failures=1", *extra])
+                              "unlearn.rmu.layer=2", "train.max_failures=2", *extra])
 
 
 def _weights(manifest: Path) -> list[bytes]:
@@ -31,10 +37,8 @@ def _weights(manifest: Path) -> list[bytes]:
     return [(Path(r["path"]) / "model.safetensors").read_bytes() for r in rows]
 
 
-def _files(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file under `folder` with its inode and modification time: what rewriting would change."""
-    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.ray
@@ -43,7 +47,9 @@ def test_one_fit_for_many_methods_equals_one_fit_each_and_resumes_the_method_tha
         ray_session: object, synth_dir: Path, tiny_base: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
+    from safetensors.torch import load_file
 
+    from uipe.methods.rmu import Params, is_trainable
     from uipe.paths import RunPaths
     from uipe.tracking import tracking_uri
     from uipe.train.recipe import unlearn, unlearn_methods
@@ -52,34 +58,58 @@ def test_one_fit_for_many_methods_equals_one_fit_each_and_resumes_the_method_tha
     together = unlearn_methods(cfg, tmp_path / "together", METHODS)
     timing = json.loads(together["npo"].read_text())["timing"]
     assert timing["fit_methods"] == METHODS and timing["job_seconds"] < timing["fit_seconds"]
-    for method in METHODS:  # bit for bit, every epoch, as if each had had a fit of its own
-        alone = unlearn(cfg, tmp_path / f"alone-{method}", method)
-        assert _weights(together[method]) == _weights(alone), method
-    # two epochs moved GA's weights at all (a group that trained nothing would also be "identical")
-    assert len(set(_weights(together["ga"]))) == 2
+    for method in METHODS:
+        manifest = json.loads(together[method].read_text())
+        assert manifest["optimizer_steps"] >= 2 and all(math.isfinite(e["loss"]) for e in manifest["epochs"]), method
+        assert len(set(_weights(together[method]))) == 2, method  # each epoch moved the weights
+    # Bit for bit, every epoch, as one fit of its own: NPO (the re-read path) and RMU (a fresh load after it). GA
+    # is the first job, loaded as in any fit.
+    for method in ("npo", "rmu"):
+        assert _weights(together[method]) == _weights(unlearn(cfg, tmp_path / f"alone-{method}", method)), method
+    # RMU trained only layers 0-2's down projections; every other tensor is theta_ini's, bit for bit.
+    ini, params = load_file(tiny_base / "model.safetensors"), Params(layer=2)
+    trained = sorted(k for k in ini if is_trainable(params, k))
+    assert trained == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)]
+    for row in json.loads(together["rmu"].read_text())["epochs"]:
+        a = load_file(Path(row["path"]) / "model.safetensors")
+        for key, value in ini.items():
+            assert torch.equal(a[key], value) != (key in trained), key  # trained ones moved, the rest did not
 
-    # Rank 1 dies in NPO's second epoch: Ray restarts the worker group, which skips GA (done, its results in the
-    # checkpoint's state) and resumes NPO from its epoch-1 state, then trains RMU.
-    killed = tmp_path / "killed_once"
+    # Rank 1 dies at NPO's first step. GA's last checkpoint is then committed (rank 0 waits for it before NPO, and
+    # rank 1 cannot step without rank 0), so the restarted worker group starts from it: GA is done (that checkpoint
+    # holds no training state, only its results) and NPO trains from theta_ini. Then rank 1 raises in RMU's second
+    # epoch: RMU resumes from its epoch-1 sharded state (whose optimizer holds only the trained parameters) if Ray
+    # had committed it, else it starts over; either way the same weights.
+    killed, raised = tmp_path / "killed_once", tmp_path / "raised_once"
     run = tmp_path / "faulted"
-    monkeypatch.setenv("UIPE_FAULTS", f"train.step:kill,job=npo,epoch=2,rank=1,marker={killed}")
+    monkeypatch.setenv("UIPE_FAULTS", f"train.step:kill,job=npo,epoch=1,rank=1,marker={killed};"
+                                      f"train.step:raise,job=rmu,epoch=2,rank=1,marker={raised}")
     faulted = unlearn_methods(cfg, run, METHODS)
-    assert killed.is_file() and "job=npo" in killed.read_text()
+    assert "job=npo" in killed.read_text() and "job=rmu" in raised.read_text()
     for method in METHODS:
         assert _weights(faulted[method]) == _weights(together[method]), method
-    # GA's folder was written before the fault and not again (a restart never goes back into a finished job: its
-    # last checkpoint is committed before the next job starts); a rewrite would show in the files' times.
+    # GA's epochs were written before the fault and not again (a restart never goes back into a finished job: its
+    # last checkpoint is committed before the next job starts).
     paths = RunPaths.of(run)
-    ga_files = {k: v for k, v in _files(paths.unlearn("ga")).items() if k.startswith("epoch_")}  # not the manifest
-    assert len(ga_files) > 4 and all(mtime < killed.stat().st_mtime_ns for _, mtime in ga_files.values())
+    ga_files = {k: v for k, v in _mtimes(paths.unlearn("ga")).items() if k.startswith("epoch_")}  # not the manifest
+    assert len(ga_files) > 4 and all(mtime < killed.stat().st_mtime_ns for mtime in ga_files.values())
 
     # MLflow: one run per method, each finished, each epoch's metrics logged once (a retrained epoch is not logged
     # again), every optimizer step's loss once
     client = MlflowClient(tracking_uri(cfg, paths))
-    runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert sorted(r.info.run_name for r in runs) == sorted(f"unlearn-{m}" for m in METHODS)
     for run_info in runs:
         assert run_info.info.status == "FINISHED", run_info.info.run_name
         epochs = [m.step for m in client.get_metric_history(run_info.info.run_id, "epoch_loss")]
         steps = [m.step for m in client.get_metric_history(run_info.info.run_id, "loss")]
         assert sorted(epochs) == [2, 4] and sorted(steps) == [1, 2, 3, 4], run_info.info.run_name
+
+
+def test_a_bad_rmu_layer_is_refused_before_any_worker_starts(synth_dir: Path, tiny_base: Path,
+                                                             tmp_path: Path) -> None:
+    from uipe.train.recipe import unlearn_methods
+
+    with pytest.raises(UipeError, match=r"unlearn.rmu.layer: 4 is beyond the model's depth \(4 decoder layers"):
+        unlearn_methods(_cfg(synth_dir, tiny_base, "unlearn.rmu.layer=4"), tmp_path / "run", ["ga", "rmu"])
+    assert not (tmp_path / "run").exists()  # nothing written, not even GA's folder

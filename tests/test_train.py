@@ -269,11 +269,18 @@ def test_gate_records_per_split_figures_and_moves_a_failing_pair_aside(prepared:
 
 
 @pytest.fixture(scope="module")
-def ga_manifest(prepared: tuple[Path, dict]) -> dict:
-    from uipe.train.recipe import unlearn
+def manifests(prepared: tuple[Path, dict]) -> dict[str, dict]:
+    """GA and the three methods with a retain term, unlearned from the prepared target in one fit."""
+    from uipe.train.recipe import unlearn_methods
 
     run, _ = prepared
-    return json.loads(unlearn(small_cfg(), run, "ga").read_text())
+    return {m: json.loads(p.read_text())
+            for m, p in unlearn_methods(small_cfg(), run, ["ga", "graddiff", "kl", "npo"]).items()}
+
+
+@pytest.fixture(scope="module")
+def ga_manifest(manifests: dict[str, dict]) -> dict:
+    return manifests["ga"]
 
 
 @pytest.mark.ray
@@ -307,14 +314,13 @@ def test_ga_epochs_load_and_forget_nll_rises(prepared: tuple[Path, dict], ga_man
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["graddiff", "kl", "npo"])
-def test_retain_nll_stays_bounded(prepared: tuple[Path, dict], method: str) -> None:
+def test_retain_nll_stays_bounded(prepared: tuple[Path, dict], manifests: dict[str, dict], method: str) -> None:
     from uipe.data import forget_and_retain
     from uipe.paths import RunPaths
-    from uipe.train.recipe import unlearn
 
     run, _ = prepared
     paths = RunPaths.of(run)
-    manifest = json.loads(unlearn(small_cfg(), run, method).read_text())
+    manifest = manifests[method]
     _, retain = forget_and_retain(str(paths.data), "forget10")
     start = _nll(paths.target_model, retain)
     bound = max(RETAIN_FACTOR * start, start + RETAIN_SLACK)
@@ -350,12 +356,14 @@ def test_worker_failure_resumes_exactly(prepared: tuple[Path, dict], ga_manifest
     for mine, ref in zip(manifest["epochs"], ga_manifest["epochs"]):
         a, b = load_file(Path(mine["path"]) / "model.safetensors"), load_file(Path(ref["path"]) / "model.safetensors")
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b), mine["epoch"]
-    # train.keep_train_states=1: only the newest epoch keeps its sharded training state (the resumes above used
-    # epoch 1's and epoch 2's before newer ones were committed); every epoch keeps its HF export, the candidates.
+    # train.keep_train_states=1: epoch 2's sharded training state, the newest once epoch 3 trained, was pruned
+    # after epoch 3 committed (the resumes above used epoch 1's and epoch 2's before newer ones were committed);
+    # the last epoch of a finished method saves none; every epoch keeps its HF export (the candidates) and state.json.
     ckpts = RunPaths.of(other).ray_storage / f"{cfg.name}-ga"
-    assert [(e.name, (e / "dcp").is_dir(), (e / "hf" / "model.safetensors").is_file())
-            for e in sorted(ckpts.glob("ga-epoch_*"))] == [("ga-epoch_01", False, True), ("ga-epoch_02", False, True),
-                                                           ("ga-epoch_03", True, True)]
+    assert [(e.name, (e / "dcp").is_dir(), (e / "hf" / "model.safetensors").is_file(), (e / "state.json").is_file())
+            for e in sorted(ckpts.glob("ga-epoch_*"))] == [("ga-epoch_01", False, True, True),
+                                                           ("ga-epoch_02", False, True, True),
+                                                           ("ga-epoch_03", False, True, True)]
     # Re-running a finished run returns its manifest; the same folder with another config is refused.
     assert json.loads(unlearn(cfg, other, "ga").read_text()) == manifest
     with pytest.raises(UipeError, match="results of a different config"):

@@ -140,14 +140,16 @@ def link_tree(src: Path, dst: Path) -> None:
 # ---- sharded training state (exact resume) -------------------------------------------------------------------------
 
 
-def save_train_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+def save_train_state(folder: Path, shards: tuple[nn.Module, torch.optim.Optimizer] | None, state: dict[str, Any],
                      rank: int) -> None:
-    """Model and optimizer shards with torch DCP (each rank writes its own files), plus state.json from rank 0."""
+    """Model and optimizer shards with torch DCP (each rank writes its own files; none when `shards` is None), plus
+    state.json from rank 0."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / DCP_DIR))
+    if shards is not None:
+        model_sd, optim_sd = get_state_dict(*shards)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder / DCP_DIR))
     if rank == 0:
         (folder / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
 

@@ -73,6 +73,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         if state["job_hash"] != config["group_hash"]:
             raise RuntimeError(f"Ray checkpoint {checkpoint.path} belongs to another job; use a new run folder")
     done: dict[str, dict[str, Any]] = dict(state.get("done", {}))  # finished jobs' results, carried in each state
+    if state and state["epoch"] == jobs[state["job"]].epochs and jobs[state["job"]].export_every_epoch:
+        # an unlearning job's last checkpoint: it finished (and carries no training state to load: see train_job)
+        done[state["label"]] = {"history": state["history"], "optimizer_steps": state["step"],
+                                "job_setup_seconds": 0.0, "job_seconds": 0.0}
     todo = [(i, job) for i, job in enumerate(jobs) if job.label not in done and job.label not in config["skip"]]
     needs_ref = any(get_objective(job.objective).needs_ref for _, job in todo)
     worker = Worker(rank, world, device, mesh, load_tokenizer(first.model_path),
@@ -83,9 +87,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     # ---- train each job in turn, from theta_ini, resuming the one the checkpoint was saved in ----
     model, shared = None, False
     for index, job in todo:
+        t_job = time.perf_counter()
         model, shared = start_model(job, worker, model, shared)
         resume = checkpoint if state.get("job") == index else None
-        done[job.label] = train_job(job, worker, model, resume, done)
+        done[job.label] = train_job(job, worker, model, resume, done, t_job)
     return {"jobs": done, "setup_seconds": setup_seconds, "loop_seconds": time.perf_counter() - t_start}
 
 
@@ -107,14 +112,16 @@ def start_model(job: Job, w: Worker, model: torch.nn.Module | None, shared: bool
     return load_sharded(job, w.device, w.mesh, trainable=True, train_only=train_only), train_only is None
 
 
-def train_job(job: Job, w: Worker, model: torch.nn.Module, resume: Any, done: dict[str, Any]) -> dict[str, Any]:
+def train_job(job: Job, w: Worker, model: torch.nn.Module, resume: Any, done: dict[str, Any],
+              t_job: float) -> dict[str, Any]:
     """One job from theta_ini (or from `resume`, the group's newest checkpoint, saved in this job): its epochs,
-    exports and checkpoints; prepare's gate at the end. Returns its result (history, steps, timing)."""
+    exports and checkpoints; prepare's gate at the end. Returns its result (history, steps, timing from `t_job`, when
+    its model started loading)."""
     import ray.train
     from ray.train import Checkpoint
 
     # ---- setup: seed, data, optimiser, schedule, and the state to resume from ----
-    t_job, rank, world, device = time.perf_counter(), w.rank, w.world, w.device
+    rank, world, device = w.rank, w.world, w.device
     torch.manual_seed(job.train.seed)
     objective = get_objective(job.objective)
     streams = Streams(job, w.tokenizer, rank, world, objective.needs_retain, objective.needs_idk)
@@ -178,7 +185,10 @@ def train_job(job: Job, w: Worker, model: torch.nn.Module, resume: Any, done: di
                                      {**job.meta, **epoch_metrics})
         if job.export_every_epoch or epoch % job.checkpoint_every == 0 or epoch == job.epochs:
             with tempfile.TemporaryDirectory(prefix="uipe-ckpt-") as tmp:
-                save_train_state(Path(tmp), model, optimizer, state, rank)
+                # An unlearning job's last epoch keeps no training state: nothing resumes a finished job (its HF
+                # exports are its results), and at 7B the model and AdamW shards are ~80 GB per checkpoint.
+                finished = job.export_every_epoch and epoch == job.epochs
+                save_train_state(Path(tmp), None if finished else (model, optimizer), state, rank)
                 if hf_folder is not None:
                     link_tree(hf_folder, Path(tmp) / "hf")
                 ray.train.report(epoch_metrics, checkpoint=Checkpoint.from_directory(tmp),
