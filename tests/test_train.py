@@ -141,11 +141,14 @@ def test_hf_folder_sharded_round_trip(tiny_base: Path, tmp_path: Path) -> None:
 
 @pytest.mark.ray
 def test_bad_input_writes_nothing(ray_session: object, tmp_path: Path, synth_dir: Path) -> None:
-    from uipe.train.recipe import prepare, unlearn
+    from uipe.train.recipe import prepare, unlearn, unlearn_methods
 
     run = tmp_path / "run"
     with pytest.raises(UipeError, match="unknown method 'sgd'"):
         unlearn(small_cfg(), run, "sgd")
+    for methods in (["ga", "npo", "ga"], []):  # one fit cannot train a method twice, nor nothing
+        with pytest.raises(UipeError, match=r"must name at least one method, each once"):
+            unlearn_methods(small_cfg(), run, methods)
     with pytest.raises(UipeError, match="no config.json"):  # unlearn before prepare: no target model
         unlearn(small_cfg(), run, "ga")
     with pytest.raises(UipeError, match="num_workers=4: Ray has only 2 CPUs"):

@@ -133,8 +133,6 @@ def unlearn(methods: Annotated[list[str], typer.Option(
     cfg, paths = _setup(config, run_dir, set_)
     for method in methods:
         cfg.method_params(method)
-    if len(set(methods)) < len(methods):
-        raise UipeError(f"--method: {methods} names a method twice")
     from uipe.console import say
 
     with _quiet(paths, f"unlearn-{'+'.join(methods)}", verbose):

@@ -76,6 +76,8 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, jobs: list[Job], run_name: str, 
     # 2 s by default): ~4 s of every tiny job. It passes this variable on to the controller; the user's value wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     first = jobs[0]
+    if len({job.label for job in jobs}) < len(jobs):  # labels name checkpoints, MLflow runs and results
+        raise UipeError(f"jobs {[job.label for job in jobs]}: a fit trains each job once")
     for job in jobs[1:]:  # what the worker group sets up once must be the same for every job
         if (job.model_path, job.model, job.train) != (first.model_path, first.model, first.train):
             raise UipeError(f"{job.label}: a job of another model or training config cannot share a fit with "

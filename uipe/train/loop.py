@@ -10,6 +10,7 @@ schedule, exports and checkpoints, so it trains exactly as it would in a fit of 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -85,31 +86,35 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     setup_seconds = time.perf_counter() - t_start
 
     # ---- train each job in turn, from theta_ini, resuming the one the checkpoint was saved in ----
-    model, shared = None, False
+    model, reusable = None, False
     for index, job in todo:
         t_job = time.perf_counter()
-        model, shared = start_model(job, worker, model, shared)
+        trains_all = get_objective(job.objective).trainable is None
+        if not (reusable and trains_all):
+            model = None  # the previous job's model is freed before a fresh load
+            gc.collect()  # FSDP2's hooks hold reference cycles
+        model = start_model(job, worker, model)
+        reusable = trains_all
         resume = checkpoint if state.get("job") == index else None
         done[job.label] = train_job(job, worker, model, resume, done, t_job)
     return {"jobs": done, "setup_seconds": setup_seconds, "loop_seconds": time.perf_counter() - t_start}
 
 
-def start_model(job: Job, w: Worker, model: torch.nn.Module | None, shared: bool) -> tuple[torch.nn.Module, bool]:
-    """theta_ini as `job` trains it: the previous job's model with its shards re-read (bit-identical to a fresh load;
-    every parameter trained), or a fresh load where a job trains only some parameters (FSDP2 reads requires_grad as
-    it initialises) or none came before. Returns the model and whether the next job may reuse it."""
+def start_model(job: Job, w: Worker, model: torch.nn.Module | None) -> torch.nn.Module:
+    """theta_ini as `job` trains it: `model` (the previous job's, every parameter trained) with its shards re-read
+    in place, bit-identical to a fresh load; else (None) a fresh load, as for a job that trains only some parameters
+    (FSDP2 reads requires_grad as it initialises)."""
     objective = get_objective(job.objective)
     if objective.check is not None:  # the driver checks first; a worker never trains on params that do not fit
         from transformers import AutoConfig
 
         objective.check(job.params, AutoConfig.from_pretrained(job.model_path,
                                                                trust_remote_code=job.model.trust_remote_code))
-    if objective.trainable is None and shared and model is not None:
+    if model is not None:
         reload_initial(model, job.model_path)
-        return model.train(), True
-    del model  # its memory is free before the fresh copy loads
+        return model.train()
     train_only = None if objective.trainable is None else partial(objective.trainable, job.params)
-    return load_sharded(job, w.device, w.mesh, trainable=True, train_only=train_only), train_only is None
+    return load_sharded(job, w.device, w.mesh, trainable=True, train_only=train_only)
 
 
 def train_job(job: Job, w: Worker, model: torch.nn.Module, resume: Any, done: dict[str, Any],

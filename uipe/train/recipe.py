@@ -155,6 +155,8 @@ def unlearn_methods(cfg: ExperimentConfig, run_dir: str | Path, methods: list[st
     others; a run folder holding another config's results is an error. resume=False deletes these methods' earlier
     results (folders and the fit's Ray checkpoints) first.
     """
+    if not methods or len(set(methods)) < len(methods):
+        raise UipeError(f"unlearn: methods {methods} must name at least one method, each once")
     paths = RunPaths.of(run_dir)
     bench = get_benchmark(cfg.data.benchmark)
     for method in methods:
@@ -191,9 +193,10 @@ def unlearn_methods(cfg: ExperimentConfig, run_dir: str | Path, methods: list[st
                     "job_hash": job.job_hash, "method": job.label, "theta_ini": str(theta_ini)})
         t_fit = time.perf_counter()
         result = fit(cfg, paths, jobs, run_name, keep_all=True, loop=train_loop, data=data, skip=done)
+        fit_seconds = time.perf_counter() - t_fit
         for job in jobs:
             if job.label not in done:
-                write_manifest(cfg, paths, job, data_hashes[job.label], result, time.perf_counter() - t_fit, methods)
+                write_manifest(cfg, paths, job, data_hashes[job.label], result, fit_seconds, methods)
     return {method: paths.manifest(method) for method in methods}
 
 
