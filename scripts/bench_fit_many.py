@@ -45,7 +45,7 @@ def setup(root: Path, args: argparse.Namespace):
     return cfg, base
 
 
-def fixed_seconds(manifest: Path) -> tuple[float, float]:
+def fit_and_train_seconds(manifest: Path) -> tuple[float, float]:
     """(the fit's wall time, the seconds this method's epochs spent training)."""
     m = json.loads(manifest.read_text())
     return m["timing"]["fit_seconds"], sum(e["seconds"] for e in m["epochs"])
@@ -77,14 +77,14 @@ def main() -> None:
     for method in methods:  # the baseline: one fit per method, each in a run folder of its own
         t0 = time.perf_counter()
         manifest = unlearn_methods(cfg, root / f"alone-{method}", [method])[method]
-        fit, train = fixed_seconds(manifest)
+        fit, train = fit_and_train_seconds(manifest)
         shutil.rmtree(root / f"alone-{method}")  # at 800M a method's exports and training state are ~13 GB
         separate[method] = {"wall_s": time.perf_counter() - t0, "fit_s": fit, "train_s": train, "fixed_s": fit - train}
     t0 = time.perf_counter()
     manifests = unlearn_methods(cfg, root / "together", methods)
     wall = time.perf_counter() - t0
-    fit = fixed_seconds(manifests[methods[0]])[0]
-    train = sum(fixed_seconds(m)[1] for m in manifests.values())
+    fit = fit_and_train_seconds(manifests[methods[0]])[0]
+    train = sum(fit_and_train_seconds(m)[1] for m in manifests.values())
     timing = {m: json.loads(p.read_text())["timing"] for m, p in manifests.items()}
     ray.shutdown()
     shutil.rmtree(root)
