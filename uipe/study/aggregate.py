@@ -284,9 +284,13 @@ def plot_fronts(seeds: Sequence[SeedResult | Mapping[str, Any]], out: Path,
                         mfc="none" if arm == BASE else c, label=f"seed {seed}" if arm == UIPE else None)
         for f in floors:
             ax.axvline(f, color="grey", ls=":", lw=1)
-        ax.set(yscale="log", xlabel="utility / theta_ini utility", ylabel="forget quality",
-               title=f"{method}: UIPE (solid), more (dashed), base (squares)"
-                     + (", groups (diamonds), weighted (triangles), anchor (x)" if len(recs[0][1].arms) > 3 else ""))
+        ax.set(yscale="log", xlabel="utility / theta_ini utility", ylabel="forget quality", title=method)
+    # the key once for the figure: in each panel's title it ran into the next panel's once forms were added
+    arms = {arm for recs in by_method.values() for _, rec in recs for arm in rec.arms}
+    key = ["UIPE (solid)", "more (dashed)", "base (squares)"] + [
+        text for arm, text in (("groups", "groups (diamonds)"), ("weighted", "weighted (triangles)"),
+                               ("anchor", "anchor (x)")) if arm in arms]
+    fig.suptitle(", ".join(key) + "; one colour per seed", fontsize=9)
     return finish_figure(fig, axes[0], out)
 
 
