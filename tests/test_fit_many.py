@@ -37,6 +37,11 @@ def _weights(manifest: Path) -> list[bytes]:
     return [(Path(r["path"]) / "model.safetensors").read_bytes() for r in rows]
 
 
+def _leftovers(run: Path) -> list[str]:
+    """Staging folders of checkpoints and temporary export folders left in a run folder."""
+    return sorted(str(p) for p in [*run.rglob(".uipe-staging/*"), *run.rglob(".epoch_*.tmp")])
+
+
 def _mtimes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -49,12 +54,13 @@ def test_one_fit_for_many_methods_equals_one_fit_each_and_resumes_the_method_tha
     from mlflow import MlflowClient
     from safetensors.torch import load_file
 
+    from uipe.checkpoint import checkpoint_name
     from uipe.methods.rmu import Params, is_trainable
     from uipe.paths import RunPaths
     from uipe.tracking import tracking_uri
     from uipe.train.recipe import unlearn, unlearn_methods
 
-    cfg = _cfg(synth_dir, tiny_base)
+    cfg = _cfg(synth_dir, tiny_base, "train.overlap_exports=yes")  # exports written while the next epoch trains
     together = unlearn_methods(cfg, tmp_path / "together", METHODS)
     timing = json.loads(together["npo"].read_text())["timing"]
     assert timing["fit_methods"] == METHODS and timing["job_seconds"] < timing["fit_seconds"]
@@ -63,9 +69,21 @@ def test_one_fit_for_many_methods_equals_one_fit_each_and_resumes_the_method_tha
         assert manifest["optimizer_steps"] >= 2 and all(math.isfinite(e["loss"]) for e in manifest["epochs"]), method
         assert len(set(_weights(together[method]))) == 2, method  # each epoch moved the weights
     # Bit for bit, every epoch, as one fit of its own: NPO (the re-read path) and RMU (a fresh load after it). GA
-    # is the first job, loaded as in any fit.
+    # is the first job, loaded as in any fit. NPO alone writes each export before training on (overlap off): the
+    # same bytes as exports written while the next epoch trains.
+    alone = {"npo": _cfg(synth_dir, tiny_base, "train.overlap_exports=no"), "rmu": cfg}
     for method in ("npo", "rmu"):
-        assert _weights(together[method]) == _weights(unlearn(cfg, tmp_path / f"alone-{method}", method)), method
+        assert _weights(together[method]) == _weights(unlearn(alone[method], tmp_path / f"alone-{method}", method)), \
+            method
+    # The Ray checkpoints hold each export as hard links to its files (no second copy), and no staging or
+    # temporary folder is left behind.
+    paths = RunPaths.of(tmp_path / "together")
+    for method in METHODS:
+        for row in json.loads(together[method].read_text())["epochs"]:
+            ckpt = paths.ray_storage / f"{cfg.name}-{'+'.join(METHODS)}" / checkpoint_name(method, row["epoch"])
+            assert (ckpt / "hf" / "model.safetensors").stat().st_ino == \
+                (Path(row["path"]) / "model.safetensors").stat().st_ino, (method, row["epoch"])
+    assert _leftovers(tmp_path / "together") == []
     # RMU trained only layers 0-2's down projections; every other tensor is theta_ini's, bit for bit.
     ini, params = load_file(tiny_base / "model.safetensors"), Params(layer=2)
     trained = sorted(k for k in ini if is_trainable(params, k))
@@ -90,6 +108,7 @@ def test_one_fit_for_many_methods_equals_one_fit_each_and_resumes_the_method_tha
         assert _weights(faulted[method]) == _weights(together[method]), method
     # GA's epochs were written before the fault and not again (a restart never goes back into a finished job: its
     # last checkpoint is committed before the next job starts).
+    assert _leftovers(run) == []
     paths = RunPaths.of(run)
     ga_files = {k: v for k, v in _mtimes(paths.unlearn("ga")).items() if k.startswith("epoch_")}  # not the manifest
     assert len(ga_files) > 4 and all(mtime < killed.stat().st_mtime_ns for mtime in ga_files.values())
@@ -113,3 +132,25 @@ def test_a_bad_rmu_layer_is_refused_before_any_worker_starts(synth_dir: Path, ti
     with pytest.raises(UipeError, match=r"unlearn.rmu.layer: 4 is beyond the model's depth \(4 decoder layers"):
         unlearn_methods(_cfg(synth_dir, tiny_base, "unlearn.rmu.layer=4"), tmp_path / "run", ["ga", "rmu"])
     assert not (tmp_path / "run").exists()  # nothing written, not even GA's folder
+
+
+@pytest.mark.ray
+def test_an_export_that_fails_while_written_fails_the_fit_and_leaves_no_folder(
+        ray_session: object, synth_dir: Path, tiny_base: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Epoch 1's export is written while epoch 2 trains; it fails after its files were written, before the rename.
+    The fit fails with the writer's error, and nothing of epoch 1 is in the method's folder or in Ray's storage."""
+    from uipe.paths import RunPaths
+    from uipe.train.recipe import unlearn
+
+    marker = tmp_path / "raised"
+    monkeypatch.setenv("UIPE_FAULTS", f"train.export:raise,job=ga,epoch=1,marker={marker}")
+    run = tmp_path / "run"
+    with pytest.raises(Exception, match="injected test fault in job ga on epoch 1"):
+        unlearn(_cfg(synth_dir, tiny_base, "train.max_failures=0", "train.num_workers=1", "train.overlap_exports=yes"),
+                run, "ga")
+    assert marker.is_file()
+    paths = RunPaths.of(run)
+    assert sorted(p.name for p in paths.unlearn("ga").iterdir()) == ["job.json"]  # no epoch, no manifest, no tmp
+    assert not list(paths.ray_storage.rglob("state.json"))  # no checkpoint reported for it
+    assert _leftovers(run) == []

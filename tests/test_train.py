@@ -62,6 +62,46 @@ def test_accumulation_groups() -> None:
     assert accumulation_groups(1, 4) == [1]
 
 
+def test_weights_handed_to_the_export_writer_do_not_change_as_training_goes_on() -> None:
+    from uipe.train.saving import private_copy
+
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        model.bias.fill_(3.0)
+    gathered = {**model.state_dict(), "other": torch.tensor([4.0])}  # on one rank, the live tensors themselves
+    held = private_copy(gathered, model)
+    with torch.no_grad():  # the next epoch's optimizer step
+        model.weight.add_(10.0)
+        model.bias.add_(10.0)
+    assert held["weight"].tolist() == [[1.0, 2.0]] and held["bias"].tolist() == [3.0]
+    assert held["other"] is gathered["other"]  # a tensor of its own is not copied again
+    assert private_copy({}, model) == {}  # ranks other than 0 hold nothing
+
+
+def test_a_checkpoint_reaches_local_storage_as_hard_links(tmp_path: Path) -> None:
+    from ray.train import Checkpoint
+
+    from uipe.train.saving import link_upload, staging_folder
+
+    run_storage = tmp_path / "ray" / "run"
+    folders = [staging_folder(str(run_storage), rank) for rank in (0, 1)]
+    (folders[0] / "hf").mkdir()
+    (folders[0] / "hf" / "model.safetensors").write_bytes(b"weights")
+    (folders[1] / "shard-1").write_bytes(b"rank 1")
+    upload = link_upload(str(run_storage))
+    for folder in folders:  # the ranks share the checkpoint folder
+        ckpt = upload(Checkpoint.from_directory(str(folder)), "ga-epoch_01")
+    assert Path(ckpt.path) == run_storage / "ga-epoch_01"
+    assert (run_storage / "ga-epoch_01" / "hf" / "model.safetensors").stat().st_ino == \
+        (folders[0] / "hf" / "model.safetensors").stat().st_ino
+    assert (run_storage / "ga-epoch_01" / "shard-1").read_bytes() == b"rank 1"
+    assert link_upload("s3://bucket/run") is None  # remote storage: Ray's own upload
+    # a rank's next staging folder replaces what its killed predecessor left; another rank's stays
+    again = staging_folder(str(run_storage), 0)
+    assert not folders[0].exists() and folders[1].exists() and again.parent == folders[0].parent
+
+
 def test_only_committed_training_states_are_pruned(tmp_path: Path) -> None:
     from uipe.checkpoint import prune_train_states
 

@@ -126,15 +126,19 @@ def write_hf_folder(out: Path, state: dict[str, torch.Tensor], source: str | Pat
     return out
 
 
-def link_tree(src: Path, dst: Path) -> None:
-    """Hard links when possible (same file system, no second copy of the weights), else copies."""
-    def link_or_copy(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
+def link_or_copy(src: str, dst: str) -> None:
+    """A hard link (no second copy of the bytes) where src and dst share a file system, else a copy."""
+    if os.path.lexists(dst):
+        os.unlink(dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
-    shutil.copytree(src, dst, copy_function=link_or_copy)
+
+def link_tree(src: Path, dst: Path) -> None:
+    """A folder's files hard-linked (or copied) into `dst`, which may exist (each file is replaced)."""
+    shutil.copytree(src, dst, copy_function=link_or_copy, dirs_exist_ok=True)
 
 
 # ---- sharded training state (exact resume) -------------------------------------------------------------------------

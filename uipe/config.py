@@ -109,8 +109,13 @@ class TrainConfig(Strict):
     # FSDP2: free the gathered weights after forward (ZeRO-3, least memory) or keep them for backward (one all-gather
     # per micro-batch instead of two: faster when the model fits unsharded, e.g. on CPU; see docs/BENCHMARKS.md).
     reshard_after_forward: bool = True
+    # Write each epoch's HF export on a thread while the next epoch trains, its Ray checkpoint reported once written
+    # (uipe/train/saving.py); no: write and report each epoch before training on (the same bytes). auto: yes when
+    # training runs on GPUs. On CPU the writer competes with training for the same cores: measured on 2 cores, a
+    # 204M model's fit took 11% longer with it (docs/BENCHMARKS.md "Exports and checkpoints").
+    overlap_exports: Literal["auto", "yes", "no"] = "auto"
 
-    @field_validator("use_gpu", mode="before")
+    @field_validator("use_gpu", "overlap_exports", mode="before")
     @classmethod
     def _yes_no(cls, value: object) -> object:
         # YAML (and so --set train.use_gpu=yes) reads yes/no as booleans

@@ -19,6 +19,7 @@ Sites, and the values a point there is called with:
     trial       alpha, epoch    a search trial's process, as the trial starts (in-process and sharded trials)
     train.step  job, epoch, rank    every training rank, after each optimizer step (job: its label, "ga")
     train.report job, epoch, rank   every training rank, after it reported an epoch's checkpoint to Ray Train
+    train.export job, epoch     rank 0's export writer, with the epoch's files written, before the folder is renamed
 
 Actions: "kill" ends the process at once with status 137, as the OOM killer would; "raise" raises RuntimeError
 ("injected test fault in job ga on epoch 2 on rank 1"). Every other key is a condition: the fault fires where the

@@ -45,8 +45,10 @@ def storage_path(cfg: ExperimentConfig, paths: RunPaths) -> str:
 
 
 def train_identity(train: TrainConfig) -> dict[str, Any]:
-    """The training settings that change the weights (not storage, retention, retries, nor FSDP2 memory policy)."""
-    return train.model_dump(exclude={"storage_path", "max_failures", "reshard_after_forward", "keep_train_states"})
+    """The training settings that change the weights (not storage, retention, retries, FSDP2's memory policy, nor
+    when exports are written)."""
+    return train.model_dump(exclude={"storage_path", "max_failures", "reshard_after_forward", "keep_train_states",
+                                     "overlap_exports"})
 
 
 def group_hash(jobs: list[Job]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,15 @@ def save_dtype(job: Job, device: torch.device) -> torch.dtype:
     return _SAFETENSORS_FLOATS[max(set(floats), key=floats.count)] if floats else resolve_dtype("auto", device)
 
 
-def export_epoch(job: Job, model: torch.nn.Module, out: Path, device: torch.device, rank: int,
-                 meta: dict[str, Any]) -> Path | None:
-    """Gather the full weights (every rank), rank 0 writes the folder atomically; returns it on rank 0."""
-    full = gather_full_state(model)
-    if rank != 0:
-        return None
+def write_export(job: Job, full: dict[str, torch.Tensor], out: Path, device: torch.device,
+                 meta: dict[str, Any]) -> Path:
+    """An epoch's gathered weights (rank 0's `full`) as a Hugging Face folder, written atomically: a failure leaves
+    no folder, or the previous one. A temporary folder that a killed writer left behind is removed first."""
+    for stale in out.parent.glob(f".{out.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(out, overwrite=True) as tmp:
         write_hf_folder(tmp, full, job.model_path, save_dtype(job, device), meta)
+        job.runtime.faults.point("train.export", job=job.label, epoch=meta.get("epoch", 0))  # tests: uipe/faults.py
     return out
 
 

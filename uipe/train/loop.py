@@ -14,8 +14,6 @@ import gc
 import json
 import math
 import os
-import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -24,14 +22,13 @@ from typing import Any
 
 import torch
 
-from uipe.checkpoint import (
-    checkpoint_name, group_order, link_tree, load_train_state, prune_train_states, save_train_state,
-)
+from uipe.checkpoint import load_train_state
 from uipe.methods import get_objective
 from uipe.models import peak_memory_bytes
 from uipe.progress import Reporter
-from uipe.train.export import export_epoch, finish_prepare
+from uipe.train.export import finish_prepare
 from uipe.train.job import Job
+from uipe.train.saving import EpochSaver
 from uipe.train.sharding import full_value, load_sharded, mean_over_ranks, reload_initial
 from uipe.train.streams import Streams
 
@@ -47,7 +44,7 @@ class Worker:
     tokenizer: Any
     ref: torch.nn.Module | None  # the frozen theta_ini, where some job needs it
     group_hash: str
-    pruner: Pruner  # rank 0's
+    saver: EpochSaver
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -82,7 +79,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     needs_ref = any(get_objective(job.objective).needs_ref for _, job in todo)
     worker = Worker(rank, world, device, mesh, load_tokenizer(first.model_path),
                     load_sharded(first, device, mesh, trainable=False) if needs_ref else None,
-                    config["group_hash"], Pruner({job.label: i for i, job in enumerate(jobs)}))
+                    config["group_hash"], EpochSaver(rank, {job.label: i for i, job in enumerate(jobs)},
+                                                     overlap_exports(first)))
     setup_seconds = time.perf_counter() - t_start
 
     # ---- train each job in turn, from theta_ini, resuming the one the checkpoint was saved in ----
@@ -97,7 +95,13 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         reusable = trains_all
         resume = checkpoint if state.get("job") == index else None
         done[job.label] = train_job(job, worker, model, resume, done, t_job)
+    worker.saver.flush()  # the last job's last checkpoint, once its export is written
     return {"jobs": done, "setup_seconds": setup_seconds, "loop_seconds": time.perf_counter() - t_start}
+
+
+def overlap_exports(job: Job) -> bool:
+    """Whether exports are written while training goes on: train.overlap_exports, auto meaning on GPUs only."""
+    return job.train.overlap_exports == "yes" or (job.train.overlap_exports == "auto" and job.runtime.use_gpu)
 
 
 def start_model(job: Job, w: Worker, model: torch.nn.Module | None) -> torch.nn.Module:
@@ -122,9 +126,6 @@ def train_job(job: Job, w: Worker, model: torch.nn.Module, resume: Any, done: di
     """One job from theta_ini (or from `resume`, the group's newest checkpoint, saved in this job): its epochs,
     exports and checkpoints; prepare's gate at the end. Returns its result (history, steps, timing from `t_job`, when
     its model started loading)."""
-    import ray.train
-    from ray.train import Checkpoint
-
     # ---- setup: seed, data, optimiser, schedule, and the state to resume from ----
     rank, world, device = w.rank, w.world, w.device
     torch.manual_seed(job.train.seed)
@@ -144,7 +145,7 @@ def train_job(job: Job, w: Worker, model: torch.nn.Module, resume: Any, done: di
         with resume.as_directory() as folder:
             state = load_train_state(Path(folder), model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
-    state |= {"job_hash": w.group_hash, "job": w.pruner.order[job.label], "label": job.label, "done": done}
+    state |= {"job_hash": w.group_hash, "job": w.saver.pruner.order[job.label], "label": job.label, "done": done}
     report = Reporter(job.runtime.board, job.label) if rank == 0 else None  # to the driver, which logs and shows it
     job_setup_seconds = time.perf_counter() - t_job
 
@@ -184,23 +185,7 @@ def train_job(job: Job, w: Worker, model: torch.nn.Module, resume: Any, done: di
             report.epoch(epoch, state["step"], {**epoch_metrics, "total_steps": total_steps})
 
         # ---- save: an HF folder per epoch (unlearn), the sharded state as a Ray checkpoint (resume) ----
-        hf_folder = None
-        if job.export_every_epoch:
-            hf_folder = export_epoch(job, model, Path(job.export) / f"epoch_{epoch:02d}", device, rank,
-                                     {**job.meta, **epoch_metrics})
-        if job.export_every_epoch or epoch % job.checkpoint_every == 0 or epoch == job.epochs:
-            with tempfile.TemporaryDirectory(prefix="uipe-ckpt-") as tmp:
-                # An unlearning job's last epoch keeps no training state: nothing resumes a finished job (its HF
-                # exports are its results), and at 7B the model and AdamW shards are ~80 GB per checkpoint.
-                finished = job.export_every_epoch and epoch == job.epochs
-                save_train_state(Path(tmp), None if finished else (model, optimizer), state, rank)
-                if hf_folder is not None:
-                    link_tree(hf_folder, Path(tmp) / "hf")
-                ray.train.report(epoch_metrics, checkpoint=Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=checkpoint_name(job.label, epoch))
-            job.runtime.faults.point("train.report", job=job.label, epoch=epoch, rank=rank)  # tests only
-            if rank == 0:
-                w.pruner.after(job, epoch)
+        w.saver.save(job, epoch, model, optimizer, state, epoch_metrics, device, report)
 
     # ---- prepare: gate on greedy ROUGE-L, then publish the final folder ----
     result: dict[str, Any] = {"history": state["history"], "optimizer_steps": state["step"],
@@ -212,54 +197,9 @@ def train_job(job: Job, w: Worker, model: torch.nn.Module, resume: Any, done: di
             if result["model_utility"] is not None:
                 gate["gate_model_utility"] = result["model_utility"]
             report.final(state["step"], gate)
-    if report is not None:
+    if report is not None and not job.export_every_epoch:  # an unlearning job ends with its last report
         report.done()
     return result | {"job_seconds": time.perf_counter() - t_job}
-
-
-class Pruner:
-    """Rank 0 deletes the sharded training state of all but the newest train.keep_train_states committed checkpoints
-    of the group, mostly off the training thread.
-
-    Why ask Ray what it committed: `ray.train.report` returns once this rank's files are uploaded, not once every
-    rank's are; the controller commits a checkpoint only when all ranks have reported. Pruning on rank 0's word alone
-    lost a run (on-prem check, a worker killed mid-upload): epoch e stayed uncommitted, the restart went back to
-    e-1, whose state rank 0 had already deleted. Why a thread: the answer waits for the controller's next poll of
-    the workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), which cost ~1.7 s per epoch on the tiny
-    preset, more than its training. At a job's last epoch rank 0 waits for the commit on the training thread, so a
-    restart never goes back into a finished job (if a rank dies meanwhile, the wait ends with the worker group).
-    """
-
-    def __init__(self, order: dict[str, int]) -> None:
-        self.order = order  # job label -> its place in the group, to order checkpoints
-        self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None  # the thread's, raised on the training thread at the job's end
-
-    def after(self, job: Job, epoch: int) -> None:
-        args = (job.runtime.run_storage, job.train.keep_train_states)
-        if epoch == job.epochs:
-            if self.thread is not None:
-                self.thread.join()
-            if self.error is not None:
-                raise self.error
-            self.prune(*args, wait=True)
-        elif epoch > job.train.keep_train_states and not (self.thread is not None and self.thread.is_alive()):
-            self.thread = threading.Thread(target=self._prune_soon, args=args, name="uipe-prune", daemon=True)
-            self.thread.start()  # one at a time: while one runs, the next epoch's prune catches up
-
-    def _prune_soon(self, run_storage: str, keep: int) -> None:
-        try:
-            self.prune(run_storage, keep, wait=False)
-        except BaseException as e:  # noqa: BLE001 - handed to the training thread
-            self.error = e
-
-    def prune(self, run_storage: str, keep: int, wait: bool) -> None:
-        import ray.train
-
-        reported = ray.train.get_all_reported_checkpoints(
-            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=None if wait else 0)
-        prune_train_states(run_storage, group_order([Path(r.checkpoint.path).name for r in reported], self.order),
-                           keep)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str = "linear") -> float:
