@@ -115,3 +115,45 @@ def test_an_experiment_made_by_another_writer_between_look_up_and_create_is_used
 
     monkeypatch.setattr(MlflowClient, "get_experiment_by_name", look_up_before_the_other_writer)
     assert ensure_experiment(cfg, paths)[1] == theirs and hidden == [experiment_name(cfg)]
+
+
+def test_the_trial_logger_reads_child_runs_once_per_process_and_never_logs_a_trial_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child run per trial, and one search of the parent's children per driver process (it used to be one per
+    trial, growing with the trials); a logger restored with Tune's experiment (pickled) reads them again, so a trial
+    that finished before the driver died and finishes again after the restore keeps its one run."""
+    import pickle
+    from types import SimpleNamespace
+
+    from uipe import tracking
+    from uipe.config import load_config
+    from uipe.paths import RunPaths
+
+    paths = RunPaths.of(tmp_path / "run")
+    uri, exp_id = tracking.ensure_experiment(load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]), paths)
+    parent = tracking.create_run(uri, exp_id, "search-ga", {})
+    searches, real = [], tracking.child_runs
+
+    def counted(*args: str) -> dict[str, str]:
+        searches.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(tracking, "child_runs", counted)
+
+    def finish(logger: tracking.TrialLogger, trial_id: str) -> None:
+        trial = SimpleNamespace(trial_id=trial_id, config={"alpha": 0.5, "epoch": 1}, last_result={})
+        logger.on_trial_result(0, [], trial, {"objective": -1.5, "utility": 0.8})
+        logger.on_trial_complete(0, [], trial)
+
+    logger = tracking.TrialLogger(uri, exp_id, parent, "ga")
+    for trial_id in ("t1", "t2", "t3", "t2"):  # t2 reported twice: logged once
+        finish(logger, trial_id)
+    assert len(searches) == 1
+    restored = pickle.loads(pickle.dumps(logger))
+    finish(restored, "t3")  # ran again after a restore: already logged
+    finish(restored, "t4")
+    assert len(searches) == 2
+    children = real(uri, exp_id, parent)
+    assert sorted(children) == ["t1", "t2", "t3", "t4"]
+    run = tracking.client(uri).get_run(children["t2"])
+    assert run.data.metrics["objective"] == -1.5 and run.data.params["alpha"] == "0.5"

@@ -213,6 +213,10 @@ class TrialLogger(tune.Callback):
         self.uri, self.experiment_id, self.parent_id, self.method = uri, experiment_id, parent_id, method
         self._last: dict[str, dict] = {}
         self.offline = False
+        # trial ids with a child run: read from MLflow once per driver process (a search before a restart may have
+        # logged some), then kept here, so a trial costs no search of every child run (it grew with the trials and
+        # was a third of the time between a slot's trials with an MLflow server)
+        self._logged: set[str] | None = None
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._last[trial.trial_id] = result
@@ -230,7 +234,11 @@ class TrialLogger(tune.Callback):
         if self.offline:
             return
         try:
-            log_trial(self.uri, self.experiment_id, self.parent_id, self.method, record, error_file)
+            if self._logged is None:
+                self._logged = set(child_runs(self.uri, self.experiment_id, self.parent_id))
+            if record.trial_id not in self._logged:
+                log_trial(self.uri, self.experiment_id, self.parent_id, self.method, record, error_file, check=False)
+                self._logged.add(record.trial_id)
         except unreachable_errors() as e:
             from uipe.console import warn
 
@@ -238,15 +246,16 @@ class TrialLogger(tune.Callback):
             warn(f"tracking server {self.uri} unreachable ({type(e).__name__}); the search goes on, and its trials "
                  "are logged to MLflow when it finishes (or on --resume)")
 
-    def __getstate__(self) -> dict:  # a restored search tries the server again
-        return {**self.__dict__, "offline": False}
+    def __getstate__(self) -> dict:  # a restored search tries the server again, and reads what it logged
+        return {**self.__dict__, "offline": False, "_logged": None}
 
 
 def log_trial(uri: str, experiment_id: str, parent_id: str, method: str, record: TrialResult,
-              error_file: str = "") -> str | None:
-    """The child run of one trial (none if that trial has one already): alpha, epoch and a form's coefficient
-    vector as params, every number as a metric, a failed trial's error as tags."""
-    if record.trial_id in child_runs(uri, experiment_id, parent_id):
+              error_file: str = "", check: bool = True) -> str | None:
+    """The child run of one trial (none if that trial has one already; check=False: the caller knows it has not):
+    alpha, epoch and a form's coefficient vector as params, every number as a metric, a failed trial's error as
+    tags."""
+    if check and record.trial_id in child_runs(uri, experiment_id, parent_id):
         return None
     run_id = create_run(uri, experiment_id, f"{method}-a{record.alpha:.3f}-e{record.epoch}",
                         {TRIAL_TAG: record.trial_id, "uipe.method": method, "uipe.fidelity": record.fidelity},
