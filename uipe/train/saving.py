@@ -35,6 +35,7 @@ from uipe.train.job import Job
 
 STAGING = ".uipe-staging"  # beside a run's Ray storage: checkpoints before Ray takes them
 
+
 @dataclass
 class Unreported:
     """An epoch's checkpoint, saved to `folder` (a staging folder), waiting for its export to be written."""
