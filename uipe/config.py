@@ -112,7 +112,7 @@ class TrainConfig(Strict):
     # Write each epoch's HF export on a thread while the next epoch trains, its Ray checkpoint reported once written
     # (uipe/train/saving.py); no: write and report each epoch before training on (the same bytes). auto: yes when
     # training runs on GPUs. On CPU the writer competes with training for the same cores: measured on 2 cores, a
-    # 204M model's fit took 11% longer with it (docs/BENCHMARKS.md "Exports and checkpoints").
+    # 204M model's fit took 11% longer with it (docs/BENCHMARKS.md "Exports and checkpoints off the critical path").
     overlap_exports: Literal["auto", "yes", "no"] = "auto"
 
     @field_validator("use_gpu", "overlap_exports", mode="before")

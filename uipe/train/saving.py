@@ -66,7 +66,9 @@ class EpochSaver:
         export = None
         if job.export_every_epoch:
             export = Path(job.export) / f"epoch_{epoch:02d}"
-            full = private_copy(gather_full_state(model), model)  # a collective: every rank
+            full = gather_full_state(model)  # a collective: every rank
+            if self.overlap and epoch < job.epochs:  # only then does the writer read while training goes on
+                full = private_copy(full, model)
             if self.rank == 0:
                 self._start_writer(job, full, export, device, {**job.meta, **metrics})
         if not (job.export_every_epoch or epoch % job.checkpoint_every == 0 or epoch == job.epochs):
