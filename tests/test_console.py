@@ -45,6 +45,28 @@ def test_quiet_turns_a_crash_into_one_line_and_keeps_the_traceback(tmp_path: Pat
     assert _last_line(ValueError("")) == "ValueError:"
 
 
+def test_a_log_on_a_full_disk_still_lets_the_error_reach_the_terminal_with_its_exit_code(tmp_path: Path) -> None:
+    """The run folder's disk filled up: every write to the log fails (/dev/full answers ENOSPC). Before, the error
+    handler's own write to the log raised, and the interpreter's last flush made it a silent exit 120."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom pathlib import Path\nfrom uipe.console import quiet, error\n"
+              "from uipe.errors import UipeError\n"
+              "try:\n"
+              "    with quiet(Path('/dev/full'), until_exit=True):\n"
+              "        print('Ray forwarding a worker line')\n"
+              "        raise UipeError('search ga: no space left writing results.csv')\n"
+              "except UipeError as e:\n"
+              "    error(f'uipe: error: {e}')\n"
+              "    sys.exit(e.exit_code)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = done.stderr.splitlines()
+    assert lines[-1] == "uipe: error: search ga: no space left writing results.csv"
+    assert sum("cannot write the log /dev/full" in ln for ln in lines) == 1  # said once, not per line
+
+
 def test_plain_progress_prints_a_line_per_third(capsys: pytest.CaptureFixture) -> None:
     task = Task("fit", 9)
     for done in range(1, 10):

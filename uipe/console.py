@@ -142,6 +142,45 @@ class Task:
             say(f"[{self.label}] {text}")
 
 
+class _Log:
+    """The log file as the process's stdout and stderr. A write that fails (its disk full) drops the text and says so
+    once on the terminal, instead of raising in whatever was printing: an error handler about to name the real
+    failure, Ray's log forwarding, or the interpreter's last flush, which turns a failed flush into a silent exit 120.
+    """
+
+    def __init__(self, file: IO[str], terminal: IO[str]) -> None:
+        self.file, self.terminal, self.lost = file, terminal, False
+
+    def write(self, text: str) -> int:
+        try:
+            return self.file.write(text)
+        except OSError as e:
+            self._drop(e)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as e:
+            self._drop(e)
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError as e:
+            self._drop(e)
+
+    def _drop(self, e: OSError) -> None:
+        if not self.lost:
+            self.lost = True
+            with contextlib.suppress(OSError):
+                print(f"uipe warning: cannot write the log {self.file.name} ({e.strerror or e}); its output is "
+                      "dropped from here on", file=self.terminal, flush=True)
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding...: the file's own
+        return getattr(self.file, name)
+
+
 @contextlib.contextmanager
 def quiet(log_file: Path, verbose: bool = False, until_exit: bool = False, data: bool = False) -> Iterator[None]:
     """Run the block with the process's output in `log_file` and only uipe's own lines on the console.
@@ -169,12 +208,13 @@ def quiet(log_file: Path, verbose: bool = False, until_exit: bool = False, data:
     saved_out, saved_err = os.dup(1), os.dup(2)
     previous = (TERMINAL.console, TERMINAL.errors, TERMINAL.log_file, TERMINAL.live, TERMINAL.data)
     streams = sys.stdout, sys.stderr
-    log = open(log_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed when output is restored
+    out = os.fdopen(saved_out, "w", buffering=1, encoding="utf-8")
+    err = os.fdopen(saved_err, "w", buffering=1, encoding="utf-8")
+    # closed when output is restored
+    log = _Log(open(log_file, "a", buffering=1, encoding="utf-8"), err)  # noqa: SIM115
     os.dup2(log.fileno(), 1)  # below Python: C++ core logs, subprocesses
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log  # Python's own streams, even where something replaced them
-    out = os.fdopen(saved_out, "w", buffering=1, encoding="utf-8")
-    err = os.fdopen(saved_err, "w", buffering=1, encoding="utf-8")
     TERMINAL.point_at(err if data else out, err, log_file)
     TERMINAL.data = out if data else None
     say(f"log: {log_file}")
