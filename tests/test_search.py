@@ -142,6 +142,32 @@ def test_a_search_stopped_by_sigint_is_not_recorded_as_finished(unlearned_run, t
     assert json.loads((paths.search("ga") / "result.json").read_text())["trials"] == 10
 
 
+def test_a_resume_from_unreadable_tune_state_fails_or_starts_anew_but_never_ends_short(unlearned_run, tiny_cfg,
+                                                                                      tmp_path) -> None:
+    """A Tune state file cut short (a full disk) made Tune log "Failed to restore the run state", restart the
+    experiment in the same folder and end after 1 trial of 8, at every resume (found by scripts/chaos.py)."""
+    paths = copy_run(unlearned_run, tmp_path / "run", methods=("ga",))
+    space = tmp_path / "ga.yaml"
+    space.write_text("method: ga\nalpha: {low: 0.0, high: 1.0}\nepochs: [3]\nsampler: grid\ngrid_step: 0.5\n"
+                     "max_concurrent_trials: 1\n")
+    cfg = tiny_cfg.model_copy(update={"tracking": tiny_cfg.tracking.model_copy(update={"register_model": False})})
+    first = run_search(cfg, paths, "ga", space)
+    out = paths.search("ga")
+    (out / "result.json").unlink()  # as if the driver had died before writing it
+    [state] = (out / "tune").glob("experiment_state-*.json")
+    state.write_text("{}")  # whole JSON, but not Tune's: its restore fails, which it would answer by starting over
+    with pytest.raises(UipeError, match="Tune could not restore the search's saved state"):
+        run_search(cfg, paths, "ga", space, resume=True)
+    state.write_bytes(b"")  # cut short: set aside, and with no whole session left the trials start anew
+    again = run_search(cfg, paths, "ga", space, resume=True)
+    assert again.trials == first.trials == 3 and again.failed == 0
+    assert [again.chosen[k] for k in ("alpha", "epoch")] == [first.chosen[k] for k in ("alpha", "epoch")]
+    assert again.parent_run_id == first.parent_run_id
+    ids = [r.data.tags["uipe.trial_id"] for r in _children(cfg, paths, first.parent_run_id)]
+    assert len(ids) == len(set(ids)) == 3  # the first trials' runs replaced by the new ones'
+    assert list(out.glob("tune.unreadable-*/unreadable-state/experiment_state-*.json"))
+
+
 def test_a_tracking_server_that_stops_mid_search_loses_no_trial(unlearned_run, tiny_cfg, ray_session,
                                                                tmp_path) -> None:
     """The server dies after the first trial is logged: the search goes on (trials are Tune's record), ends saying

@@ -28,8 +28,9 @@ from uipe.io import atomic_write_json, code_version, exclusive
 from uipe.paths import RunPaths
 from uipe.ray_session import ensure_ray
 from uipe.results import SearchOutcome, TrialResult
-from uipe.search.progress import Progress
+from uipe.search import tune_state
 from uipe.search.outcome import RESULT_FILE, finish
+from uipe.search.progress import Progress
 from uipe.search.screening import ScreeningScheduler
 from uipe.search.space import SearchSpace, build_searcher, default_space_path, load_space
 from uipe.search.trial import TrialSetup, theta_ini_metrics, trial
@@ -241,6 +242,8 @@ def _tuner(paths: RunPaths, method: str, space: SearchSpace, trainable: Any, epo
     """`screening`: the utility thresholds the ScreeningScheduler weighs screened points at (None: every trial is
     evaluated in full)."""
     tune_dir = paths.search(space.label(method)) / "tune"
+    if resume and tune_dir.exists():
+        tune_state.prepare_resume(tune_dir, f"search {space.label(method)}")
     if resume and tune_dir.exists() and tune.Tuner.can_restore(str(tune_dir)):
         # resume_errored=False: a trial that raised stays failed (and Ray 2.60's restart_errored breaks Optuna).
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True)
@@ -314,15 +317,15 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
         return previous
     uri, exp_id, parent = _parent_run(cfg, paths, method, space_path, space, setup, threshold, identity, metric)
     total = space.trials_needed(epochs)
-    callbacks = [tracking.TrialLogger(uri, exp_id, parent, method),
-                 Progress(space.label(method), total, metrics.short(metric), metrics.short(bench.utility))]
+    callbacks = [tracking.TrialLogger(uri, exp_id, parent, method), Progress(space.label(method), total, metrics.short(metric), metrics.short(bench.utility))]
     trainable = _trainable(cfg, out, setup, threshold, metric, ini)
     # screening weighs a point at the space's floor and at every floor a result reports (uipe.report.FLOORS)
     thresholds = [threshold, *(f * ini[bench.utility] for f in FLOORS)] if cfg.search.screening else None
     tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, thresholds,
                    bench.screening_utility)
     start = time.time()
-    grid = tuner.fit()
+    with tune_state.restore_or_fail(out / "tune"):
+        grid = tuner.fit()
     # Tune answers a SIGINT by stopping its trials and returning normally: a search cut short is not finished, and
     # must not be recorded (and later reused) as if it were
     if grid.num_terminated + grid.num_errors < total:
