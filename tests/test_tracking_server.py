@@ -148,12 +148,54 @@ def test_the_trial_logger_reads_child_runs_once_per_process_and_never_logs_a_tri
     logger = tracking.TrialLogger(uri, exp_id, parent, "ga")
     for trial_id in ("t1", "t2", "t3", "t2"):  # t2 reported twice: logged once
         finish(logger, trial_id)
+    logger.flush()
     assert len(searches) == 1
     restored = pickle.loads(pickle.dumps(logger))
     finish(restored, "t3")  # ran again after a restore: already logged
     finish(restored, "t4")
+    restored.on_experiment_end([])
     assert len(searches) == 2
     children = real(uri, exp_id, parent)
     assert sorted(children) == ["t1", "t2", "t3", "t4"]
     run = tracking.client(uri).get_run(children["t2"])
     assert run.data.metrics["objective"] == -1.5 and run.data.params["alpha"] == "0.5"
+
+
+def test_the_trial_logger_hands_a_trial_to_its_thread_and_tunes_loop_goes_on(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune's loop does not wait for MLflow: on_trial_complete returns while the trial's run is still being logged
+    (held here until the loop has moved on); the experiment's end waits for it; a run cut short by a driver killed
+    while logging it (left RUNNING) is replaced by the search's reconcile, not kept beside the whole one."""
+    import threading
+    from types import SimpleNamespace
+
+    from uipe import tracking
+    from uipe.config import load_config
+    from uipe.paths import RunPaths
+    from uipe.results import TrialResult
+    from uipe.search.outcome import reconcile_children
+
+    paths = RunPaths.of(tmp_path / "run")
+    uri, exp_id = tracking.ensure_experiment(load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]), paths)
+    parent = tracking.create_run(uri, exp_id, "search-ga", {})
+    release, real = threading.Event(), tracking.log_trial
+
+    def held(*args, **kwargs):
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "log_trial", held)
+    logger = tracking.TrialLogger(uri, exp_id, parent, "ga")
+    trial = SimpleNamespace(trial_id="t1", config={"alpha": 0.5, "epoch": 1}, last_result={"objective": -1.0})
+    logger.on_trial_complete(0, [], trial)  # returns although the run cannot be logged yet
+    assert tracking.child_runs(uri, exp_id, parent) == {}
+    release.set()
+    logger.on_experiment_end([])
+    assert sorted(tracking.child_runs(uri, exp_id, parent)) == ["t1"]
+    cut = tracking.create_run(uri, exp_id, "ga-cut", {tracking.TRIAL_TAG: "t2"}, parent=parent)  # never terminated
+    assert tracking.child_runs(uri, exp_id, parent, complete=False) == {"t2": cut}
+    records = [TrialResult.from_report(t, {"alpha": 0.5, "epoch": 1}, {"objective": -1.0}) for t in ("t1", "t2")]
+    reconcile_children(uri, parent, "ga", records)
+    whole = tracking.child_runs(uri, exp_id, parent)
+    assert sorted(whole) == ["t1", "t2"] and whole["t2"] != cut
+    assert tracking.child_runs(uri, exp_id, parent, complete=False) == {}

@@ -10,7 +10,9 @@ Tune callback below pickles with the experiment state and survives `uipe search 
 
 from __future__ import annotations
 
+import atexit
 import math
+import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -195,18 +197,23 @@ def log_datasets(uri: str, run_id: str, source: str, splits: Mapping[str, Sequen
             c.log_inputs(run_id, datasets=inputs)
 
 
-def child_runs(uri: str, experiment_id: str, parent_id: str) -> dict[str, str]:
+def child_runs(uri: str, experiment_id: str, parent_id: str, complete: bool = True) -> dict[str, str]:
     """Existing child runs of a parent, their run ids by Tune trial id (so a resumed search never logs a trial
-    twice)."""
+    twice). `complete`: only those logged to the end (FINISHED or FAILED); False: only the others, cut short by a
+    driver that died while logging them (RUNNING), which a search replaces."""
     runs = client(uri).search_runs([experiment_id], f"tags.{PARENT_TAG} = '{parent_id}'", max_results=5000)
-    return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs if TRIAL_TAG in r.data.tags}
+    return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs
+            if TRIAL_TAG in r.data.tags and (r.info.status in ("FINISHED", "FAILED")) == complete}
 
 
 class TrialLogger(tune.Callback):
-    """One nested MLflow child run per finished or failed trial, logged from the driver as the search goes.
+    """One nested MLflow child run per finished or failed trial, logged from the driver as the search goes, on a
+    thread of its own: Tune's loop hands a trial over and goes on (a tracking server cost ~0.1-0.2 s between trials
+    when the loop logged them itself; scripts/bench_trial_logging.py). `flush` waits for what was handed over.
 
     When the tracking server cannot be reached the search goes on: the logger stops trying (one warning) and
-    uipe.search.outcome back-fills the missing runs from Tune's results when the search finishes or is resumed.
+    uipe.search.outcome back-fills the missing runs from Tune's results when the search finishes or is resumed; it
+    also replaces a run cut short (the driver killed while the thread logged it).
     """
 
     def __init__(self, uri: str, experiment_id: str, parent_id: str, method: str) -> None:
@@ -217,6 +224,8 @@ class TrialLogger(tune.Callback):
         # logged some), then kept here, so a trial costs no search of every child run (it grew with the trials: through
         # a server 64 of a trial's 166 ms of logging over 60 trials; scripts/bench_trial_logging.py)
         self._logged: set[str] | None = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._last[trial.trial_id] = result
@@ -230,7 +239,33 @@ class TrialLogger(tune.Callback):
                                     _error_text(trial))
         self._log(record, str(getattr(trial, "error_file", "") or ""))
 
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Wait until every trial handed over so far is logged (or the server found unreachable)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = self._thread = None
+            atexit.unregister(self.flush)
+
     def _log(self, record: TrialResult, error_file: str = "") -> None:
+        if self._thread is None:
+            self._queue = queue.Queue()
+            # daemon, flushed at exit (Tune also calls on_experiment_end when a search stops early); a SIGKILLed
+            # driver loses what it held, which outcome.finish back-fills
+            self._thread = threading.Thread(target=self._drain, args=(self._queue,), name="uipe-trial-logger",
+                                            daemon=True)
+            self._thread.start()
+            atexit.register(self.flush)
+        self._queue.put((record, error_file))
+
+    def _drain(self, work: queue.Queue) -> None:
+        while (item := work.get()) is not None:
+            self._write(*item)
+
+    def _write(self, record: TrialResult, error_file: str) -> None:
         if self.offline:
             return
         try:
@@ -247,7 +282,7 @@ class TrialLogger(tune.Callback):
                  "are logged to MLflow when it finishes (or on --resume)")
 
     def __getstate__(self) -> dict:  # a restored search tries the server again, and reads what it logged
-        return {**self.__dict__, "offline": False, "_logged": None}
+        return {**self.__dict__, "offline": False, "_logged": None, "_queue": None, "_thread": None}
 
 
 def log_trial(uri: str, experiment_id: str, parent_id: str, method: str, record: TrialResult,

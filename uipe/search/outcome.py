@@ -90,13 +90,15 @@ def fidelity_split(results: list[TrialResult]) -> dict:
 
 
 def reconcile_children(uri: str, parent: str, method: str, results: list[TrialResult]) -> None:
-    """Exactly one child run per trial of the final results: runs of trials Tune no longer knows (finished just
-    before the driver died, then re-sampled after the restore) are deleted; trials without a run (the tracking
-    server was away when they finished) are logged now."""
+    """Exactly one whole child run per trial of the final results: runs of trials Tune no longer knows (finished just
+    before the driver died, then re-sampled after the restore) and runs cut short are deleted; trials without a whole
+    run (the tracking server was away when they finished) are logged now."""
     exp_id = tracking.experiment_of(uri, parent)
     children = tracking.child_runs(uri, exp_id, parent)
     kept = {r.trial_id for r in results}
+    # a run cut short (its driver killed while logging it) goes too: the trial is logged again below
     orphans = [run_id for tid, run_id in children.items() if tid not in kept]
+    orphans += tracking.child_runs(uri, exp_id, parent, complete=False).values()
     for run_id in orphans:
         tracking.delete_run(uri, run_id)
     if orphans:
