@@ -17,7 +17,8 @@ Grammar (no spaces; a marker path must not hold "," or ";"):
 
 Sites, and the values a point there is called with:
     trial       alpha, epoch    a search trial's process, as the trial starts (in-process and sharded trials)
-    train.step  job, epoch, rank    every training rank, after each optimizer step (job: its label, "ga")
+    train.step  job, epoch, rank, step  every training rank, after each optimizer step (job: its label, "ga";
+                                    step: the job's optimizer steps so far, 1 after the first)
     train.report job, epoch, rank   every training rank, after it reported an epoch's checkpoint to Ray Train
     train.export job, epoch     rank 0's export writer, with the epoch's files written, before the folder is renamed
 

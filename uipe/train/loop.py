@@ -169,7 +169,8 @@ def train_job(job: Job, w: Worker, model: torch.nn.Module, resume: Any, done: di
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             tokens += step_tokens
-            job.runtime.faults.point("train.step", job=job.label, epoch=epoch, rank=rank)  # tests: uipe/faults.py
+            # tests: uipe/faults.py
+            job.runtime.faults.point("train.step", job=job.label, epoch=epoch, rank=rank, step=state["step"])
             if report is not None:  # the last micro-batch's terms; tokens/s counts every rank's tokens
                 report.step(state["step"], {**{k: float(v) for k, v in metrics.items()},
                                             "lr": scheduler.get_last_lr()[0], "grad_norm": float(full_value(grad_norm)),
