@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 
 import ray
 
@@ -21,3 +23,12 @@ def ensure_ray() -> None:
         ray.init()  # include_dashboard may not be passed when connecting to an existing cluster
     else:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+    stop_on_sigterm()
+
+
+def stop_on_sigterm() -> None:
+    """A SIGTERM (a scheduler's stop, `kill`) stops the process as Ctrl+C does: Tune stops its trials and uipe says
+    `--resume`. Without this, the handler ray.init installs prints a C++ stack to the log and exits 15 with nothing
+    on the console (seen in scripts/chaos.py's driver-sigterm runs). Main thread only, where Python handles signals."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
