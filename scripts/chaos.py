@@ -107,14 +107,14 @@ def env(ctx: Context, extra: dict[str, str] | None = None) -> dict[str, str]:
             **(extra or {})}
 
 
-def copy_world(ctx: Context, stage: str, dest: Path) -> Path:
-    """A copy of the world for one run: without its searches, Ray state and MLflow store (and without the unlearning
-    for an unlearning run); manifests pointed into the copy."""
+def copy_world(world: Path, stage: str, dest: Path) -> Path:
+    """A copy of a run folder for one run: without its searches, Ray state and MLflow store (and without the
+    unlearning for an unlearning run); manifests pointed into the copy."""
     skip = ["search", "ray", "mlflow.db", "mlartifacts", "logs"] + (["unlearn"] if stage == "unlearn" else [])
     shutil.rmtree(dest, ignore_errors=True)  # an earlier chaos run's, in a reused --work folder
-    shutil.copytree(ctx.world, dest, ignore=shutil.ignore_patterns(*skip))
+    shutil.copytree(world, dest, ignore=shutil.ignore_patterns(*skip))
     for manifest in dest.glob("unlearn/*/manifest.json"):
-        manifest.write_text(manifest.read_text().replace(str(ctx.world), str(dest)))
+        manifest.write_text(manifest.read_text().replace(str(world), str(dest)))
     return dest
 
 
@@ -152,7 +152,7 @@ def run_one(ctx: Context, p: Plan) -> Row:
     kind: Kind = KINDS[p.kind]
     base = ctx.disk.mount if kind.disk else ctx.work / "runs"
     base.mkdir(parents=True, exist_ok=True)
-    folder = copy_world(ctx, kind.stage, base / f"{p.index:03d}-{p.kind}")
+    folder = copy_world(ctx.world, kind.stage, base / f"{p.index:03d}-{p.kind}")
     cmd, log = command(ctx, kind.stage, folder, p), ctx.work / "logs" / f"{p.index:03d}-{p.kind}.log"
     log.parent.mkdir(exist_ok=True)
     ref = ctx.reference[kind.stage]
@@ -167,12 +167,14 @@ def run_one(ctx: Context, p: Plan) -> Row:
         fault = inject(p.kind, kind, ctx, p, proc, t0 + moment)
         code = finish(proc, 4 * ref["seconds"] + 120)
     fault = fired(marker) if kind.point else fault
+    silent = kind.says and code not in ("0", "hung") and "uipe: error:" not in log.read_text(errors="replace")
     recover(ctx, p)
     resumed = "-"
     if code != "0":
         again = cmd + (["--resume"] if kind.stage == "search" else [])
         resumed, _ = timed(again, env(ctx), log, 4 * ref["seconds"] + 120)
     violations, note = check(ctx, kind, p, folder, code, resumed)
+    violations += [f"exit {code} with no error on the console"] if silent else []
     if kind.disk:  # the small disk holds one run at a time: a faulty one is kept for a post-mortem
         if violations:
             shutil.copytree(folder, ctx.work / "runs" / folder.name, dirs_exist_ok=True)
@@ -223,7 +225,7 @@ def measure_references(ctx: Context) -> None:
     for stage in ("unlearn", "search"):
         if stage in ctx.reference:
             continue
-        folder = copy_world(ctx, stage, ctx.work / "runs" / f"reference-{stage}")
+        folder = copy_world(ctx.world, stage, ctx.work / "runs" / f"reference-{stage}")
         log = ctx.work / "logs" / f"reference-{stage}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         code, seconds = timed(command(ctx, stage, folder, Plan(-1, "none", next(iter(ctx.servers)), 0.0)), env(ctx),

@@ -35,6 +35,7 @@ class Kind:
     # the part of the unfaulted command's wall time its moment is drawn from (trial processes live in the middle:
     # Ray's start before them, the results and the chosen model's export after)
     window: tuple[float, float] = (0.05, 0.95)
+    says: bool = False  # a command it stops must say why on the console ("uipe: error: ..."), not end silently
 
     @property
     def disk(self) -> bool:
@@ -58,7 +59,7 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     "driver-sigkill": Kind("search", "the search's driver SIGKILLed"),
-    "driver-sigterm": Kind("search", "the search's driver sent SIGTERM (a graceful stop)"),
+    "driver-sigterm": Kind("search", "the search's driver sent SIGTERM (a graceful stop)", says=True),
     "trial-sigkill": Kind("search", "a trial's process SIGKILLed", draws=lambda r: {"pick": r.random()},
                           window=(0.25, 0.75)),
     "raylet-sigkill": Kind("search", "the Ray node's raylet SIGKILLed", frozenset({"ray"})),
@@ -67,14 +68,14 @@ KINDS: dict[str, Kind] = {
     "store-crash": Kind("search", "PostgreSQL under the MLflow server crashed (-m immediate), restarted",
                         frozenset({"postgres"}), draws=lambda r: {"pause": round(r.uniform(1, 15), 1)}),
     "disk-full": Kind("search", "the run folder's disk filled while the search ran", frozenset({"disk"}),
-                      window=(0.1, 0.8)),
+                      window=(0.1, 0.8), says=True),
     "worker-kill-step": Kind("unlearn", "a training worker SIGKILLed after a drawn optimizer step",
                              draws=lambda r: {"u": r.random(), "rank": r.randrange(2)}, point="train.step"),
     "worker-kill-export": Kind("unlearn", "rank 0 SIGKILLed while writing a drawn epoch's export",
                                draws=lambda r: {"u": r.random()}, point="train.export"),
     "unlearn-sigkill": Kind("unlearn", "the unlearning driver SIGKILLed"),
     "unlearn-disk-full": Kind("unlearn", "the run folder's disk filled while checkpoints were written",
-                              frozenset({"disk"}), window=(0.1, 0.8)),
+                              frozenset({"disk"}), window=(0.1, 0.8), says=True),
 }
 
 
