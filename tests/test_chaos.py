@@ -20,6 +20,7 @@ def _script(name: str):
     sys.path.insert(0, str(REPO / "scripts"))
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up while they are defined
     spec.loader.exec_module(module)
     return module
 
