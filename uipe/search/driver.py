@@ -317,7 +317,8 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
         return previous
     uri, exp_id, parent = _parent_run(cfg, paths, method, space_path, space, setup, threshold, identity, metric)
     total = space.trials_needed(epochs)
-    callbacks = [tracking.TrialLogger(uri, exp_id, parent, method), Progress(space.label(method), total, metrics.short(metric), metrics.short(bench.utility))]
+    callbacks = [tracking.TrialLogger(uri, exp_id, parent, method),
+                 Progress(space.label(method), total, metrics.short(metric), metrics.short(bench.utility))]
     trainable = _trainable(cfg, out, setup, threshold, metric, ini)
     # screening weighs a point at the space's floor and at every floor a result reports (uipe.report.FLOORS)
     thresholds = [threshold, *(f * ini[bench.utility] for f in FLOORS)] if cfg.search.screening else None
