@@ -263,7 +263,13 @@ class TrialLogger(tune.Callback):
 
     def _drain(self, work: queue.Queue) -> None:
         while (item := work.get()) is not None:
-            self._write(*item)
+            try:
+                self._write(*item)
+            except Exception as e:  # noqa: BLE001 - the thread must go on; outcome.finish logs what is missing
+                from uipe.console import warn
+
+                warn(f"trial {item[0].trial_id}: its MLflow run was not logged ({type(e).__name__}: {e}); the "
+                     "search logs it when it finishes")
 
     def _write(self, record: TrialResult, error_file: str) -> None:
         if self.offline:
