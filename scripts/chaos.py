@@ -96,6 +96,9 @@ def command(ctx: Context, stage: str, folder: Path, plan: Plan) -> list[str]:
             f"tracking.registered_model_name=chaos-{plan.index}-ga"]
     if stage == "search":
         head = [*uipe, "search", "--method", "ga", "--space", str(ctx.work / "grid.yaml")]
+    elif stage == "run":  # the main job, reduced to GA: its unlearning, then its search (the same grid)
+        head = [*uipe, "run"]
+        sets += ["unlearn.methods=[ga]", f"search.space_dir={ctx.work / 'spaces'}"]
     else:
         head = [*uipe, "unlearn", "--method", "ga"]
     return [*head, "--run-dir", str(folder), *[a for s in sets for a in ("--set", s)]]
@@ -110,7 +113,7 @@ def env(ctx: Context, extra: dict[str, str] | None = None) -> dict[str, str]:
 def copy_world(world: Path, stage: str, dest: Path) -> Path:
     """A copy of a run folder for one run: without its searches, Ray state and MLflow store (and without the
     unlearning for an unlearning run); manifests pointed into the copy."""
-    skip = ["search", "ray", "mlflow.db", "mlartifacts", "logs"] + (["unlearn"] if stage == "unlearn" else [])
+    skip = ["search", "ray", "mlflow.db", "mlartifacts", "logs"] + (["unlearn"] if stage != "search" else [])
     shutil.rmtree(dest, ignore_errors=True)  # an earlier chaos run's, in a reused --work folder
     shutil.copytree(world, dest, ignore=shutil.ignore_patterns(*skip))
     for manifest in dest.glob("unlearn/*/manifest.json"):
@@ -191,12 +194,12 @@ def check(ctx: Context, kind: Kind, p: Plan, folder: Path, code: str, resumed: s
     if (resumed if resumed != "-" else code) != "0":
         bad.append(f"ended with {resumed if resumed != '-' else code}")
     bad += leftovers(folder)
-    if kind.stage == "search":
-        found, note = search_violations(folder, ctx.servers[p.store].url, ctx.reference["search"], GRID_POINTS,
+    if kind.stage in ("search", "run"):
+        found, note = search_violations(folder, ctx.servers[p.store].url, ctx.reference[kind.stage], GRID_POINTS,
                                         killed_trial=p.kind == "trial-sigkill")
         bad += found
-    else:
-        bad += unlearn_violations(folder, ctx.reference["unlearn"])
+    if kind.stage in ("unlearn", "run"):
+        bad += unlearn_violations(folder, ctx.reference[kind.stage])
     return bad, note
 
 
@@ -215,14 +218,14 @@ def build_world(ctx: Context) -> None:
         print(f"world: uipe {stage[0]} {seconds:.0f} s", flush=True)
 
 
-def measure_references(ctx: Context) -> None:
-    """The unfaulted unlearning and search, each in a copy of the world: their wall time scales the moments, their
-    outcome is what every faulted run must reproduce. Cached in the work folder."""
+def measure_references(ctx: Context, stages: set[str]) -> None:
+    """The unfaulted unlearning, search and `uipe run`, each in a copy of the world: their wall time scales the
+    moments, their outcome is what every faulted run must reproduce. Cached in the work folder."""
     from chaos_checks import epoch_hashes, search_outcome
 
     cache = ctx.work / "reference.json"
     ctx.reference = json.loads(cache.read_text()) if cache.is_file() else {}
-    for stage in ("unlearn", "search"):
+    for stage in sorted(stages | {"unlearn"}, key=["unlearn", "search", "run"].index):  # unlearn's steps: draws
         if stage in ctx.reference:
             continue
         folder = copy_world(ctx.world, stage, ctx.work / "runs" / f"reference-{stage}")
@@ -232,8 +235,9 @@ def measure_references(ctx: Context) -> None:
                               log, 3600)
         if code != "0":
             raise SystemExit(f"{log}: the unfaulted {stage} failed (exit {code})")
-        ctx.reference[stage] = {"seconds": seconds, **(search_outcome(folder) if stage == "search"
-                                                       else epoch_hashes(folder))}
+        outcome = {**(search_outcome(folder) if stage != "unlearn" else {}),
+                   **(epoch_hashes(folder) if stage != "search" else {})}
+        ctx.reference[stage] = {"seconds": seconds, **outcome}
         print(f"reference {stage}: {seconds:.0f} s", flush=True)
     cache.write_text(json.dumps(ctx.reference, indent=1))
 
@@ -295,8 +299,10 @@ def stop_services(ctx: Context) -> None:
 
 def chaos(ctx: Context, plans: list[Plan]) -> list[Row]:
     (ctx.work / "grid.yaml").write_text(GRID)
+    (ctx.work / "spaces").mkdir(exist_ok=True)
+    (ctx.work / "spaces" / "ga.yaml").write_text(GRID)  # `uipe run` reads the method's space from a folder
     build_world(ctx)
-    measure_references(ctx)
+    measure_references(ctx, {KINDS[p.kind].stage for p in plans})
     rows, t0 = [], time.time()
     for n, p in enumerate(plans, 1):
         rows.append(run_one(ctx, p))

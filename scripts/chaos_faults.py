@@ -27,7 +27,7 @@ def _none(rng: random.Random) -> dict:
 
 @dataclass(frozen=True)
 class Kind:
-    stage: str  # "search" or "unlearn": the command it strikes
+    stage: str  # "search", "unlearn" or "run": the command it strikes
     what: str  # for the table's legend
     needs: frozenset[str] = frozenset()  # "disk" (a small tmpfs: root), "ray" (a Ray head of its own), "postgres"
     draws: Callable[[random.Random], dict] = _none
@@ -74,6 +74,7 @@ KINDS: dict[str, Kind] = {
     "worker-kill-export": Kind("unlearn", "rank 0 SIGKILLed while writing a drawn epoch's export",
                                draws=lambda r: {"u": r.random()}, point="train.export"),
     "unlearn-sigkill": Kind("unlearn", "the unlearning driver SIGKILLed"),
+    "run-sigkill": Kind("run", "`uipe run`'s driver SIGKILLed (GA's unlearning, then its search)"),
     "unlearn-disk-full": Kind("unlearn", "the run folder's disk filled while checkpoints were written",
                               frozenset({"disk"}), window=(0.1, 0.8), says=True),
 }
@@ -98,7 +99,7 @@ def inject(kind_name: str, kind: Kind, ctx, plan, proc: subprocess.Popen, at: fl
         return "armed " + kind.point
     if not _wait(proc, at):
         return "missed: the command ended first"
-    if kind_name in ("driver-sigkill", "unlearn-sigkill"):
+    if kind_name in ("driver-sigkill", "unlearn-sigkill", "run-sigkill"):
         os.killpg(proc.pid, signal.SIGKILL)
         return "SIGKILL driver"
     if kind_name == "driver-sigterm":

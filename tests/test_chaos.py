@@ -28,9 +28,9 @@ def _script(name: str):
 def test_the_plan_is_the_seeds_and_covers_every_kind_a_store_can_take() -> None:
     chaos = _script("chaos")
     kinds = list(chaos.KINDS)
-    one = chaos.plan(22, 3, ["sqlite", "postgres"], kinds, {"disk", "ray"})
-    assert one == chaos.plan(22, 3, ["sqlite", "postgres"], kinds, {"disk", "ray"})
-    assert one != chaos.plan(22, 4, ["sqlite", "postgres"], kinds, {"disk", "ray"})
+    one = chaos.plan(24, 3, ["sqlite", "postgres"], kinds, {"disk", "ray"})
+    assert one == chaos.plan(24, 3, ["sqlite", "postgres"], kinds, {"disk", "ray"})
+    assert one != chaos.plan(24, 4, ["sqlite", "postgres"], kinds, {"disk", "ray"})
     sqlite = {p.kind for p in one if p.store == "sqlite"}
     assert sqlite == set(kinds) - {"store-crash"}  # a sqlite file has no server to crash
     assert {p.kind for p in one if p.store == "postgres"} == set(kinds)
