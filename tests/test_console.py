@@ -45,6 +45,20 @@ def test_quiet_turns_a_crash_into_one_line_and_keeps_the_traceback(tmp_path: Pat
     assert _last_line(ValueError("")) == "ValueError:"
 
 
+def test_a_full_disk_in_a_worker_is_said_as_a_full_disk_with_exit_2(tmp_path: Path) -> None:
+    """A training worker's ENOSPC reaches the driver as text inside Ray's error (seen in a chaos run: `uipe: error:
+    WorkerGroupError: OSError: [Errno 28] No space left on device`, exit 1): it is said as what to do, exit 2."""
+    from uipe.errors import UipeError
+
+    with pytest.raises(UipeError) as err:
+        with quiet(tmp_path / "x.log"):
+            raise RuntimeError("Training failed:\n  worker 1 ...\nOSError: [Errno 28] No space left on device")
+    assert err.value.exit_code == 2 and "the disk is full" in str(err.value) and "free space" in str(err.value)
+    with pytest.raises(UnexpectedError):  # any other failure stays unexpected, exit 1
+        with quiet(tmp_path / "x.log"):
+            raise RuntimeError("OSError: [Errno 13] Permission denied")
+
+
 def test_a_log_on_a_full_disk_still_lets_the_error_reach_the_terminal_with_its_exit_code(tmp_path: Path) -> None:
     """The run folder's disk filled up: every write to the log fails (/dev/full answers ENOSPC). Before, the error
     handler's own write to the log raised, and the interpreter's last flush made it a silent exit 120."""

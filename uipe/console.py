@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from uipe.errors import UipeError
+from uipe.io import is_disk_full
 
 PLAIN_EVERY_S = 300.0
 WIDTH = 150  # tables stay readable in logs and CI output
@@ -225,6 +226,9 @@ def quiet(log_file: Path, verbose: bool = False, until_exit: bool = False, data:
         raise
     except (Exception, KeyboardInterrupt) as e:
         log.write(traceback.format_exc())
+        if is_disk_full(e):  # where no atomic write named its file (a training worker's, say): bad input, exit 2
+            raise UipeError(f"{_last_line(e)}: the disk is full (or a size limit was hit); free space and run the same "
+                            f"command again (full traceback in {log_file}, where it could be written)") from None
         raise UnexpectedError(f"{_last_line(e)} (full traceback in {log_file})") from None
     finally:
         log.flush()

@@ -25,12 +25,12 @@ _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 def is_disk_full(e: BaseException) -> bool:
-    """No space left, a quota, or a file-size limit: from Python's I/O or from a Rust writer (safetensors), which
-    reports the OS error only in its message."""
+    """No space left, a quota, or a file-size limit: from Python's I/O, from a Rust writer (safetensors), which
+    reports the OS error only in its message, or from a Ray worker, whose error reaches the driver as text."""
     if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
         return True
     text = str(e)
-    return any(f"os error {n})" in text or f"code: {n}," in text for n in _DISK_FULL_ERRNOS)
+    return any(f"os error {n})" in text or f"code: {n}," in text or f"[Errno {n}]" in text for n in _DISK_FULL_ERRNOS)
 
 
 def disk_full_error(target: Path, e: BaseException) -> UipeError:
