@@ -75,8 +75,9 @@ def search_outcome(run: Path) -> dict:
     return {"chosen": [float(result["chosen"]["alpha"]), int(result["chosen"]["epoch"])], "trials": result["trials"]}
 
 
-def _children(url: str, parent: str) -> tuple[list[str], list[str]]:
-    """(the trial id of every child run, the ids of those half-logged: still running, or finished without metrics)."""
+def _children(url: str, parent: str) -> tuple[list[str], list[str], dict[str, str]]:
+    """(the trial id of every child run, the ids of those half-logged: still running, or finished without metrics,
+    the status by trial id)."""
     from uipe.tracking import client
 
     c = client(url)
@@ -85,7 +86,7 @@ def _children(url: str, parent: str) -> tuple[list[str], list[str]]:
     ids = [r.data.tags.get("uipe.trial_id", "") for r in runs]
     half = [i for i, r in zip(ids, runs) if r.info.status not in ("FINISHED", "FAILED")
             or (r.info.status == "FINISHED" and "trial_seconds" not in r.data.metrics)]
-    return ids, half
+    return ids, half, {i: r.info.status for i, r in zip(ids, runs)}
 
 
 def search_violations(run: Path, url: str, reference: dict, grid: set[tuple[float, int]],
@@ -105,10 +106,14 @@ def search_violations(run: Path, url: str, reference: dict, grid: set[tuple[floa
     failed = [r for r in rows if r["status"] != "ok"]
     if len(failed) > (1 if killed_trial else 0):
         bad.append(f"{len(failed)} failed trials: {failed[0]['error'][:120]}")
-    children, half = _children(url, json.loads((out / "result.json").read_text())["parent_run_id"])
+    children, half, status = _children(url, json.loads((out / "result.json").read_text())["parent_run_id"])
     logged = Counter(children)
     if half:
         bad.append(f"MLflow: half-logged child runs of trials {half}")
+    contradicted = [r["trial_id"] for r in rows
+                    if status.get(r["trial_id"], "") not in ("", "FINISHED" if r["status"] == "ok" else "FAILED")]
+    if contradicted:
+        bad.append(f"MLflow: runs whose outcome results.csv contradicts, trials {contradicted}")
     if logged != ids:
         twice, lost = [i for i, n in logged.items() if n > 1], sorted(set(ids) - set(logged))
         bad.append(f"MLflow: {sum(logged.values())} child runs for {len(ids)} trials (twice {twice}, missing {lost})")

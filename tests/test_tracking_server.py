@@ -164,8 +164,9 @@ def test_the_trial_logger_reads_child_runs_once_per_process_and_never_logs_a_tri
 def test_the_trial_logger_hands_a_trial_to_its_thread_and_tunes_loop_goes_on(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Tune's loop does not wait for MLflow: on_trial_complete returns while the trial's run is still being logged
-    (held here until the loop has moved on); the experiment's end waits for it; a run cut short by a driver killed
-    while logging it (left RUNNING) is replaced by the search's reconcile, not kept beside the whole one."""
+    (held here until the loop has moved on); the experiment's end waits for it. The search's reconcile then replaces
+    a run cut short by a driver killed while logging it (left RUNNING) and a run whose outcome the results
+    contradict, never keeping them beside the whole one."""
     import threading
     from types import SimpleNamespace
 
@@ -193,9 +194,12 @@ def test_the_trial_logger_hands_a_trial_to_its_thread_and_tunes_loop_goes_on(tmp
     logger.on_experiment_end([])
     assert sorted(tracking.child_runs(uri, exp_id, parent)) == ["t1"]
     cut = tracking.create_run(uri, exp_id, "ga-cut", {tracking.TRIAL_TAG: "t2"}, parent=parent)  # never terminated
-    assert tracking.child_runs(uri, exp_id, parent, complete=False) == {"t2": cut}
-    records = [TrialResult.from_report(t, {"alpha": 0.5, "epoch": 1}, {"objective": -1.0}) for t in ("t1", "t2")]
+    assert tracking.child_runs(uri, exp_id, parent) == {"t1": tracking.child_runs(uri, exp_id, parent)["t1"]}
+    # t3 failed when a Ray node was lost, and ran again after the restore: its FAILED run contradicts the results
+    lost = TrialResult.failed("t3", 0.5, 1, "The actor is dead because its worker process has died.")
+    tracking.log_trial(uri, exp_id, parent, "ga", lost)
+    records = [TrialResult.from_report(t, {"alpha": 0.5, "epoch": 1}, {"objective": -1.0}) for t in ("t1", "t2", "t3")]
     reconcile_children(uri, parent, "ga", records)
-    whole = tracking.child_runs(uri, exp_id, parent)
-    assert sorted(whole) == ["t1", "t2"] and whole["t2"] != cut
-    assert tracking.child_runs(uri, exp_id, parent, complete=False) == {}
+    after = sorted(tracking.children(uri, exp_id, parent))
+    assert [(tid, status) for tid, _, status in after] == [("t1", "FINISHED"), ("t2", "FINISHED"), ("t3", "FINISHED")]
+    assert cut not in {run_id for _, run_id, _ in after}

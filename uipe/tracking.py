@@ -197,13 +197,18 @@ def log_datasets(uri: str, run_id: str, source: str, splits: Mapping[str, Sequen
             c.log_inputs(run_id, datasets=inputs)
 
 
-def child_runs(uri: str, experiment_id: str, parent_id: str, complete: bool = True) -> dict[str, str]:
-    """Existing child runs of a parent, their run ids by Tune trial id (so a resumed search never logs a trial
-    twice). `complete`: only those logged to the end (FINISHED or FAILED); False: only the others, cut short by a
-    driver that died while logging them (RUNNING), which a search replaces."""
+def children(uri: str, experiment_id: str, parent_id: str) -> list[tuple[str, str, str]]:
+    """(Tune trial id, run id, status) of every trial's child run of a parent; a run still RUNNING was cut short by
+    a driver that died while logging it."""
     runs = client(uri).search_runs([experiment_id], f"tags.{PARENT_TAG} = '{parent_id}'", max_results=5000)
-    return {r.data.tags[TRIAL_TAG]: r.info.run_id for r in runs
-            if TRIAL_TAG in r.data.tags and (r.info.status in ("FINISHED", "FAILED")) == complete}
+    return [(r.data.tags[TRIAL_TAG], r.info.run_id, r.info.status) for r in runs if TRIAL_TAG in r.data.tags]
+
+
+def child_runs(uri: str, experiment_id: str, parent_id: str) -> dict[str, str]:
+    """The child runs logged to the end (FINISHED or FAILED), their run ids by Tune trial id (so a resumed search
+    never logs a trial twice)."""
+    return {tid: run_id for tid, run_id, status in children(uri, experiment_id, parent_id)
+            if status in ("FINISHED", "FAILED")}
 
 
 class TrialLogger(tune.Callback):
