@@ -332,6 +332,8 @@ def main() -> int:
         return 2
     work = (args.work or Path(tempfile.mkdtemp(prefix="uipe-chaos-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    # a SIGTERM (a stopped chaos run) still stops the services below: the servers, Ray, Postgres, the small disk
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     ctx = start_services(work, stores, os.environ.get("RAY_ADDRESS", ""), args.disk_mb)
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.burners)]
     try:
