@@ -322,3 +322,21 @@ def test_the_floors_table_lists_the_highest_floor_first_whatever_order_the_json_
     summary = _reference_free()
     summary["floors"] = dict(sorted(summary["floors"].items()))  # as a result.json read back holds them
     assert [r[1] for r in _lines(_render(floors_table([summary])), "ga")] == ["0.95", "0.9", "0.85"]
+
+
+@pytest.mark.parametrize("sigint", ["ignored", "default", "tune"])
+def test_a_sigterm_stops_the_driver_as_ctrl_c_would_even_where_sigint_is_ignored(sigint: str) -> None:
+    """SIGTERM goes to SIGINT's handler (Tune's graceful stop during a fit, else KeyboardInterrupt). A process started
+    in the background inherits SIGINT ignored: there the SIGTERM was swallowed and the search ran on (a chaos run)."""
+    import subprocess
+    import sys
+
+    script = ("import os, signal, sys, time\nfrom uipe.ray_session import stop_on_sigterm\n"
+              f"mode = {sigint!r}\n"
+              "if mode == 'ignored':\n    signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+              "if mode == 'tune':\n    signal.signal(signal.SIGINT, lambda s, f: sys.exit(7))  # stands for Tune's\n"
+              "stop_on_sigterm()\n"
+              "try:\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(5)\n    sys.exit(0)\n"
+              "except KeyboardInterrupt:\n    sys.exit(2)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == (7 if sigint == "tune" else 2), done.stderr

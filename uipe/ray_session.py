@@ -31,4 +31,13 @@ def stop_on_sigterm() -> None:
     `--resume`. Without this, the handler ray.init installs prints a C++ stack to the log and exits 15 with nothing
     on the console (seen in scripts/chaos.py's driver-sigterm runs). Main thread only, where Python handles signals."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+        signal.signal(signal.SIGTERM, _as_interrupt)
+
+
+def _as_interrupt(signum: int, frame: object) -> None:
+    # SIGINT's handler: Tune's graceful stop during a fit, else Python's KeyboardInterrupt. A process started in the
+    # background inherits SIGINT ignored, which would swallow the SIGTERM too (seen in a chaos run): raise then.
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
