@@ -178,6 +178,8 @@ def run_one(ctx: Context, p: Plan) -> Row:
         resumed, _ = timed(again, env(ctx), log, 4 * ref["seconds"] + 120)
     violations, note = check(ctx, kind, p, folder, code, resumed)
     violations += [f"exit {code} with no error on the console"] if silent else []
+    if p.kind == "driver-sigterm" and code == "0" and not fault.startswith("missed"):
+        violations.append("the SIGTERM did not stop the command")
     if kind.disk:  # the small disk holds one run at a time: a faulty one is kept for a post-mortem
         if violations:
             shutil.copytree(folder, ctx.work / "runs" / folder.name, dirs_exist_ok=True)
