@@ -7,6 +7,7 @@ under the chaos run's work folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -64,16 +65,20 @@ class RayHead:
     ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
 
     def __init__(self, root: Path, cpus: int) -> None:
-        self.temp, self.cpus, self.address = root / "ray", cpus, ""
+        self.temp, self.cpus, self.address, self.group = root / "ray", cpus, "", 0
 
     def start(self) -> None:
         port, dash = free_port(), free_port()
-        subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={self.cpus}",
-                        f"--temp-dir={self.temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                        f"--dashboard-port={dash}", "--disable-usage-stats"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       env={**os.environ, **self.ENV})
-        self.address = f"127.0.0.1:{port}"
+        # a session of its own: every daemon it leaves behind (agents whose command lines no longer name the temp
+        # folder included) is in its process group, which stop() kills
+        proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={self.cpus}",
+                                 f"--temp-dir={self.temp}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                                 f"--dashboard-port={dash}", "--disable-usage-stats"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **self.ENV},
+                                start_new_session=True)
+        if proc.wait(timeout=300):
+            raise RuntimeError(f"ray start --head exited {proc.returncode}")
+        self.address, self.group = f"127.0.0.1:{port}", proc.pid
 
     def processes(self) -> list[tuple[int, str, str]]:
         """The head's own processes (raylet, GCS, dashboard...): those whose command line names its temp folder."""
@@ -88,6 +93,8 @@ class RayHead:
     def stop(self) -> None:
         """Every process of this head (never `ray stop`, which would stop every Ray on the machine); its workers
         exit once their raylet is gone."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.group, signal.SIGKILL)
         for _ in range(30):
             procs = self.processes()
             if not procs:
