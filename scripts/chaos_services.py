@@ -93,8 +93,9 @@ class RayHead:
     def stop(self) -> None:
         """Every process of this head (never `ray stop`, which would stop every Ray on the machine); its workers
         exit once their raylet is gone."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.group, signal.SIGKILL)
+        if self.group:  # never 0: killpg(0) is this process's own group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.group, signal.SIGKILL)
         for _ in range(30):
             procs = self.processes()
             if not procs:
