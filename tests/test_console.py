@@ -331,7 +331,7 @@ def test_a_sigterm_stops_the_driver_as_ctrl_c_would_even_where_sigint_is_ignored
     import subprocess
     import sys
 
-    script = ("import os, signal, sys, time\nfrom uipe.ray_session import stop_on_sigterm\n"
+    script = ("import os, signal, sys, time\nfrom uipe.signals import stop_on_sigterm\n"
               f"mode = {sigint!r}\n"
               "if mode == 'ignored':\n    signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
               "if mode == 'tune':\n    signal.signal(signal.SIGINT, lambda s, f: sys.exit(7))  # stands for Tune's\n"

@@ -122,8 +122,8 @@ def test_every_imported_name_exists() -> None:
 # must be placed here, which is the point: where it sits is a decision, not an accident.
 LAYERS = (
     ("foundation", ("uipe", "uipe.errors", "uipe.schema", "uipe.paths", "uipe.io", "uipe.stages", "uipe.progress",
-                    "uipe.console", "uipe.faults", "uipe.metrics", "uipe.ray_session", "uipe.safetensors_io",
-                    "uipe.shard_pipeline", "uipe.coefficients", "uipe.extrapolate", "uipe.update_vector",
+                    "uipe.console", "uipe.faults", "uipe.metrics", "uipe.ray_session", "uipe.signals",
+                    "uipe.safetensors_io", "uipe.shard_pipeline", "uipe.coefficients", "uipe.extrapolate", "uipe.update_vector",
                     "uipe.checkpoint", "uipe.prompts", "uipe.models")),
     ("domain", ("uipe.config", "uipe.data", "uipe.methods", "uipe.eval", "uipe.tiny_model", "uipe.gate")),
     ("benchmarks", ("uipe.benchmarks",)),

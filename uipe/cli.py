@@ -344,6 +344,9 @@ def _seed_list(text: str) -> list[int]:
 
 
 def main() -> None:
+    from uipe.signals import stop_on_sigterm
+
+    stop_on_sigterm()
     try:
         app()
     except UipeError as e:
@@ -351,6 +354,11 @@ def main() -> None:
 
         error(f"uipe: error: {e}")
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl+C or SIGTERM before a stage had its log (inside one, the line names the log)
+        from uipe.console import error
+
+        error("uipe: error: interrupted; run the same command again to go on (a search by itself: with --resume)")
+        sys.exit(130)
 
 
 if __name__ == "__main__":
