@@ -81,6 +81,17 @@ def test_a_log_on_a_full_disk_still_lets_the_error_reach_the_terminal_with_its_e
     assert sum("cannot write the log /dev/full" in ln for ln in lines) == 1  # said once, not per line
 
 
+def test_an_interrupt_in_a_stage_is_one_line_with_exit_130_and_the_traceback_in_the_log(tmp_path: Path) -> None:
+    from uipe.console import Interrupted
+
+    log = tmp_path / "x.log"
+    with pytest.raises(Interrupted) as err:
+        with quiet(log):
+            raise KeyboardInterrupt  # Ctrl+C, or a SIGTERM outside a fit (uipe.signals)
+    assert err.value.exit_code == 130 and str(err.value).startswith(f"interrupted (its log: {log}); run the same")
+    assert "KeyboardInterrupt" in log.read_text()
+
+
 def test_plain_progress_prints_a_line_per_third(capsys: pytest.CaptureFixture) -> None:
     task = Task("fit", 9)
     for done in range(1, 10):

@@ -354,11 +354,11 @@ def main() -> None:
 
         error(f"uipe: error: {e}")
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:  # Ctrl+C or SIGTERM before a stage had its log (inside one, the line names the log)
-        from uipe.console import error
+    except KeyboardInterrupt:  # Ctrl+C or SIGTERM before a stage had its log (inside one, quiet() says it)
+        from uipe.console import Interrupted, error
 
-        error("uipe: error: interrupted; run the same command again to go on (a search by itself: with --resume)")
-        sys.exit(130)
+        error(f"uipe: error: {Interrupted()}")
+        sys.exit(Interrupted.exit_code)
 
 
 if __name__ == "__main__":

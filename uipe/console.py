@@ -224,7 +224,10 @@ def quiet(log_file: Path, verbose: bool = False, until_exit: bool = False, data:
     except UipeError as e:
         print(f"uipe: error: {e}", file=log, flush=True)
         raise
-    except (Exception, KeyboardInterrupt) as e:
+    except KeyboardInterrupt:
+        log.write(traceback.format_exc())
+        raise Interrupted(log_file) from None
+    except Exception as e:
         log.write(traceback.format_exc())
         if is_disk_full(e):  # where no atomic write named its file (a training worker's, say): bad input, exit 2
             raise UipeError(f"{_last_line(e)}: the disk is full (or a size limit was hit); free space and run the same "
@@ -246,6 +249,17 @@ class UnexpectedError(UipeError):
     """A failure that is not bad input (a crashed fit, a lost worker): exit 1, the traceback in the log."""
 
     exit_code = 1
+
+
+class Interrupted(UipeError):
+    """Ctrl+C, or a SIGTERM (uipe.signals), outside a search's trials (there Tune stops them and the search says how
+    far it got): exit 130, as a shell reports an interrupted command."""
+
+    exit_code = 130
+
+    def __init__(self, log_file: Path | None = None) -> None:
+        where = f" (its log: {log_file})" if log_file else ""
+        super().__init__(f"interrupted{where}; run the same command again to go on (a search by itself: with --resume)")
 
 
 def _last_line(e: BaseException) -> str:
