@@ -1,4 +1,4 @@
-"""Tune's saved state of a search: read whole before a resume (uipe/search/tune_state.py)."""
+"""Saved state read whole before a resume: Tune's of a search (uipe/search/tune_state.py), Ray Train's of a fit."""
 
 from __future__ import annotations
 
@@ -78,3 +78,19 @@ def test_tunes_restore_failure_raises_instead_of_restarting_the_experiment(tmp_p
             except ValueError:
                 log.exception(tune_state.RESTORE_FAILED)  # what Tune logs before "Restarting experiment."
     log.error("another error")  # the guard is gone after the block
+
+
+def test_a_ray_train_run_whose_checkpoint_record_is_not_whole_is_set_aside(tmp_path: Path) -> None:
+    """A full disk left Ray Train's record at 0 bytes and every later fit died at start (a chaos run)."""
+    from uipe.checkpoint import RAY_TRAIN_SNAPSHOT, set_aside_unreadable_run
+
+    run = tmp_path / "tiny-ga"
+    (run / "ga-epoch_01").mkdir(parents=True)
+    assert set_aside_unreadable_run(str(tmp_path), "tiny-ga") is None  # no record yet: a fresh run
+    (run / RAY_TRAIN_SNAPSHOT).write_text('{"checkpoint_results": []}')
+    assert set_aside_unreadable_run(str(tmp_path), "tiny-ga") is None and run.is_dir()
+    (run / RAY_TRAIN_SNAPSHOT).write_bytes(b"")
+    aside = set_aside_unreadable_run(str(tmp_path), "tiny-ga")
+    assert aside is not None and not run.exists() and (aside / "ga-epoch_01").is_dir()
+    assert aside.name.startswith("tiny-ga.unreadable-")
+    assert set_aside_unreadable_run("s3://bucket/ray", "tiny-ga") is None  # object storage: left to Ray

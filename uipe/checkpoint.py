@@ -213,3 +213,28 @@ def latest_run_state(storage: str, run_name: str) -> dict[str, Any] | None:
         return None
     states = sorted(Path(storage, run_name).glob(f"*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime)
     return json.loads(states[-1].read_text()) if states else None
+
+
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints (Ray 2.60)
+
+
+def set_aside_unreadable_run(storage: str, run_name: str) -> Path | None:
+    """Move a Ray Train run folder aside when its checkpoint record is not whole JSON; returns where it went.
+
+    Ray Train writes that record in place; a full disk left it at 0 bytes (scripts/chaos.py, unlearn-disk-full), and
+    every later fit of the run then died at start with CheckpointManagerInitializationError. Set aside, the fit starts
+    from the start model again and writes the same epochs bit for bit (exports overwrite theirs). Local storage only.
+    """
+    record = Path(storage, run_name, RAY_TRAIN_SNAPSHOT)
+    if "://" in storage or not record.is_file():
+        return None
+    try:
+        json.loads(record.read_bytes())
+        return None
+    except ValueError:
+        pass
+    import time
+
+    aside = record.parent.with_name(f"{run_name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(str(record.parent), aside)
+    return aside

@@ -14,14 +14,14 @@ from typing import Any
 import ray
 
 from uipe import faults
-from uipe.checkpoint import checkpoint_name, config_hash, latest_run_state
+from uipe.checkpoint import RAY_TRAIN_SNAPSHOT, checkpoint_name, config_hash, latest_run_state, set_aside_unreadable_run
 from uipe.config import ExperimentConfig, TrainConfig
+from uipe.console import warn
 from uipe.errors import UipeError
 from uipe.io import atomic_dir
 from uipe.paths import RunPaths
 from uipe.stages import reusable
 from uipe.train.job import Job, Runtime
-
 
 HEALTH_CHECK_INTERVAL_S = "0.5"
 
@@ -86,8 +86,12 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, jobs: list[Job], run_name: str, 
                             f"{first.label}")
     env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cfg.train.threads_per_worker),
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    board = Board.remote()
     storage = storage_path(cfg, paths)
+    aside = set_aside_unreadable_run(storage, run_name)
+    if aside is not None:
+        warn(f"{run_name}: Ray Train's checkpoint record ({RAY_TRAIN_SNAPSHOT}) is not whole (a full disk or a killed "
+             f"write); the run folder is set aside in {aside} and the fit starts from the start model again")
+    board = Board.remote()
     rt = dataclasses.replace(first.runtime, board=board, run_storage=f"{storage.rstrip('/')}/{run_name}")
     jobs = [dataclasses.replace(job, runtime=rt) for job in jobs]
     trainer = TorchTrainer(
