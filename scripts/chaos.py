@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chaos_checks import epoch_hashes, leftovers, search_outcome, search_violations, unlearn_violations  # noqa: E402
 from chaos_faults import KINDS, Kind, fired, inject  # noqa: E402
 from chaos_services import Postgres, RayHead, SmallDisk, TrackingServer, stop_group  # noqa: E402
 
@@ -190,8 +191,6 @@ def run_one(ctx: Context, p: Plan) -> Row:
 
 def check(ctx: Context, kind: Kind, p: Plan, folder: Path, code: str, resumed: str) -> tuple[list[str], str]:
     """(violations, an explained difference)."""
-    from chaos_checks import leftovers, search_violations, unlearn_violations
-
     bad, note = [], ""
     if (resumed if resumed != "-" else code) != "0":
         bad.append(f"ended with {resumed if resumed != '-' else code}")
@@ -223,8 +222,6 @@ def build_world(ctx: Context) -> None:
 def measure_references(ctx: Context, stages: set[str]) -> None:
     """The unfaulted unlearning, search and `uipe run`, each in a copy of the world: their wall time scales the
     moments, their outcome is what every faulted run must reproduce. Cached in the work folder."""
-    from chaos_checks import epoch_hashes, search_outcome
-
     cache = ctx.work / "reference.json"
     ctx.reference = json.loads(cache.read_text()) if cache.is_file() else {}
     for stage in sorted(stages | {"unlearn"}, key=["unlearn", "search", "run"].index):  # unlearn's steps: draws

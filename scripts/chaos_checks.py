@@ -95,18 +95,20 @@ def search_violations(run: Path, url: str, reference: dict, grid: set[tuple[floa
     out = run / "search" / "ga"
     if not (out / "result.json").is_file():
         return ["no result.json"], ""
+    result = json.loads((out / "result.json").read_text())
     rows = list(csv.DictReader((out / "results.csv").open()))
     bad = []
     ids = Counter(r["trial_id"] for r in rows)
     points = Counter((float(r["alpha"]), int(r["epoch"])) for r in rows)
-    if [i for i, n in ids.items() if n > 1]:
-        bad.append(f"results.csv holds trial ids twice: {[i for i, n in ids.items() if n > 1]}")
+    twice = [i for i, n in ids.items() if n > 1]
+    if twice:
+        bad.append(f"results.csv holds trial ids twice: {twice}")
     if set(points) != grid or max(points.values()) > 1:
         bad.append(f"results.csv: {len(rows)} trials over {len(points)} points, want each of {len(grid)} once")
     failed = [r for r in rows if r["status"] != "ok"]
     if len(failed) > (1 if killed_trial else 0):
         bad.append(f"{len(failed)} failed trials: {failed[0]['error'][:120]}")
-    children, half, status = _children(url, json.loads((out / "result.json").read_text())["parent_run_id"])
+    children, half, status = _children(url, result["parent_run_id"])
     logged = Counter(children)
     if half:
         bad.append(f"MLflow: half-logged child runs of trials {half}")
@@ -117,7 +119,6 @@ def search_violations(run: Path, url: str, reference: dict, grid: set[tuple[floa
     if logged != ids:
         twice, lost = [i for i, n in logged.items() if n > 1], sorted(set(ids) - set(logged))
         bad.append(f"MLflow: {sum(logged.values())} child runs for {len(ids)} trials (twice {twice}, missing {lost})")
-    result = json.loads((out / "result.json").read_text())
     chosen = [float(result["chosen"]["alpha"]), int(result["chosen"]["epoch"])]
     note = ""
     if chosen != reference["chosen"]:

@@ -225,16 +225,9 @@ def set_aside_unreadable_run(storage: str, run_name: str) -> Path | None:
     every later fit of the run then died at start with CheckpointManagerInitializationError. Set aside, the fit starts
     from the start model again and writes the same epochs bit for bit (exports overwrite theirs). Local storage only.
     """
-    record = Path(storage, run_name, RAY_TRAIN_SNAPSHOT)
-    if "://" in storage or not record.is_file():
-        return None
-    try:
-        json.loads(record.read_bytes())
-        return None
-    except ValueError:
-        pass
-    import time
+    from uipe.io import file_flaw, move_aside
 
-    aside = record.parent.with_name(f"{run_name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-    shutil.move(str(record.parent), aside)
-    return aside
+    record = Path(storage, run_name, RAY_TRAIN_SNAPSHOT)
+    if "://" in storage or not record.is_file() or not file_flaw(record):
+        return None
+    return move_aside(record.parent)

@@ -33,6 +33,31 @@ def is_disk_full(e: BaseException) -> bool:
     return any(f"os error {n})" in text or f"code: {n}," in text or f"[Errno {n}]" in text for n in _DISK_FULL_ERRNOS)
 
 
+def file_flaw(path: Path, pickled: bool = False) -> str:
+    """'' if a saved-state file reads whole; else why not: empty, not JSON, or (`pickled`) a pickle without its
+    closing STOP opcode. A pickle is never loaded here: whoever saved it loads it."""
+    data = path.read_bytes()
+    if not data:
+        return "empty"
+    if pickled:
+        return "" if data.endswith(b".") else "a truncated pickle"
+    try:
+        json.loads(data)
+    except ValueError as e:
+        return f"not JSON ({e})"
+    return ""
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a file or folder whose saved state cannot be read to `<name>.unreadable-<time>` beside it (kept for a
+    post-mortem, out of the way of the run that goes on); returns the new path."""
+    import time
+
+    aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(str(path), aside)
+    return aside
+
+
 def disk_full_error(target: Path, e: BaseException) -> UipeError:
     return UipeError(f"{target}: the disk is full (or a size limit was hit) while writing it; nothing was kept and "
                      f"earlier results are intact: free space and run the same command again ({type(e).__name__})")

@@ -14,37 +14,28 @@ failure Tune would swallow into an error.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from uipe.errors import UipeError
+from uipe.io import file_flaw, move_aside
 
 # Tune writes the experiment state as JSON and pickles the rest (search_gen_state's ".json" included)
 TEMPLATES = ("experiment_state-{}.json", "searcher-state-{}.pkl", "search_gen_state-{}.json", "callback-states-{}.pkl")
-JSON_PREFIX = "experiment_state-"
 SET_ASIDE = "unreadable-state"  # where a session's unreadable files go, inside the tune folder
-_SESSION = re.compile(r"^(?:experiment_state|searcher-state|search_gen_state|callback-states)-(.+)\.(?:json|pkl)$")
+_PARTS = [t.split("{}") for t in TEMPLATES]  # (prefix, suffix) of each: the session name sits between
+_SESSION = re.compile("^(?:" + "|".join(re.escape(a) for a, _ in _PARTS) + ")(.+)(?:"
+                      + "|".join(sorted({re.escape(b) for _, b in _PARTS})) + ")$")
 RESTORE_FAILED = "Failed to restore the run state."  # Tune's own words (ray/tune/execution/tune_controller.py)
 
 
 def flaw(path: Path) -> str:
-    """'' if the file reads whole; else why not. A pickle is checked for its closing STOP opcode only, never loaded:
-    Tune's restore loads it."""
-    data = path.read_bytes()
-    if not data:
-        return "empty"
-    if not path.name.startswith(JSON_PREFIX):
-        return "" if data.endswith(b".") else "a truncated pickle"
-    try:
-        json.loads(data)
-    except ValueError as e:
-        return f"not JSON ({e})"
-    return ""
+    """'' if one of Tune's state files reads whole; else why not (uipe.io.file_flaw: its pickles by their STOP
+    opcode, never loaded here; Tune's restore loads them)."""
+    return file_flaw(path, pickled=not path.name.startswith(_PARTS[0][0]))
 
 
 def sessions(tune_dir: Path) -> list[str]:
@@ -85,8 +76,7 @@ def prepare_resume(tune_dir: Path, label: str) -> None:
         warn(f"{label}: Tune's saved state {line}: set aside in {tune_dir / SET_ASIDE}; the trials only it held run "
              "again")
     if not restorable(tune_dir):
-        aside = tune_dir.with_name(f"tune.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(str(tune_dir), aside)
+        aside = move_aside(tune_dir)
         warn(f"{label}: no whole saved state of Tune's (moved to {aside}): the trials start anew; the MLflow parent "
              "run is kept and its trial runs are replaced when the search finishes")
 
