@@ -81,3 +81,12 @@ def test_a_short_chaos_run_loses_no_trial_and_leaves_nothing_half_written(unlear
     assert not [r for r in rows if r.fault.startswith("missed")], report
     assert [r.violations for r in rows] == [[], [], []], report
     assert next(r for r in rows if r.kind == "driver-sigkill").resume == "0", report
+
+
+def test_the_gap_between_a_slots_trials_takes_the_slot_free_longest() -> None:
+    gaps = _script("bench_trial_gap").slot_gaps
+    # 2 slots: the third trial starts 0.2 s after the first ended; the fourth takes the slot free since 2.0 (not
+    # the one free since 3.0): 0.5 s; the fifth takes the one free since 3.0: 0.1 s
+    spans = [(1.2, 3.0), (0.0, 1.0), (0.1, 2.0), (2.5, 4.0), (3.1, 5.0)]
+    assert gaps(spans, 2) == pytest.approx([0.2, 0.5, 0.1])
+    assert gaps(spans, 5) == []

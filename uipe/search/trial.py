@@ -21,6 +21,10 @@ from uipe.config import EvalConfig
 from uipe.faults import NONE, Faults
 from uipe.results import TrialResult
 
+# what a trial's last report carries beyond its record (TrialResult.from_report ignores them): when the trial function
+# began and when it reported, in Unix seconds, so scripts/bench_trial_gap.py reads the gap between a slot's trials
+WALL_CLOCK = ("wall_started_at", "wall_ended_at")
+
 
 @dataclass(frozen=True)
 class TrialSetup:
@@ -201,6 +205,7 @@ def trial(config: dict, setup: TrialSetup, utility_threshold: float, objective_m
 
     from uipe import metrics
 
+    started_at = time.time()  # wall clock, beside Tune's whole seconds: a timeline of the search's slots
     metrics.adopt(catalogue or {})  # entries the driver registered at run time (a user's objective)
     point = Extrapolation.from_config(config)
     faults.point("trial", alpha=point.alpha, epoch=point.epoch)  # tests only: see uipe/faults.py
@@ -212,4 +217,5 @@ def trial(config: dict, setup: TrialSetup, utility_threshold: float, objective_m
     result = evaluate_point(setup, point, point.epoch, utility_threshold, objective_metric, start)
     # the trial's work is both passes; the screening part is kept apart for the search's time split
     result = replace(result, trial_seconds=result.trial_seconds + screened_seconds, screen_seconds=screened_seconds)
-    tune.report({**result.to_report(), "alpha": result.alpha, "epoch": point.epoch})
+    tune.report({**result.to_report(), "alpha": result.alpha, "epoch": point.epoch,
+                 WALL_CLOCK[0]: started_at, WALL_CLOCK[1]: time.time()})
