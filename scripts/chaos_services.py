@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -61,8 +62,10 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait: float = 
 class RayHead:
     """`ray start --head` in a private temp folder on free ports; the chaos run's commands join it via RAY_ADDRESS."""
 
-    # token auth (as on uipe's clusters) set on both sides: left unset, `ray start` and a joining driver can disagree
-    ENV = {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    # token auth (as on uipe's clusters) set on both sides: left unset, `ray start` and a joining driver can disagree.
+    # The token is this chaos run's own (as Ray generates one): a fresh machine has no ~/.ray/auth_token, and a
+    # user's own must not be touched
+    ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
 
     def __init__(self, root: Path, cpus: int) -> None:
         self.temp, self.cpus, self.address, self.group = root / "ray", cpus, "", 0
