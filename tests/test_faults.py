@@ -136,9 +136,24 @@ def test_the_fault_spec_parses_sites_actions_conditions_and_markers_and_refuses_
     assert spec == faults.Faults((faults.Fault("trial", "kill", (("alpha", "0.5"),), "/tmp/m"),
                                   faults.Fault("train.step", "raise", (("epoch", "2"), ("rank", "1")))))
     assert faults.parse("") == faults.NONE and not faults.NONE.faults
-    for bad in ("trial", "trial:explode", ":kill", "trial:kill,alpha", "trial:raise,=1"):
+    for bad in ("trial", "trial:explode", ":kill", "trial:kill,alpha", "trial:raise,=1", "trial:delay,epoch=1",
+                "trial:raise,seconds=2", "trial:delay,seconds=soon"):
         with pytest.raises(ValueError, match="UIPE_FAULTS"):
             faults.parse(bad)
+
+
+def test_a_delay_slows_the_points_it_matches_and_goes_on() -> None:
+    import time
+
+    from uipe import faults
+
+    spec = faults.parse("trial:delay,seconds=0.3,epoch=1")
+    assert spec.faults[0].when == (("epoch", "1"),) and spec.faults[0].seconds == 0.3  # seconds is no condition
+    t0 = time.perf_counter()
+    spec.point("trial", alpha=0.5, epoch=2)
+    unmatched = time.perf_counter() - t0
+    spec.point("trial", alpha=0.5, epoch=1)  # returns, 0.3 s later
+    assert unmatched < 0.1 and time.perf_counter() - t0 >= 0.3
 
 
 def test_the_environment_is_read_only_when_asked_and_no_spec_means_no_fault(monkeypatch) -> None:

@@ -23,8 +23,11 @@ Sites, and the values a point there is called with:
     train.export job, epoch     rank 0's export writer, with the epoch's files written, before the folder is renamed
 
 Actions: "kill" ends the process at once with status 137, as the OOM killer would; "raise" raises RuntimeError
-("injected test fault in job ga on epoch 2 on rank 1"). Every other key is a condition: the fault fires where the
-point's value of that name equals it (numbers compared as numbers; a name the point does not have never matches).
+("injected test fault in job ga on epoch 2 on rank 1"); "delay" sleeps `seconds=S` and goes on, as a busy machine
+would slow that point. Every other key is a condition: the fault fires where the point's value of that name equals
+it (numbers compared as numbers; a name the point does not have never matches).
+
+    UIPE_FAULTS="trial:delay,seconds=2,epoch=1"                         # every epoch-1 trial 2 s slower
 "marker=PATH" makes it fire once across processes and restarts: the first firing writes the point's values to PATH
 in this same key=value form (read it back with `fired`), and a marker that exists disarms the fault.
 """
@@ -33,11 +36,13 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ENV = "UIPE_FAULTS"
-ACTIONS = ("kill", "raise")
+ACTIONS = ("kill", "raise", "delay")
+PARAMETERS = ("marker", "seconds")  # keys that say how a fault fires, not where
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Fault:
     action: str
     when: tuple[tuple[str, str], ...]  # (name, value) conditions
     marker: str = ""
+    seconds: float = 0.0  # a delay's
 
 
 @dataclass(frozen=True)
@@ -75,9 +81,15 @@ def parse(text: str) -> Faults:
         pairs = [p.partition("=") for p in rest.split(",")] if rest else []
         if any(not eq or not key for key, eq, _ in pairs):
             raise ValueError(f"{ENV}: {item!r}: each condition is key=value")
-        when = tuple((key, value) for key, _, value in pairs if key != "marker")
-        marker = next((value for key, _, value in pairs if key == "marker"), "")
-        out.append(Fault(site, action, when, marker))
+        when = tuple((key, value) for key, _, value in pairs if key not in PARAMETERS)
+        given = {key: value for key, _, value in pairs if key in PARAMETERS}
+        try:
+            seconds = float(given.get("seconds", 0))
+        except ValueError:
+            raise ValueError(f"{ENV}: {item!r}: seconds is a number of seconds") from None
+        if (action == "delay") != ("seconds" in given):
+            raise ValueError(f"{ENV}: {item!r}: seconds=S goes with the delay action, and only with it")
+        out.append(Fault(site, action, when, given.get("marker", ""), seconds))
     return Faults(tuple(out))
 
 
@@ -105,6 +117,9 @@ def _fire(f: Fault, where: dict[str, float | int | str]) -> None:
             return
         with open(f.marker, "w") as out:
             out.write(",".join(f"{k}={v}" for k, v in where.items()) + "\n")
+    if f.action == "delay":
+        time.sleep(f.seconds)
+        return
     if f.action == "kill":
         os._exit(137)
     raise RuntimeError("injected test fault in " + " on ".join(f"{k} {v}" for k, v in where.items()))
