@@ -1,3 +1,4 @@
 """The alpha search, split by process: `driver` (run_search, on the driver), `trial` (in each trial worker),
-`space` (space files and the Optuna searcher), `result` (TrialResult, the record between them), `outcome` (what a
-finished search writes and registers). Nothing is re-exported here, so a trial worker imports no driver code."""
+`space` (space files), `searcher` (the Optuna searcher), `result` (TrialResult, the record between them),
+`outcome` (what a finished search writes and registers). Nothing is re-exported here, so a trial worker imports no
+driver code."""

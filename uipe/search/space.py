@@ -1,9 +1,9 @@
 """Search spaces (tune_spaces/<method>.yaml), validated with pydantic, and the Optuna searcher built from one.
 
 The searcher maximises the objective (a metric of the benchmark's catalogue: TOFU's forget quality, or a
-reference-free signal) subject to utility >= floor x utility of theta_ini. The constraint is set
-per trial with Optuna 5's `trial.set_constraint` (feasible when <= 0) from a small OptunaSearch subclass: Optuna 5
-deprecates samplers' constraints_func, and a lambda would not pickle when Tune checkpoints the searcher.
+reference-free signal) subject to utility >= floor x utility of theta_ini. The constraint is set per trial with
+Optuna 5's `trial.set_constraint` (feasible when <= 0) from a small OptunaSearch subclass (uipe/search/searcher.py):
+Optuna 5 deprecates samplers' constraints_func, and a lambda would not pickle when Tune checkpoints the searcher.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
-from ray.tune.search.optuna import OptunaSearch
 
 from uipe import metrics
 from uipe.benchmarks import OBJECTIVE_MODES, Benchmark
@@ -22,8 +21,9 @@ from uipe.coefficients import ANCHOR_KEY, DEFAULT_GROUPS, GROUP_PREFIX, LAMBDA_K
 from uipe.config import MethodName
 from uipe.errors import UipeError
 from uipe.methods import check_method
-from uipe.results import CONSTRAINT, FULL_FIDELITY, search_label
+from uipe.results import search_label
 from uipe.schema import Strict, one_line
+from uipe.search.searcher import ConstrainedOptunaSearch  # also here: the name pickled in earlier search folders
 
 
 class AlphaRange(Strict):
@@ -58,6 +58,12 @@ class SearchSpace(Strict):
     startup_trials: int = Field(6, ge=0)
     num_samples: int = Field(16, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
+    # A sampler that learns from finished trials (tpe, gp, nsga2) suggests from whichever trials have finished, so
+    # with trials in flight a seed alone does not fix the search: a slower trial changes every later suggestion.
+    # deterministic: the sampler is told finished trials in the order they were suggested, each suggestion once the
+    # trials it may see have finished (ConstrainedOptunaSearch), so a seed repeats the search trial for trial however
+    # the trials are timed; a slot waits only where a later trial finishes before an earlier one.
+    deterministic: bool = True
     # A catalogue objective (uipe/metrics.py; default: the benchmark's, TOFU's forget quality, which needs a retain
     # reference); pareto: the benchmark's default objective and utility; reference_free: maximise `signal`, measured
     # without a retain model (TOFU: against the holdout split; default: the benchmark's default signal).
@@ -175,19 +181,6 @@ def load_space(path: str | Path, method: str) -> SearchSpace:
     return space
 
 
-class ConstrainedOptunaSearch(OptunaSearch):
-    """OptunaSearch that records each trial's utility constraint before telling Optuna its value."""
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is not None and result and CONSTRAINT in result:
-            # a trial stopped after its screening pass has no utility: infeasible to the sampler (a point evaluated
-            # in full dominates it), while its objective, exact at screening, still informs the model
-            screened = not result.get(FULL_FIDELITY, 1.0)
-            ot_trial.set_constraint(CONSTRAINT, 1.0 if screened else float(result[CONSTRAINT]))
-        super().on_trial_complete(trial_id, result=result, error=error)
-
-
 def _sampler(space: SearchSpace, epochs: list[int], seed: int):
     import optuna
 
@@ -255,4 +248,5 @@ def build_searcher(space: SearchSpace, epochs: list[int], seed: int,
         metric, mode = "objective", "max"
     first = None if space.sampler == "grid" else start_points(space, epochs, warm)
     return ConstrainedOptunaSearch(space=distributions(space, epochs), metric=metric, mode=mode,
-                                   points_to_evaluate=first, sampler=_sampler(space, epochs, seed))
+                                   points_to_evaluate=first, sampler=_sampler(space, epochs, seed),
+                                   in_order=space.deterministic and space.sampler != "grid")

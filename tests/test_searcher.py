@@ -1,0 +1,113 @@
+"""The Optuna searcher driven as Tune drives it (suggest, then on_trial_complete per finished trial), with no Ray: two
+trials in flight, trials timed two ways."""
+
+from __future__ import annotations
+
+import pytest
+
+from uipe.results import CONSTRAINT
+
+
+def _search(in_order: bool, seconds: list[float], n: int = 8) -> tuple[list[float], int]:
+    """Run n trials of `x`, two at a time, trial i taking seconds[i]; each scores x. The points suggested, by trial,
+    and how often a free slot had to wait for a suggestion."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from uipe.search.searcher import ConstrainedOptunaSearch
+
+    search = ConstrainedOptunaSearch(space={"x": FloatDistribution(0.0, 1.0)}, metric="objective", mode="max",
+                                     points_to_evaluate=None, in_order=in_order,
+                                     sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=1, constant_liar=True))
+    search.set_max_concurrency(2)  # what Tune's ConcurrencyLimiter calls with max_concurrent_trials
+    points: list[float] = []
+    running: dict[int, float] = {}  # trial -> when it finishes
+    now, waits = 0.0, 0
+    while len(points) < n or running:
+        while len(running) < 2 and len(points) < n:
+            config = search.suggest(f"t{len(points)}")
+            if config is None:
+                waits += 1
+                assert running, "a suggestion waits for a trial that is not running"
+                break
+            running[len(points)] = now + seconds[len(points)]
+            points.append(config["x"])
+        first = min(running, key=running.get)
+        now = running.pop(first)
+        search.on_trial_complete(f"t{first}", {"objective": points[first], CONSTRAINT: -1.0})
+    return points, waits
+
+
+def test_in_order_a_seed_suggests_the_same_points_however_the_trials_are_timed() -> None:
+    even = [1.0] * 8  # trials finish in the order they started
+    slow_first = [2.5] + [1.0] * 7  # trial 1 finishes before trial 0, and later trials shift
+    points, waits = _search(True, even)
+    again, waited = _search(True, slow_first)
+    assert again == points and len(set(points)) == 8
+    # even: never a wait. slow first: trial 2 may see only trial 0, so its slot waits once (from 1.0 s to 2.5 s)
+    assert waits == 0 and waited == 1
+    # without the order, trial 2 is suggested from trial 1's score instead of trial 0's: another search
+    plain, plain_waits = _search(False, even)
+    assert plain == points  # timed as suggested, the order changes nothing
+    assert _search(False, slow_first)[0][2:] != points[2:] and plain_waits == 0
+
+
+def test_in_order_a_trial_that_finished_early_is_told_in_its_turn() -> None:
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from uipe.search.searcher import ConstrainedOptunaSearch
+
+    search = ConstrainedOptunaSearch(space={"x": FloatDistribution(0.0, 1.0)}, metric="objective", mode="max",
+                                     points_to_evaluate=[{"x": 0.25}, {"x": 0.75}], in_order=True,
+                                     sampler=optuna.samplers.RandomSampler(seed=0))
+    assert search.set_max_concurrency(2) is False  # Tune still limits the trials in flight
+    assert [search.suggest(t)["x"] for t in ("a", "b")] == [0.25, 0.75]  # the points to evaluate first, in order
+    search.on_trial_complete("b", {"objective": 0.75, CONSTRAINT: 0.5})
+    states = [t.state.name for t in search._ot_study.trials]
+    assert states == ["RUNNING", "RUNNING"]  # b is held back: a is older and still running
+    assert search.suggest("c") is None  # c may see a, which has not finished
+    search.on_trial_complete("a", {"objective": 0.25, CONSTRAINT: -0.1})
+    assert search.suggest("c") is not None  # told: a only (trials 0 .. 2 - 2); b waits for d's turn
+    trials = search._ot_study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "RUNNING", "RUNNING"]
+    assert trials[0].value == pytest.approx(0.25) and trials[0].constraints == {CONSTRAINT: -0.1}
+    search.suggest("d")
+    assert [t.state.name for t in search._ot_study.trials][:2] == ["COMPLETE", "COMPLETE"]
+    assert search._ot_study.trials[1].constraints == {CONSTRAINT: 0.5}
+
+
+def test_the_space_file_says_whether_trials_are_told_in_order() -> None:
+    from uipe.search.space import SearchSpace, build_searcher, default_space_path, load_space
+
+    assert load_space(default_space_path("ga"), "ga").deterministic  # as shipped
+    assert build_searcher(SearchSpace(method="ga"), [1, 2], 0)._in_order
+    assert not build_searcher(SearchSpace(method="ga", deterministic=False), [1, 2], 0)._in_order
+    # the grid's order is its seed's, whatever finished first: nothing to hold back
+    assert not build_searcher(SearchSpace(method="ga", sampler="grid", grid_step=0.5), [1, 2], 0)._in_order
+
+
+def test_a_restored_search_tells_what_it_held_and_waits_for_nothing_from_before(tmp_path) -> None:
+    """Tune restores the searcher's last save on a resume; a trial the save was waiting for may never report again
+    (it finished after the save): the restored searcher must not wait for it."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from uipe.search.searcher import ConstrainedOptunaSearch
+
+    def fresh() -> ConstrainedOptunaSearch:
+        s = ConstrainedOptunaSearch(space={"x": FloatDistribution(0.0, 1.0)}, metric="objective", mode="max",
+                                    points_to_evaluate=None, in_order=True, sampler=optuna.samplers.RandomSampler(0))
+        s.set_max_concurrency(2)
+        return s
+
+    search = fresh()
+    search.suggest("a"), search.suggest("b")
+    search.on_trial_complete("b", {"objective": 0.5, CONSTRAINT: 0.0})  # held: a still runs
+    search.save(str(tmp_path / "searcher.pkl"))  # the driver dies here; a then finishes unseen
+    again = fresh()
+    again.restore(str(tmp_path / "searcher.pkl"))
+    assert [t.state.name for t in again._ot_study.trials] == ["RUNNING", "COMPLETE"]  # b told at the restore
+    assert again.suggest("c") is not None and again.suggest("d") is not None  # no wait for a
+    again.on_trial_complete("a", {"objective": 0.1, CONSTRAINT: 0.0})  # a, run again, is told when it ends
+    assert again._ot_study.trials[0].state.name == "COMPLETE"
