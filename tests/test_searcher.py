@@ -8,18 +8,26 @@ import pytest
 from uipe.results import CONSTRAINT
 
 
-def _search(in_order: bool, seconds: list[float], n: int = 8) -> tuple[list[float], int]:
-    """Run n trials of `x`, two at a time, trial i taking seconds[i]; each scores x. The points suggested, by trial,
-    and how often a free slot had to wait for a suggestion."""
+def _searcher(in_order: bool, sampler=None, points: list | None = None):
+    """One x in [0, 1], maximised, c = 2 trials in flight (what Tune's ConcurrencyLimiter sets)."""
     import optuna
     from optuna.distributions import FloatDistribution
 
     from uipe.search.searcher import ConstrainedOptunaSearch
 
     search = ConstrainedOptunaSearch(space={"x": FloatDistribution(0.0, 1.0)}, metric="objective", mode="max",
-                                     points_to_evaluate=None, in_order=in_order,
-                                     sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=1, constant_liar=True))
-    search.set_max_concurrency(2)  # what Tune's ConcurrencyLimiter calls with max_concurrent_trials
+                                     points_to_evaluate=points, in_order=in_order,
+                                     sampler=sampler or optuna.samplers.RandomSampler(seed=0))
+    assert search.set_max_concurrency(2) is False  # Tune still limits the trials in flight
+    return search
+
+
+def _search(in_order: bool, seconds: list[float], n: int = 8) -> tuple[list[float], int]:
+    """Run n trials of `x`, two at a time, trial i taking seconds[i]; each scores x. The points suggested, by trial,
+    and how often a free slot had to wait for a suggestion."""
+    import optuna
+
+    search = _searcher(in_order, optuna.samplers.TPESampler(seed=0, n_startup_trials=1, constant_liar=True))
     points: list[float] = []
     running: dict[int, float] = {}  # trial -> when it finishes
     now, waits = 0.0, 0
@@ -53,15 +61,7 @@ def test_in_order_a_seed_suggests_the_same_points_however_the_trials_are_timed()
 
 
 def test_in_order_a_trial_that_finished_early_is_told_in_its_turn() -> None:
-    import optuna
-    from optuna.distributions import FloatDistribution
-
-    from uipe.search.searcher import ConstrainedOptunaSearch
-
-    search = ConstrainedOptunaSearch(space={"x": FloatDistribution(0.0, 1.0)}, metric="objective", mode="max",
-                                     points_to_evaluate=[{"x": 0.25}, {"x": 0.75}], in_order=True,
-                                     sampler=optuna.samplers.RandomSampler(seed=0))
-    assert search.set_max_concurrency(2) is False  # Tune still limits the trials in flight
+    search = _searcher(True, points=[{"x": 0.25}, {"x": 0.75}])
     assert [search.suggest(t)["x"] for t in ("a", "b")] == [0.25, 0.75]  # the points to evaluate first, in order
     search.on_trial_complete("b", {"objective": 0.75, CONSTRAINT: 0.5})
     states = [t.state.name for t in search._ot_study.trials]
@@ -90,22 +90,11 @@ def test_the_space_file_says_whether_trials_are_told_in_order() -> None:
 def test_a_restored_search_tells_what_it_held_and_waits_for_nothing_from_before(tmp_path) -> None:
     """Tune restores the searcher's last save on a resume; a trial the save was waiting for may never report again
     (it finished after the save): the restored searcher must not wait for it."""
-    import optuna
-    from optuna.distributions import FloatDistribution
-
-    from uipe.search.searcher import ConstrainedOptunaSearch
-
-    def fresh() -> ConstrainedOptunaSearch:
-        s = ConstrainedOptunaSearch(space={"x": FloatDistribution(0.0, 1.0)}, metric="objective", mode="max",
-                                    points_to_evaluate=None, in_order=True, sampler=optuna.samplers.RandomSampler(0))
-        s.set_max_concurrency(2)
-        return s
-
-    search = fresh()
+    search = _searcher(True)
     search.suggest("a"), search.suggest("b")
     search.on_trial_complete("b", {"objective": 0.5, CONSTRAINT: 0.0})  # held: a still runs
     search.save(str(tmp_path / "searcher.pkl"))  # the driver dies here; a then finishes unseen
-    again = fresh()
+    again = _searcher(True)
     again.restore(str(tmp_path / "searcher.pkl"))
     assert [t.state.name for t in again._ot_study.trials] == ["RUNNING", "COMPLETE"]  # b told at the restore
     assert again.suggest("c") is not None and again.suggest("d") is not None  # no wait for a
