@@ -15,6 +15,7 @@ the end of the slot it took (the slot free longest, as Tune hands a free actor t
 from __future__ import annotations
 
 import argparse
+import csv
 import heapq
 import json
 import os
@@ -55,20 +56,25 @@ def trial_spans(tune_dir: Path) -> list[tuple[float, float]]:
     return spans
 
 
-def one_search(world: Path, work: Path, name: str, uri: str, overrides: list[str]) -> dict:
+def one_search(world: Path, work: Path, name: str, uri: str, overrides: list[str], space: Path | None = None,
+               environ: dict | None = None) -> dict:
+    """A GA search of `space` (default: the work folder's grid.yaml) in a fresh copy of the world: its timings,
+    from its result.json and its trials' wall clocks, and the points it tried ("points", sorted)."""
     folder = copy_world(world, "search", work / name)
     sets = [a for s in [*overrides, f"tracking.uri={uri}", f"tracking.experiment=gap-{name}"] for a in ("--set", s)]
     done = subprocess.run([sys.executable, "-m", "uipe.cli", "search", "--method", "ga", "--run-dir", str(folder),
-                           "--space", str(work / "grid.yaml"), *sets], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                           "--space", str(space or work / "grid.yaml"), *sets], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(environ or {})})
     if done.returncode:
         raise SystemExit(f"search {name} failed: {done.stderr[-500:]}")
     r = json.loads((folder / "search" / "ga" / "result.json").read_text())
     slots = r["max_concurrent_trials"]
     gaps = slot_gaps(trial_spans(folder / "search" / "ga" / "tune"), slots)
+    rows = list(csv.DictReader((folder / "search" / "ga" / "results.csv").open()))
     return {"between_trials_s": statistics.mean(gaps), "between_trials_max_s": max(gaps),
             "overhead_per_trial_slot_s": (r["search_seconds"] * slots - r["trial_work_seconds"]) / r["trials"],
-            "tune_overhead": r["tune_overhead"], "search_s": r["search_seconds"]}
+            "tune_overhead": r["tune_overhead"], "search_s": r["search_seconds"],
+            "points": sorted((float(x["alpha"]), int(x["epoch"])) for x in rows)}
 
 
 def main() -> None:
@@ -93,7 +99,7 @@ def main() -> None:
                 print(f"{store} {i}: {rows[store][-1]}", flush=True)
     finally:
         server.stop()
-    summary = {store: {k: round(statistics.mean(r[k] for r in runs), 3) for k in runs[0]}
+    summary = {store: {k: round(statistics.mean(r[k] for r in runs), 3) for k in runs[0] if k != "points"}
                for store, runs in rows.items()}
     print(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",

@@ -262,16 +262,16 @@ def test_broken_weights_and_a_killed_trial_fail_their_trials_and_the_search_goes
 def test_a_seeded_search_repeats_trial_for_trial_however_its_trials_are_timed(unlearned_run, tiny_cfg, tmp_path,
                                                                                monkeypatch) -> None:
     """TPE learns from finished trials: with two in flight, the one that finishes first shapes the next suggestion.
-    Told to the sampler in the order they were suggested (the space's default, `deterministic`), the seed alone fixes
-    the search: a run whose first trial (the base method at the last epoch) takes 4 s longer, as on a busy node,
-    tries the same points as an unhindered one. Without it the two differ from TPE's first suggestion on (it sees
-    another trial finished): measured, docs/BENCHMARKS.md "A seed repeats a search"."""
+    Told to the sampler in the order they were suggested (`deterministic: true`, as uipe study searches), the seed
+    alone fixes the search: a run whose first trial (the base method at the last epoch) takes 4 s longer, as on a
+    busy node, tries the same points as an unhindered one. Without it the two differ from TPE's first suggestion on
+    (it sees another trial finished): measured, docs/BENCHMARKS.md "A seed repeats a search"."""
     from uipe import faults
     from uipe.report import from_csv
 
     space = tmp_path / "ga.yaml"
     space.write_text("method: ga\nalpha: {low: 0.0, high: 2.0}\nepochs: [2, 3]\nsampler: tpe\nstartup_trials: 2\n"
-                     "num_samples: 10\nmax_concurrent_trials: 2\n")
+                     "num_samples: 10\nmax_concurrent_trials: 2\ndeterministic: true\n")
     cfg = tiny_cfg.model_copy(update={"tracking": tiny_cfg.tracking.model_copy(update={"register_model": False}),
                                       "search": tiny_cfg.search.model_copy(update={"num_samples": None})})
     tried = []

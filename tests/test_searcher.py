@@ -77,26 +77,21 @@ def test_in_order_a_trial_that_finished_early_is_told_in_its_turn() -> None:
     assert search._ot_study.trials[1].constraints == {CONSTRAINT: 0.5}
 
 
-def test_the_space_file_says_whether_trials_are_told_in_order() -> None:
+def test_the_space_file_or_the_config_says_whether_trials_are_told_in_order() -> None:
+    from uipe.config import load_config
+    from uipe.search.driver import resolve_space
     from uipe.search.space import SearchSpace, build_searcher, default_space_path, load_space
+    from uipe.study.driver import seed_config
 
-    assert load_space(default_space_path("ga"), "ga").deterministic  # as shipped
-    assert build_searcher(SearchSpace(method="ga"), [1, 2], 0)._in_order
-    assert not build_searcher(SearchSpace(method="ga", deterministic=False), [1, 2], 0)._in_order
+    assert not load_space(default_space_path("ga"), "ga").deterministic  # as shipped: as finished, the faster
+    assert build_searcher(SearchSpace(method="ga", deterministic=True), [1, 2], 0)._in_order
+    assert not build_searcher(SearchSpace(method="ga"), [1, 2], 0)._in_order
     # the grid's order is its seed's, whatever finished first: nothing to hold back
-    assert not build_searcher(SearchSpace(method="ga", sampler="grid", grid_step=0.5), [1, 2], 0)._in_order
-
-
-def test_a_restored_search_tells_what_it_held_and_waits_for_nothing_from_before(tmp_path) -> None:
-    """Tune restores the searcher's last save on a resume; a trial the save was waiting for may never report again
-    (it finished after the save): the restored searcher must not wait for it."""
-    search = _searcher(True)
-    search.suggest("a"), search.suggest("b")
-    search.on_trial_complete("b", {"objective": 0.5, CONSTRAINT: 0.0})  # held: a still runs
-    search.save(str(tmp_path / "searcher.pkl"))  # the driver dies here; a then finishes unseen
-    again = _searcher(True)
-    again.restore(str(tmp_path / "searcher.pkl"))
-    assert [t.state.name for t in again._ot_study.trials] == ["RUNNING", "COMPLETE"]  # b told at the restore
-    assert again.suggest("c") is not None and again.suggest("d") is not None  # no wait for a
-    again.on_trial_complete("a", {"objective": 0.1, CONSTRAINT: 0.0})  # a, run again, is told when it ends
-    assert again._ot_study.trials[0].state.name == "COMPLETE"
+    grid = SearchSpace(method="ga", sampler="grid", grid_step=0.5, deterministic=True)
+    assert not build_searcher(grid, [1, 2], 0)._in_order
+    cfg = load_config(None, ["search.deterministic=true"])  # --set overrides every space file
+    assert resolve_space(cfg, "ga", None)[1].deterministic
+    # uipe study repeats its searches from their seeds, unless told otherwise
+    assert seed_config(load_config(None, []), 3, "sqlite:///x.db", "e", "p").search.deterministic is True
+    off = load_config(None, ["search.deterministic=false"])
+    assert seed_config(off, 3, "sqlite:///x.db", "e", "p").search.deterministic is False

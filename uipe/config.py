@@ -184,6 +184,9 @@ class SearchConfig(Strict):
     # e.g. --set search.form=groups; a search of another form than global gets a folder of its own
     form: Literal["global", "groups", "weighted"] | None = None
     anchor: bool | None = None
+    # overrides the space files' `deterministic` (a seed repeats the search however its trials are timed, at some
+    # cost in time; uipe study turns it on)
+    deterministic: bool | None = None
     # Two-fidelity trials (uipe/search/screening.py): a sampled point is scored without generation first and gets the
     # full evaluation (greedy generation, ROUGE-L, model utility) only when it is on or near the front so far; the
     # base method's points always get it, and only fully evaluated points can be chosen.

@@ -66,8 +66,7 @@ def resolve_space(cfg: ExperimentConfig, method: str, space_path: Path | None) -
     space = load_space(path, method)
     overrides = {k: getattr(cfg.search, k) for k in ("num_samples", "objective", "signal", "select_on", "form")
                  if getattr(cfg.search, k)}
-    if cfg.search.anchor is not None:
-        overrides["anchor"] = cfg.search.anchor
+    overrides |= {k: getattr(cfg.search, k) for k in ("anchor", "deterministic") if getattr(cfg.search, k) is not None}
     return path, space.model_copy(update=overrides)
 
 

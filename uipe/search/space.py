@@ -62,8 +62,9 @@ class SearchSpace(Strict):
     # with trials in flight a seed alone does not fix the search: a slower trial changes every later suggestion.
     # deterministic: the sampler is told finished trials in the order they were suggested, each suggestion once the
     # trials it may see have finished (ConstrainedOptunaSearch), so a seed repeats the search trial for trial however
-    # the trials are timed; a slot waits only where a later trial finishes before an earlier one.
-    deterministic: bool = True
+    # the trials are timed. Off by default: where it has to wait, Ray 2.60's Tune stops a trial process it could have
+    # reused, and its searches then ran ~1.4x longer (docs/BENCHMARKS.md); `uipe study` turns it on.
+    deterministic: bool = False
     # A catalogue objective (uipe/metrics.py; default: the benchmark's, TOFU's forget quality, which needs a retain
     # reference); pareto: the benchmark's default objective and utility; reference_free: maximise `signal`, measured
     # without a retain model (TOFU: against the holdout split; default: the benchmark's default signal).

@@ -98,11 +98,14 @@ def _run(cfg: ExperimentConfig, root: Path, command: str) -> dict:
 
 def seed_config(cfg: ExperimentConfig, seed: int, uri: str, experiment: str, parent: str) -> ExperimentConfig:
     """The study's configuration for one seed: its own world, training and search seeds; the search chooses on the
-    selection fold; its MLflow runs nest under the seed's run in the study's experiment."""
+    selection fold and, unless the study's configuration says otherwise, tells the sampler finished trials in order,
+    so the seed repeats it; its MLflow runs nest under the seed's run in the study's experiment."""
     raw = cfg.model_dump(mode="json")
     raw["name"] = f"{cfg.name}-seed{seed}"
     raw["data"]["synth"]["seed"] = raw["train"]["seed"] = raw["search"]["seed"] = seed
     raw["search"]["select_on"] = "selection_fold"
+    if raw["search"]["deterministic"] is None:
+        raw["search"]["deterministic"] = True
     raw["tracking"].update(uri=uri, experiment=experiment, parent_run_id=parent)
     return ExperimentConfig.model_validate(raw)
 
