@@ -1,5 +1,5 @@
 """The Optuna searcher every search runs through Tune: the utility constraint told with each value, and finished
-trials told in the order they were suggested, so a seed fixes a search (SearchSpace.deterministic)."""
+trials told in the order they were suggested where a seed must fix the search (SearchSpace.deterministic)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
     In order: with c trials in flight (Tune's max_concurrent_trials), suggestion k (from 0) waits until trials 0 to
     k - c have finished, and the sampler has been told exactly those; a later trial that finished first is held back,
     still running to the sampler (TPE's constant liar), until its turn. Every suggestion then sees the same history
-    whatever the timing, so the seed fixes the search. Tune's ConcurrencyLimiter in batch mode would too, but with
-    reused actors Ray 2.60 then runs one trial at a time after the first batch (measured: docs/BENCHMARKS.md).
+    whatever the timing, so the seed fixes the search. The cost is Tune's: once a slot has waited, Ray 2.60 keeps
+    one idle trial process of two and tends to run one trial at a time from then on (1.44x the wall time of a tiny
+    search; Tune's ConcurrencyLimiter in batch mode does the same after its first batch): docs/BENCHMARKS.md.
     """
 
     # a searcher restored from a search folder written before `in_order` existed has none of these
