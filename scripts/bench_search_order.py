@@ -1,6 +1,6 @@
-"""Benchmark: what telling the sampler finished trials in order (`deterministic: true`, the default) costs a TPE
-search, and whether a seed then repeats it when the trials are timed differently; against `deterministic: false`,
-measured in the same run, alternating.
+"""Benchmark: what telling the sampler finished trials in order (`deterministic: true`, as in uipe study) costs a
+TPE search, and whether a seed then repeats it when the trials are timed differently; against `deterministic: false`
+(the default), measured in the same run, alternating.
 
     .venv/bin/python scripts/bench_search_order.py --world /tmp/uipe-chaos-x/world --repeats 2
 
