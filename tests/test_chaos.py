@@ -7,6 +7,7 @@ import importlib.util
 import json
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,9 @@ def test_a_short_chaos_run_loses_no_trial_and_leaves_nothing_half_written(unlear
     (tmp_path / "reference.json").write_text(json.dumps(ctx.reference))
     try:
         plans = chaos.plan(3, 0, ["sqlite"], ["driver-sigkill", "server-restart", "worker-kill-export"], set())
-        rows = chaos.chaos(ctx, plans)
+        # moments no later than half the unfaulted search: a search timed under load can end sooner than its
+        # reference, and a fault drawn at 0.88 of it (seed 0's server restart) then missed it under two burners
+        rows = chaos.chaos(ctx, [replace(p, fraction=min(p.fraction, 0.5)) for p in plans])
     finally:
         chaos.stop_services(ctx)
     report = chaos.table(rows)
