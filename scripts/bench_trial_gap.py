@@ -15,7 +15,6 @@ the end of the slot it took (the slot free longest, as Tune hands a free actor t
 from __future__ import annotations
 
 import argparse
-import csv
 import heapq
 import json
 import os
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chaos import GRID, copy_world  # noqa: E402
 from chaos_services import TrackingServer  # noqa: E402
 
+from uipe.report import from_csv  # noqa: E402
 from uipe.search.trial import WALL_CLOCK  # noqa: E402
 
 
@@ -70,11 +70,11 @@ def one_search(world: Path, work: Path, name: str, uri: str, overrides: list[str
     r = json.loads((folder / "search" / "ga" / "result.json").read_text())
     slots = r["max_concurrent_trials"]
     gaps = slot_gaps(trial_spans(folder / "search" / "ga" / "tune"), slots)
-    rows = list(csv.DictReader((folder / "search" / "ga" / "results.csv").open()))
+    rows = from_csv((folder / "search" / "ga" / "results.csv").read_text())
     return {"between_trials_s": statistics.mean(gaps), "between_trials_max_s": max(gaps),
             "overhead_per_trial_slot_s": (r["search_seconds"] * slots - r["trial_work_seconds"]) / r["trials"],
             "tune_overhead": r["tune_overhead"], "search_s": r["search_seconds"],
-            "points": sorted((float(x["alpha"]), int(x["epoch"])) for x in rows)}
+            "points": sorted((r.alpha, r.epoch) for r in rows)}
 
 
 def main() -> None:
