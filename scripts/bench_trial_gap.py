@@ -31,7 +31,7 @@ from chaos import GRID, copy_world  # noqa: E402
 from chaos_services import TrackingServer  # noqa: E402
 
 from uipe.report import from_csv  # noqa: E402
-from uipe.search.trial import WALL_CLOCK  # noqa: E402
+from uipe.search.pool import WALL_CLOCK  # noqa: E402
 
 
 def slot_gaps(spans: list[tuple[float, float]], slots: int) -> list[float]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from chaos_services import kill, processes
 
-TRIAL_TITLES = ("ray::ImplicitFunc", "ray::_Inner")  # a Tune function trainable's actor process
+TRIAL_TITLES = ("ray::TrialWorker",)  # the pool process that evaluates a trial (uipe/search/pool.py)
 
 
 def _none(rng: random.Random) -> dict:

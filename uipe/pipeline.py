@@ -43,6 +43,7 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
     from uipe.gate import summary_line
     from uipe.ray_session import ensure_ray
     from uipe.search.driver import run_search
+    from uipe.search.pool import shared_trial_pool
     from uipe.tracking import SERVER_ENV, tracking_uri
     from uipe.train.recipe import check_method_applies, prepare, unlearn_methods
 
@@ -62,9 +63,10 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
           "workers)")
     unlearn_methods(cfg, paths.root, list(cfg.unlearn.methods))
     summaries = []
-    for method in cfg.unlearn.methods:
-        stage(f"search {method}: alpha and epoch")
-        summaries.append(run_search(cfg, paths, method, None, resume=True))  # reuses or resumes
+    with shared_trial_pool():  # the searches' trial processes load torch and the model once, for all the methods
+        for method in cfg.unlearn.methods:
+            stage(f"search {method}: alpha and epoch")
+            summaries.append(run_search(cfg, paths, method, None, resume=True))  # reuses or resumes
     show_search_tables(summaries, cfg)
     atomic_write_json(paths.root / "summary.json", {"config": cfg.model_dump(mode="json"),
                                                      "methods": [s.to_json() for s in summaries],

@@ -9,6 +9,7 @@ restored) -> results -> choice, chosen model, registry (uipe/search/outcome.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,10 +31,16 @@ from uipe.ray_session import ensure_ray
 from uipe.results import SearchOutcome, TrialResult
 from uipe.search import tune_state
 from uipe.search.outcome import RESULT_FILE, finish
+from uipe.search.pool import PROXY_RESOURCES, proxy_trial, release_shared, trial_pool
 from uipe.search.progress import Progress
 from uipe.search.screening import ScreeningScheduler
-from uipe.search.space import SearchSpace, build_searcher, default_space_path, load_space
-from uipe.search.trial import TrialSetup, theta_ini_metrics, trial
+from uipe.search.space import (
+    SearchSpace,
+    build_searcher,
+    default_space_path,
+    load_space,
+)
+from uipe.search.trial import TrialCall, TrialSetup, theta_ini_metrics
 from uipe.stages import cached_value, recorded, reusable
 
 STATE_FILE = "search_state.json"
@@ -105,6 +112,7 @@ def with_form(cfg: ExperimentConfig, space: SearchSpace, setup: TrialSetup, epoc
         from uipe.search.importance import ensure_importance
 
         ensure_ray()
+        release_shared()  # the estimate asks Ray for CPUs that a stage's shared pool may hold
         setup = replace(setup, importance=ensure_importance(setup, epochs, space.weighted.items,
                                                             cfg.search.cpus_per_trial, cfg.search.gpus_per_trial))
     return setup
@@ -282,20 +290,32 @@ def _results(grid: tune.ResultGrid, utility: str) -> list[TrialResult]:
 
 
 def _trainable(cfg: ExperimentConfig, out: Path, setup: TrialSetup, threshold: float, metric: str,
-               ini: dict[str, float]) -> Any:
-    """The Tune trainable with its resources: an in-process trial, or one that drives a sharded worker group."""
-    common = {"setup": setup, "utility_threshold": threshold, "objective_metric": metric,
-              "catalogue": metrics.snapshot(),
-              "faults": faults.from_env(), "start": ini}
+               ini: dict[str, float], pool: Any) -> Any:
+    """The Tune trainable with its resources: a light proxy whose point a pool worker evaluates (uipe/search/pool.py),
+    or, with search.workers_per_trial > 1, one that drives a sharded worker group per trial."""
+    call = TrialCall(setup, threshold, metric, metrics.snapshot(), faults.from_env(), ini)
     k = cfg.search.workers_per_trial
     if k == 1:
-        return tune.with_resources(tune.with_parameters(trial, screening=cfg.search.screening, **common),
-                                   {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial})
-    from uipe.search.sharded import DRIVER_RESOURCES, sharded_trial, storage_for
+        import ray
+
+        # [a reference]: Tune resolves its parameters, not what they hold, so the proxy never unpickles the setup
+        return tune.with_resources(tune.with_parameters(proxy_trial, pool=pool, call=[ray.put(call)],
+                                                        screening=cfg.search.screening), PROXY_RESOURCES)
+    from uipe.search.sharded import sharded_trial, storage_for
 
     return tune.with_resources(
-        tune.with_parameters(sharded_trial, workers=k, gpus_per_worker=cfg.search.gpus_per_trial,
-                             storage=storage_for(out), **common), DRIVER_RESOURCES)
+        tune.with_parameters(sharded_trial, call=call, workers=k, gpus_per_worker=cfg.search.gpus_per_trial,
+                             storage=storage_for(out)), PROXY_RESOURCES)
+
+
+def _trial_processes(cfg: ExperimentConfig, space: SearchSpace) -> contextlib.AbstractContextManager:
+    """The pool the search's trials run in; none for sharded trials, which start worker groups of their own (so a
+    stage's shared pool gives its CPUs back first)."""
+    if cfg.search.workers_per_trial > 1:
+        release_shared()
+        return contextlib.nullcontext()
+    return trial_pool({"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial},
+                      space.max_concurrent_trials)
 
 
 def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
@@ -318,14 +338,15 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
     total = space.trials_needed(epochs)
     callbacks = [tracking.TrialLogger(uri, exp_id, parent, method),
                  Progress(space.label(method), total, metrics.short(metric), metrics.short(bench.utility))]
-    trainable = _trainable(cfg, out, setup, threshold, metric, ini)
     # screening weighs a point at the space's floor and at every floor a result reports (uipe.report.FLOORS)
     thresholds = [threshold, *(f * ini[bench.utility] for f in FLOORS)] if cfg.search.screening else None
-    tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, thresholds,
-                   bench.screening_utility)
     start = time.time()
-    with tune_state.restore_or_fail(out / "tune"):
-        grid = tuner.fit()
+    with _trial_processes(cfg, space) as pool:
+        trainable = _trainable(cfg, out, setup, threshold, metric, ini, pool)
+        tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, thresholds,
+                       bench.screening_utility)
+        with tune_state.restore_or_fail(out / "tune"):
+            grid = tuner.fit()
     # Tune answers a SIGINT by stopping its trials and returning normally: a search cut short is not finished, and
     # must not be recorded (and later reused) as if it were
     if grid.num_terminated + grid.num_errors < total:

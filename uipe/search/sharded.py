@@ -14,40 +14,42 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from uipe.faults import NONE, Faults
-from uipe.io import atomic_write_json
 from uipe.coefficients import Extrapolation
-from uipe.search.trial import Resolved, TrialSetup, build_evaluator, record_point, resolve_point
+from uipe.io import atomic_write_json
+from uipe.search.trial import (
+    Resolved,
+    TrialCall,
+    TrialSetup,
+    build_evaluator,
+    record_point,
+    resolve_point,
+)
 
-# Tune's trial actor only drives the worker group: it asks for no CPU, else k workers of one CPU each would never fit
-# on k CPUs (measured: a 0.01 CPU share left a 2-worker trial waiting forever on a 2-CPU node). Tune refuses an
-# all-zero request, so it holds 1 MiB of Ray's memory resource instead.
-DRIVER_RESOURCES = {"cpu": 0, "memory": 2**20}
 
-
-def sharded_trial(config: dict, setup: TrialSetup, utility_threshold: float, workers: int, gpus_per_worker: float,
-                  storage: str, objective_metric: str, catalogue: Mapping[str, Any] | None = None,
-                  faults: Faults = NONE, start: Mapping[str, float] | None = None) -> None:
-    """The Tune function trainable when a trial spans `workers` workers: one TorchTrainer fit, reported once."""
+def sharded_trial(config: dict, call: TrialCall, workers: int, gpus_per_worker: float, storage: str) -> None:
+    """The Tune function trainable when a trial spans `workers` workers: one TorchTrainer fit, reported once. Its
+    actor only drives the worker group, so it asks for no CPU (uipe.search.pool.PROXY_RESOURCES): else k workers of
+    one CPU each would never fit on k CPUs (measured: a 0.01 CPU share left a 2-worker trial waiting forever on a
+    2-CPU node)."""
     from ray import tune
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     point = Extrapolation.from_config(config)
-    faults.point("trial", alpha=point.alpha, epoch=point.epoch)  # tests only: see uipe/faults.py
+    call.faults.point("trial", alpha=point.alpha, epoch=point.epoch)  # tests only: see uipe/faults.py
+    setup, start = call.setup, call.start
     use_gpu = gpus_per_worker > 0
     name = f"trial-{tune.get_context().get_trial_id()}"
     result_file = Path(storage) / name / "result.json"  # rank 0 writes it (Train V2 keeps no metrics without a
     # checkpoint, and a trial has nothing to checkpoint)
     trainer = TorchTrainer(
         evaluate_on_rank,
-        train_loop_config={"setup": setup, "point": point, "threshold": utility_threshold,
-                           "metric": objective_metric, "start": dict(start or {}), "use_gpu": use_gpu,
-                           "catalogue": dict(catalogue or {}),
+        train_loop_config={"setup": setup, "point": point, "threshold": call.utility_threshold,
+                           "metric": call.objective_metric, "start": dict(start or {}), "use_gpu": use_gpu,
+                           "catalogue": dict(call.catalogue),
                            "result_file": str(result_file)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": setup.threads, **({"GPU": gpus_per_worker}

@@ -2,8 +2,9 @@
 
 A trial trains nothing: it sets a loaded theta_ini model's weights in place to theta_un + alpha*(theta_un -
 theta_ini) (UIPE, arXiv 2503.04693, the extrapolation operator) for one epoch's checkpoint, and evaluates it with
-TOFU's metrics. Actors are reused, so the model, tokenizer and evaluator are loaded once per worker process, not
-once per trial. The driver (uipe/search/driver.py) imports this module; this module never imports the driver.
+TOFU's metrics. It runs in a pool's worker process (uipe/search/pool.py), which keeps the model, tokenizer and
+evaluator loaded across trials and across the searches of a stage. The driver (uipe/search/driver.py) imports this
+module; this module never imports the driver.
 """
 
 from __future__ import annotations
@@ -20,10 +21,6 @@ from uipe.coefficients import Coefficients, Extrapolation, Group
 from uipe.config import EvalConfig
 from uipe.faults import NONE, Faults
 from uipe.results import TrialResult
-
-# what a trial's last report carries beyond its record (TrialResult.from_report ignores them): when the trial function
-# began and when it reported, in Unix seconds, so scripts/bench_trial_gap.py reads the gap between a slot's trials
-WALL_CLOCK = ("wall_started_at", "wall_ended_at")
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class TrialSetup:
         return doc
 
 
-_CONTEXT: dict[str, tuple] = {}  # per worker process: (model, evaluator, device), kept across trials by reuse_actors
+_CONTEXT: dict[str, tuple] = {}  # per process: (model, evaluator, device), kept across trials and searches
 _EXTRAPOLATED: set[str] = set()  # context keys whose model holds an extrapolated point, not theta_ini
 _SCREENED: dict[tuple, tuple] = {}  # (context key, epoch, alpha, coefficients) -> a scoring pass's scores
 
@@ -65,10 +62,17 @@ def _key(setup: TrialSetup) -> str:
     return json.dumps(setup.identity(), sort_keys=True, default=str)
 
 
+def _context_key(setup: TrialSetup) -> str:
+    """What the loaded model and evaluator depend on: not the checkpoints a search extrapolates from (every trial
+    writes each weight anew), so the searches of several methods from one theta_ini share them."""
+    doc = {k: v for k, v in setup.identity().items() if k not in ("epoch_dirs", "groups", "importance")}
+    return json.dumps(doc, sort_keys=True, default=str)
+
+
 def context(setup: TrialSetup, pristine: bool = False) -> tuple:
     """The loaded model, evaluator (retain reference set) and device for this setup, built once per process;
     `pristine`: the model must be theta_ini itself (reloaded if a trial in this process has extrapolated it)."""
-    key = _key(setup)
+    key = _context_key(setup)
     if key not in _CONTEXT or (pristine and key in _EXTRAPOLATED):
         import torch
 
@@ -195,27 +199,34 @@ def theta_ini_metrics(setup: TrialSetup) -> dict[str, float]:
     return evaluator.evaluate(model).aggregates
 
 
-def trial(config: dict, setup: TrialSetup, utility_threshold: float, objective_metric: str,
-          catalogue: Mapping[str, Any] | None = None,
-          faults: Faults = NONE, start: Mapping[str, float] | None = None, screening: bool = False) -> None:
-    """The Tune function trainable: one (alpha, epoch) point, reported once at full fidelity. With `screening`, a
-    point other than the base method's (alpha 0) is first reported from a scoring pass; the search's
-    ScreeningScheduler (uipe/search/screening.py) then stops it there, or lets it go on to the full evaluation."""
-    from ray import tune
+@dataclass(frozen=True)
+class TrialCall:
+    """What every trial of one search evaluates against, put in Ray's object store once per search and read by the
+    pool's workers (uipe/search/pool.py); a Tune trial passes it on unread."""
 
+    setup: TrialSetup
+    utility_threshold: float
+    objective_metric: str
+    catalogue: Mapping[str, Any]
+    faults: Faults = NONE
+    start: Mapping[str, float] | None = None
+
+
+def evaluate_call(call: TrialCall, config: dict, kind: str, screened_seconds: float = 0.0) -> dict | None:
+    """One pass of a trial in a pool worker, as the report Tune keeps. kind "screen": the scoring pass of a point
+    other than the base method's (None for the base point, which is evaluated in full only); "full": the full
+    evaluation, its time counting `screened_seconds` of the scoring pass before it."""
     from uipe import metrics
 
-    started_at = time.time()  # wall clock, beside Tune's whole seconds: a timeline of the search's slots
-    metrics.adopt(catalogue or {})  # entries the driver registered at run time (a user's objective)
+    metrics.adopt(call.catalogue)  # entries the driver registered at run time (a user's objective)
     point = Extrapolation.from_config(config)
-    faults.point("trial", alpha=point.alpha, epoch=point.epoch)  # tests only: see uipe/faults.py
-    screened_seconds = 0.0
-    if screening and not point.is_base:
-        screen = evaluate_point(setup, point, point.epoch, utility_threshold, objective_metric, start, generate=False)
-        tune.report({**screen.to_report(), "alpha": screen.alpha, "epoch": point.epoch})
-        screened_seconds = screen.trial_seconds
-    result = evaluate_point(setup, point, point.epoch, utility_threshold, objective_metric, start)
-    # the trial's work is both passes; the screening part is kept apart for the search's time split
-    result = replace(result, trial_seconds=result.trial_seconds + screened_seconds, screen_seconds=screened_seconds)
-    tune.report({**result.to_report(), "alpha": result.alpha, "epoch": point.epoch,
-                 WALL_CLOCK[0]: started_at, WALL_CLOCK[1]: time.time()})
+    if kind == "screen" and point.is_base:
+        return None
+    if kind == "screen" or screened_seconds == 0.0:  # the trial's first pass: where a test's fault strikes it
+        call.faults.point("trial", alpha=point.alpha, epoch=point.epoch)  # tests only: see uipe/faults.py
+    result = evaluate_point(call.setup, point, point.epoch, call.utility_threshold, call.objective_metric, call.start,
+                            generate=kind == "full")
+    if kind == "full":  # the trial's work is both passes; the screening part is kept apart for the search's split
+        result = replace(result, trial_seconds=result.trial_seconds + screened_seconds,
+                         screen_seconds=screened_seconds)
+    return {**result.to_report(), "alpha": result.alpha, "epoch": point.epoch}

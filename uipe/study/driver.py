@@ -114,6 +114,7 @@ def run_seed(cfg: ExperimentConfig, root: Path, seed: int) -> SeedResult:
     """`uipe run` in the seed's folder, then per method the longer baseline, compared (uipe/study/arms.py)."""
     from uipe.pipeline import run_pipeline
     from uipe.report import from_csv
+    from uipe.search.pool import shared_trial_pool
     from uipe.study.arms import method_record
 
     paths = RunPaths.of(root)
@@ -121,13 +122,14 @@ def run_seed(cfg: ExperimentConfig, root: Path, seed: int) -> SeedResult:
     if cfg.study.more_baseline:
         train_longer(cfg, paths)
     methods = {}
-    for s in summaries:  # each method's SearchOutcome (uipe/results.py)
-        method = s.method
-        search = from_csv((paths.search(method) / "results.csv").read_text())
-        longer = longer_trajectory(cfg, paths, method) if cfg.study.more_baseline else []
-        forms = {form: form_search(cfg, paths, method, form) for form in cfg.study.forms}
-        methods[method] = method_record(search, longer, s.theta_ini, s.utility_threshold, cfg.study.floors,
-                                        cfg.unlearn.epochs, cfg.unlearn.epochs * cfg.study.longer_factor, forms)
+    with shared_trial_pool():  # the forms' searches share trial processes as the run's searches did
+        for s in summaries:  # each method's SearchOutcome (uipe/results.py)
+            method = s.method
+            search = from_csv((paths.search(method) / "results.csv").read_text())
+            longer = longer_trajectory(cfg, paths, method) if cfg.study.more_baseline else []
+            forms = {form: form_search(cfg, paths, method, form) for form in cfg.study.forms}
+            methods[method] = method_record(search, longer, s.theta_ini, s.utility_threshold, cfg.study.floors,
+                                            cfg.unlearn.epochs, cfg.unlearn.epochs * cfg.study.longer_factor, forms)
     return SeedResult(seed, methods, str(root))
 
 

@@ -1,0 +1,84 @@
+"""Benchmark: Tune's overhead over a run's whole search stage (issue 27's goal: <= 10%), this checkout's code against
+a baseline checkout's, measured in the same run, alternating.
+
+    git archive <rev> uipe | tar -x -C /tmp/uipe-base     # the baseline's code
+    .venv/bin/python scripts/bench_search_stage.py --world /tmp/run --baseline /tmp/uipe-base --repeats 2
+
+--world: a finished `uipe run` folder (every method of its config unlearned). Each run copies it without its
+searches and runs `uipe run --run-dir COPY` on it, which reuses the data, models and checkpoints and runs only the
+searches, with this checkout's uipe or the baseline's (PYTHONPATH), on a local Ray of its own. Per run, from the
+searches' result.json: the stage's wall (the searches' seconds, summed), its trial work, the overhead 1 - work /
+(slots x wall), each search's wall, and the whole command's wall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chaos import copy_world  # noqa: E402
+
+
+def one_stage(world: Path, dest: Path, code: Path | None, overrides: list[str]) -> dict:
+    folder = copy_world(world, "search", dest)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    sets = [a for s in overrides for a in ("--set", s)]
+    t0 = time.time()
+    # run from the copy's parent: `python -m` puts the working folder first on sys.path, before PYTHONPATH
+    done = subprocess.run([sys.executable, "-m", "uipe.cli", "run", "--run-dir", str(folder), *sets],
+                          capture_output=True, text=True, env=env, cwd=dest.parent)
+    command = time.time() - t0
+    if done.returncode:
+        raise SystemExit(f"uipe run in {folder} failed: {done.stdout[-800:]} {done.stderr[-800:]}")
+    results = {p.parent.name: json.loads(p.read_text()) for p in sorted((folder / "search").glob("*/result.json"))}
+    wall = sum(r["search_seconds"] for r in results.values())
+    work = sum(r["trial_work_seconds"] for r in results.values())
+    slots = {r["max_concurrent_trials"] for r in results.values()}
+    if len(slots) != 1:
+        raise SystemExit(f"{folder}: searches of different concurrency {sorted(slots)}")
+    return {"stage_s": wall, "work_s": work, "overhead": 1 - work / (wall * slots.pop()), "command_s": command,
+            "trials": sum(r["trials"] for r in results.values()),
+            "searches_s": {m: round(r["search_seconds"], 1) for m, r in results.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", type=Path, required=True)
+    ap.add_argument("--baseline", type=Path, required=True, help="a folder holding the baseline's uipe package")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="the world's config overrides")
+    args = ap.parse_args()
+    if not (args.baseline / "uipe" / "__init__.py").is_file():
+        raise SystemExit(f"{args.baseline}: no uipe package in it")
+    work = Path(tempfile.mkdtemp(prefix="uipe-bench-stage-"))
+    codes = {"this checkout": None, "baseline": args.baseline.resolve()}
+    runs: dict[str, list[dict]] = {name: [] for name in codes}
+    for i in range(args.repeats):
+        for name in codes if i % 2 == 0 else reversed(codes):
+            r = one_stage(args.world.resolve(), work / f"{'base' if codes[name] else 'this'}-{i}", codes[name],
+                          args.overrides)
+            runs[name].append(r)
+            print(f"{name} {i}: {json.dumps(r)}", flush=True)
+    summary = {name: {k: round(statistics.mean(r[k] for r in rs), 3) for k in ("stage_s", "work_s", "overhead",
+                                                                               "command_s", "trials")}
+               for name, rs in runs.items()}
+    print(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                      "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",
+                      "repeats": args.repeats, **summary,
+                      "stage_ratio_this_vs_baseline":
+                          round(summary["this checkout"]["stage_s"] / summary["baseline"]["stage_s"], 3)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Trial processes that outlive a Tune experiment: the model, the evaluator and torch loaded once per process, kept
+across trials, across the searches of a stage, and across the Tune actors that Tune's cache stops.
+
+A Tune trial is a light proxy (`proxy_trial`: no CPU of its own, no torch): it hands its point to a TrialPool, an
+async actor that gives each call to a free TrialWorker and replaces a worker that died (its trial fails, the search
+goes on). A TrialWorker holds the CPUs and GPUs a trial asks for (search.cpus_per_trial, search.gpus_per_trial) and
+runs uipe.search.trial.evaluate_call. So the first trial of a search no longer imports torch and transformers and
+loads the model (5-6 s per slot on the tiny preset), except in the first search of a stage; and a seeded search that
+waits for its trials in order (uipe/search/searcher.py) loses only a light Tune actor when Tune's actor cache stops
+one, not a loaded process.
+
+    with shared_trial_pool():          # uipe run's searches, a study seed's: one pool for them all
+        run_search(cfg, paths, "ga")   # its trials go to the shared pool (grown to the space's concurrency)
+        run_search(cfg, paths, "npo")  # the same processes, the model already loaded
+
+Outside a `shared_trial_pool` block, each search has a pool of its own, given back when the search ends. The pool's
+workers hold their CPUs while it lives: work that asks Ray for CPUs outside it (a weighted search's importance
+estimate, a sharded search, a training fit) must come after `release_shared()` or after the block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+
+# A proxy trial only waits on the pool: it asks for no CPU (else the pool's workers and the proxies would need twice
+# the CPUs). Tune refuses an all-zero request, so it holds 1 MiB of Ray's memory resource instead.
+PROXY_RESOURCES = {"cpu": 0, "memory": 2**20}
+# what a trial's last report carries beyond its record (TrialResult.from_report ignores them): when the trial function
+# began and when it reported, in Unix seconds, so scripts/bench_trial_gap.py reads the gap between a slot's trials
+WALL_CLOCK = ("wall_started_at", "wall_ended_at")
+
+
+@ray.remote(num_cpus=0)
+class TrialPool:
+    """Hands each call to a free worker (the one that screened a trial's point, where free, for its full pass);
+    a worker that died is replaced before the error reaches the trial. Never unpickles a call: no torch here."""
+
+    def __init__(self, resources: dict[str, float], size: int) -> None:
+        self._options = {"num_cpus": resources.get("cpu", 1), "num_gpus": resources.get("gpu", 0)}
+        self._workers: dict[int, Any] = {}
+        self._free: list[int] = []
+        self._last: dict[str, int] = {}  # trial id -> the worker that ran its previous pass
+        self._cond: asyncio.Condition | None = None
+        self._next = 0
+        self._grow(size)
+
+    def _grow(self, size: int) -> None:
+        while len(self._workers) < size:
+            self._workers[self._next] = TrialWorker.options(**self._options).remote()
+            self._free.append(self._next)
+            self._next += 1
+
+    async def grow_to(self, size: int) -> int:
+        async with self._condition():
+            self._grow(size)
+            self._cond.notify_all()
+        return len(self._workers)
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:  # made on the actor's event loop, not in __init__
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    async def run(self, call: list, config: dict, kind: str, screened_seconds: float, trial_id: str) -> dict | None:
+        cond = self._condition()
+        async with cond:
+            await cond.wait_for(lambda: bool(self._free))
+            index = self._last.get(trial_id)
+            index = index if index in self._free else self._free[0]
+            self._free.remove(index)
+        died = False
+        try:
+            return await self._workers[index].run.remote(call, config, kind, screened_seconds)
+        except ray.exceptions.RayActorError:  # the process died (OOM killer, a fault): a fresh one takes its place
+            died = True
+            raise
+        finally:  # whatever the call raised (a trial's own error too), its worker is free again or replaced
+            async with cond:
+                self._last.pop(trial_id, None)
+                if died:
+                    del self._workers[index]
+                    self._last = {t: i for t, i in self._last.items() if i != index}
+                    self._grow(len(self._workers) + 1)
+                else:
+                    if kind == "screen":
+                        self._last[trial_id] = index
+                    self._free.append(index)
+                cond.notify_all()
+
+    async def pids(self) -> list[int]:
+        return sorted(await asyncio.gather(*(w.pid.remote() for w in self._workers.values())))
+
+
+@ray.remote
+class TrialWorker:
+    """One trial process: evaluates the calls the pool gives it, its loaded model kept between them."""
+
+    def run(self, call: list, config: dict, kind: str, screened_seconds: float) -> dict | None:
+        from uipe.search.trial import evaluate_call
+
+        return evaluate_call(ray.get(call[0]), config, kind, screened_seconds)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+def proxy_trial(config: dict, pool: Any, call: list, screening: bool) -> None:
+    """The Tune function trainable: one (alpha, epoch) point, evaluated in the pool, reported once at full fidelity.
+    With `screening`, a point other than the base method's is first reported from a scoring pass; the search's
+    ScreeningScheduler (uipe/search/screening.py) then stops it there, or lets it go on to the full evaluation.
+    `call`: [a reference to the search's uipe.search.trial.TrialCall], passed on unread."""
+    from ray import tune
+
+    started_at = time.time()  # wall clock, beside Tune's whole seconds: a timeline of the search's slots
+    trial_id = tune.get_context().get_trial_id()
+    screened = 0.0
+    if screening:
+        report = ray.get(pool.run.remote(call, config, "screen", 0.0, trial_id))
+        if report is not None:  # None: the base method's point, evaluated in full only
+            tune.report(report)
+            screened = report["trial_seconds"]
+    report = ray.get(pool.run.remote(call, config, "full", screened, trial_id))
+    tune.report({**report, WALL_CLOCK[0]: started_at, WALL_CLOCK[1]: time.time()})
+
+
+_shared: dict[str, Any] = {"depth": 0, "pool": None, "resources": None}
+
+
+@contextlib.contextmanager
+def shared_trial_pool() -> Iterator[None]:
+    """The searches inside share one pool (made at the first, grown as a later one needs); given back at the end."""
+    _shared["depth"] += 1
+    try:
+        yield
+    finally:
+        _shared["depth"] -= 1
+        if _shared["depth"] == 0:
+            release_shared()
+
+
+def release_shared() -> None:
+    """Give the shared pool's processes (and their CPUs) back now; the next search inside the block makes another."""
+    pool, _shared["pool"], _shared["resources"] = _shared["pool"], None, None
+    if pool is not None:
+        _kill(pool)
+
+
+@contextlib.contextmanager
+def trial_pool(resources: dict[str, float], size: int) -> Iterator[Any]:
+    """The pool a search's trials run in: the shared one inside `shared_trial_pool` (grown to `size`; made anew for
+    other resources), else one of the search's own, given back when it ends."""
+    if _shared["depth"] == 0:
+        pool = TrialPool.remote(resources, size)
+        try:
+            yield pool
+        finally:
+            _kill(pool)
+        return
+    if _shared["pool"] is not None and _shared["resources"] != resources:
+        release_shared()
+    if _shared["pool"] is None:
+        _shared["pool"], _shared["resources"] = TrialPool.remote(resources, size), dict(resources)
+    ray.get(_shared["pool"].grow_to.remote(size))
+    yield _shared["pool"]
+
+
+def _kill(pool: Any) -> None:
+    """The pool and its workers (owned by the pool: they die with it)."""
+    with contextlib.suppress(Exception):
+        ray.kill(pool)
