@@ -69,7 +69,7 @@ def test_a_two_worker_trial_matches_the_one_process_trial(unlearned_run, tiny_cf
     # the trainable the search runs with workers_per_trial = 2 (a Ray Train group inside the Tune trial)
     cfg = tiny_cfg.model_copy(update={"search": tiny_cfg.search.model_copy(update={"workers_per_trial": 2})})
     paths = type(unlearned_run).of(tmp_path / "run")
-    trainable = _trainable(cfg, paths.search("ga"), setup, 0.0, "forget_quality", {})
+    trainable = _trainable(cfg, paths.search("ga"), setup, 0.0, "forget_quality", {}, pool=None)  # no pool: sharded
     grid = tune.Tuner(trainable, param_space={"alpha": ALPHA, "epoch": EPOCH},
                       run_config=tune.RunConfig(name="sharded", storage_path=str(tmp_path / "tune"), verbose=0)).fit()
     assert grid.errors == []

@@ -122,7 +122,8 @@ def run_seed(cfg: ExperimentConfig, root: Path, seed: int) -> SeedResult:
     if cfg.study.more_baseline:
         train_longer(cfg, paths)
     methods = {}
-    with shared_trial_pool():  # the forms' searches share trial processes as the run's searches did
+    # the longer runs' epochs are scored, and the forms searched, in one pool of trial processes, as uipe run's searches
+    with shared_trial_pool():
         for s in summaries:  # each method's SearchOutcome (uipe/results.py)
             method = s.method
             search = from_csv((paths.search(method) / "results.csv").read_text())
@@ -188,24 +189,25 @@ def longer_trajectory(cfg: ExperimentConfig, paths: RunPaths, method: str) -> li
 
 
 def _score_epochs(cfg: ExperimentConfig, setup, epochs: list[int], metric: str, method: str) -> list[dict]:
-    """One Ray task per epoch, with a search trial's resources (task workers are reused, so the model and evaluator
-    load once per worker process, as in a search)."""
+    """Each epoch at alpha 0, as a search's trial: in a pool of trial processes (uipe/search/pool.py; the study's
+    shared one), as many at once as the cluster's CPUs hold trials."""
     import ray
 
-    task = ray.remote(_score_epoch).options(num_cpus=cfg.search.cpus_per_trial, num_gpus=cfg.search.gpus_per_trial)
-    refs = [task.remote(setup, e, metric) for e in epochs]
-    progress, pending = Task(f"score {method} longer", len(refs)), list(refs)
-    while pending:
-        _, pending = ray.wait(pending, num_returns=1)
-        progress.update(len(refs) - len(pending), f"epoch {len(refs) - len(pending)}/{len(refs)} at alpha 0")
-    progress.finish()
-    return ray.get(refs)
+    from uipe import metrics
+    from uipe.search.pool import trial_pool
+    from uipe.search.trial import TrialCall
 
-
-def _score_epoch(setup, epoch: int, metric: str) -> dict:
-    from uipe.search.trial import evaluate_point
-
-    return evaluate_point(setup, 0.0, epoch, 0.0, metric).to_report()
+    resources = {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial}
+    slots = max(1, min(len(epochs), int(ray.cluster_resources().get("CPU", 1) // max(cfg.search.cpus_per_trial, 1e-9))))
+    call = [ray.put(TrialCall(setup, 0.0, metric, metrics.snapshot()))]
+    with trial_pool(resources, slots) as pool:
+        refs = [pool.run.remote(call, {"alpha": 0.0, "epoch": e}, "full", 0.0, f"longer-e{e}") for e in epochs]
+        progress, pending = Task(f"score {method} longer", len(refs)), list(refs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=1)
+            progress.update(len(refs) - len(pending), f"epoch {len(refs) - len(pending)}/{len(refs)} at alpha 0")
+        progress.finish()
+        return ray.get(refs)
 
 
 def _study_run(cfg: ExperimentConfig, root: Path) -> tuple[str, str, str, str]:
