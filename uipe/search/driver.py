@@ -299,7 +299,9 @@ def _trainable(cfg: ExperimentConfig, out: Path, setup: TrialSetup, threshold: f
         import ray
 
         # [a reference]: Tune resolves its parameters, not what they hold, so the proxy never unpickles the setup
-        return tune.with_resources(tune.with_parameters(proxy_trial, pool=pool, call=[ray.put(call)],
+        ref = [ray.put(call)]
+        pool.warm.remote(ref)
+        return tune.with_resources(tune.with_parameters(proxy_trial, pool=pool, call=ref,
                                                         screening=cfg.search.screening), PROXY_RESOURCES)
     from uipe.search.sharded import sharded_trial, storage_for
 
@@ -342,7 +344,7 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
     thresholds = [threshold, *(f * ini[bench.utility] for f in FLOORS)] if cfg.search.screening else None
     start = time.time()
     with _trial_processes(cfg, space) as pool:
-        trainable = _trainable(cfg, out, setup, threshold, metric, ini, pool)
+        trainable = _trainable(cfg, out, setup, threshold, metric, ini, pool)  # its processes load while Tune starts
         tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, thresholds,
                        bench.screening_utility)
         with tune_state.restore_or_fail(out / "tune"):

@@ -48,11 +48,14 @@ class TrialPool:
         self._last: dict[str, int] = {}  # trial id -> the worker that ran its previous pass
         self._cond: asyncio.Condition | None = None
         self._next = 0
+        self._warm: list | None = None
         self._grow(size)
 
     def _grow(self, size: int) -> None:
         while len(self._workers) < size:
             self._workers[self._next] = TrialWorker.options(**self._options).remote()
+            if self._warm is not None:
+                self._workers[self._next].warm.remote(self._warm)
             self._free.append(self._next)
             self._next += 1
 
@@ -93,6 +96,13 @@ class TrialPool:
                     self._free.append(index)
                 cond.notify_all()
 
+    def warm(self, call: list) -> None:
+        """Every worker loads what the call's trials need (torch, the model, the evaluator) now, while the driver
+        starts Tune; a worker runs its calls in order, so trials queue behind this."""
+        self._warm = call  # a worker made later (a replacement, a larger pool) warms too
+        for worker in self._workers.values():
+            worker.warm.remote(call)
+
     async def pids(self) -> list[int]:
         return sorted(await asyncio.gather(*(w.pid.remote() for w in self._workers.values())))
 
@@ -105,6 +115,11 @@ class TrialWorker:
         from uipe.search.trial import evaluate_call
 
         return evaluate_call(ray.get(call[0]), config, kind, screened_seconds)
+
+    def warm(self, call: list) -> None:
+        from uipe.search.trial import warm
+
+        warm(ray.get(call[0]))
 
     def pid(self) -> int:
         import os

@@ -212,6 +212,11 @@ class TrialCall:
     start: Mapping[str, float] | None = None
 
 
+def warm(call: TrialCall) -> None:
+    """Load what the call's trials need (imports, model, evaluator) before the first trial asks."""
+    context(call.setup)
+
+
 def evaluate_call(call: TrialCall, config: dict, kind: str, screened_seconds: float = 0.0) -> dict | None:
     """One pass of a trial in a pool worker, as the report Tune keeps. kind "screen": the scoring pass of a point
     other than the base method's (None for the base point, which is evaluated in full only); "full": the full
