@@ -83,5 +83,9 @@ def test_a_pool_worker_that_dies_fails_only_its_call_and_is_replaced(unlearned_r
             out = run(alpha, trial)
             assert out["alpha"] == alpha and out["epoch"] == 1 and math.isfinite(out["objective"])
         assert faults.fired(marker) == {"alpha": "0.5", "epoch": "1"}
+        # the pool's own process lost: Ray restarts it with fresh workers, and a call still gets its evaluation
+        ray.kill(pool, no_restart=False)
+        assert run(0.0, "trial-f")["objective"] == out["objective"]  # the last call's point, scored as before
+        assert not set(ray.get(pool.pids.remote())) & set(after)
     finally:
         ray.kill(pool)

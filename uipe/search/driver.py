@@ -34,12 +34,7 @@ from uipe.search.outcome import RESULT_FILE, finish
 from uipe.search.pool import PROXY_RESOURCES, proxy_trial, release_shared, trial_pool
 from uipe.search.progress import Progress
 from uipe.search.screening import ScreeningScheduler
-from uipe.search.space import (
-    SearchSpace,
-    build_searcher,
-    default_space_path,
-    load_space,
-)
+from uipe.search.space import SearchSpace, build_searcher, default_space_path, load_space
 from uipe.search.trial import TrialCall, TrialSetup, theta_ini_metrics
 from uipe.stages import cached_value, recorded, reusable
 

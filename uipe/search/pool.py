@@ -36,7 +36,9 @@ PROXY_RESOURCES = {"cpu": 0, "memory": 2**20}
 WALL_CLOCK = ("wall_started_at", "wall_ended_at")
 
 
-@ray.remote(num_cpus=0)
+# Restarted if its own process dies, its calls in flight sent again (an evaluation can be repeated): every trial
+# of a search goes through it, so a lost pool would fail all the trials left, where a lost worker fails one.
+@ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)
 class TrialPool:
     """Hands each call to a free worker (the one that screened a trial's point, where free, for its full pass);
     a worker that died is replaced before the error reaches the trial. Never unpickles a call: no torch here."""

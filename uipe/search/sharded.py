@@ -19,14 +19,7 @@ from typing import Any
 
 from uipe.coefficients import Extrapolation
 from uipe.io import atomic_write_json
-from uipe.search.trial import (
-    Resolved,
-    TrialCall,
-    TrialSetup,
-    build_evaluator,
-    record_point,
-    resolve_point,
-)
+from uipe.search.trial import Resolved, TrialCall, TrialSetup, build_evaluator, record_point, resolve_point
 
 
 def sharded_trial(config: dict, call: TrialCall, workers: int, gpus_per_worker: float, storage: str) -> None:
