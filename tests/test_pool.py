@@ -89,3 +89,25 @@ def test_a_pool_worker_that_dies_fails_only_its_call_and_is_replaced(unlearned_r
         assert not set(ray.get(pool.pids.remote())) & set(after)
     finally:
         ray.kill(pool)
+
+
+def test_a_worker_the_cluster_cannot_place_holds_up_no_call(unlearned_run, tiny_cfg) -> None:
+    """Three workers of one CPU on a 2-CPU Ray: the third waits for a CPU, and the calls go to the two that are up
+    (as trials must when a space asks for more trials at once than the cluster holds)."""
+    import ray
+
+    from uipe import metrics
+    from uipe.search.driver import make_setup
+    from uipe.search.pool import TrialPool
+    from uipe.search.trial import TrialCall
+
+    call = [ray.put(TrialCall(make_setup(tiny_cfg, unlearned_run, "ga"), 0.0, "forget_quality", metrics.snapshot()))]
+    pool = TrialPool.remote({"cpu": 1, "gpu": 0}, 3)
+    try:
+        refs = [pool.run.remote(call, {"alpha": a, "epoch": 1}, "full", 0.0, f"t{i}") for i, a in
+                enumerate((0.0, 0.25, 0.5, 0.75, 1.0, 0.0))]
+        out = ray.get(refs, timeout=180)  # a call handed to the unplaced worker would wait for ever
+        assert [r["alpha"] for r in out] == [0.0, 0.25, 0.5, 0.75, 1.0, 0.0]
+        assert out[0]["objective"] == out[-1]["objective"]
+    finally:
+        ray.kill(pool)

@@ -51,25 +51,50 @@ class TrialPool:
         self._cond: asyncio.Condition | None = None
         self._next = 0
         self._warm: list | None = None
+        self._joining: list[int] = []  # started, not yet up
+        self._tasks: set[asyncio.Task] = set()  # the joins under way (kept: the loop holds tasks weakly)
         self._grow(size)
 
     def _grow(self, size: int) -> None:
+        """Start workers up to `size`; each joins the free ones once it is up, never before: a worker the
+        cluster cannot place yet (a GPU node still starting, a pool larger than the cluster) holds up no trial."""
         while len(self._workers) < size:
             self._workers[self._next] = TrialWorker.options(**self._options).remote()
             if self._warm is not None:
                 self._workers[self._next].warm.remote(self._warm)
-            self._free.append(self._next)
+            self._joining.append(self._next)
             self._next += 1
+
+    async def _join(self, index: int) -> None:
+        try:
+            await self._workers[index].pid.remote()  # answered once the process is up (after a warm-up sent first)
+        except ray.exceptions.RayActorError:
+            async with self._cond:
+                del self._workers[index]
+                self._grow(len(self._workers) + 1)
+                self._start_joins()
+            return
+        async with self._cond:
+            if index in self._workers:
+                self._free.append(index)
+                self._cond.notify_all()
+
+    def _start_joins(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._joining:
+            self._tasks.add(task := loop.create_task(self._join(self._joining.pop(0))))
+            task.add_done_callback(self._tasks.discard)
 
     async def grow_to(self, size: int) -> int:
         async with self._condition():
             self._grow(size)
-            self._cond.notify_all()
+            self._start_joins()
         return len(self._workers)
 
     def _condition(self) -> asyncio.Condition:
-        if self._cond is None:  # made on the actor's event loop, not in __init__
+        if self._cond is None:  # made on the actor's event loop, not in __init__; so are the first joins
             self._cond = asyncio.Condition()
+            self._start_joins()
         return self._cond
 
     async def run(self, call: list, config: dict, kind: str, screened_seconds: float, trial_id: str) -> dict | None:
@@ -92,6 +117,7 @@ class TrialPool:
                     del self._workers[index]
                     self._last = {t: i for t, i in self._last.items() if i != index}
                     self._grow(len(self._workers) + 1)
+                    self._start_joins()
                 else:
                     if kind == "screen":
                         self._last[trial_id] = index
