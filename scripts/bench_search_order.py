@@ -57,7 +57,7 @@ def main() -> None:
         slowed = {"UIPE_FAULTS": f"trial:delay,seconds={args.delay},alpha=0,epoch=2"} if i % 2 else {}
         for arm in arms if i % 2 == 0 else reversed(arms):
             flag, code = arms[arm]
-            name = f"{arm.replace(' ', '-').strip('()')}-{i}".replace("(", "").replace(")", "")
+            name = f"{arm.replace(' ', '-').replace('(', '').replace(')', '')}-{i}"  # "in-order-baseline-1"
             r = one_search(args.world.resolve(), work, name, f"sqlite:///{work / f'{name}.db'}", args.overrides,
                            work / f"{flag}.yaml", slowed | code)
             runs[arm].append(r)
