@@ -3,6 +3,8 @@ trials in flight, trials timed two ways."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from uipe.results import CONSTRAINT
@@ -95,3 +97,67 @@ def test_the_space_file_or_the_config_says_whether_trials_are_told_in_order() ->
     assert seed_config(load_config(None, []), 3, "sqlite:///x.db", "e", "p").search.deterministic is True
     off = load_config(None, ["search.deterministic=false"])
     assert seed_config(off, 3, "sqlite:///x.db", "e", "p").search.deterministic is False
+
+
+def test_a_constraint_blind_sampler_is_told_infeasible_trials_below_every_feasible_one() -> None:
+    from uipe.search.searcher import INFEASIBLE_VALUE, ranked_infeasible
+
+    # worked by hand: INFEASIBLE_VALUE - violation, so 0.2 over the floor ranks above 0.5 over it
+    assert INFEASIBLE_VALUE == -1e6
+    assert ranked_infeasible(0.2) == pytest.approx(-1_000_000.2)
+    assert ranked_infeasible(0.5) == pytest.approx(-1_000_000.5)
+    assert ranked_infeasible(0.2) > ranked_infeasible(0.5)
+
+
+def _cmaes_search(rank_infeasible_last: bool, n: int = 40) -> tuple[list[float], list]:
+    """The weighted form's (alpha, retain_lambda) under CMA-ES, one trial at a time: objective alpha, feasible while
+    alpha <= 1.5 (constraint alpha - 1.5), as forgetting against a utility floor."""
+    from uipe.search.space import SearchSpace, build_searcher
+
+    search = build_searcher(SearchSpace(method="ga", form="weighted", sampler="cmaes", startup_trials=2), [1, 2], 0)
+    assert search._rank_infeasible_last  # a cmaes space turns it on
+    search._rank_infeasible_last = rank_infeasible_last
+    search.set_max_concurrency(1)
+    alphas = []
+    # set as a constraint (the blind arm), CMA-ES warns that it reads none: why the ranked arm tells none
+    blind = pytest.warns(UserWarning, match="CmaEsSampler will not use them")
+    with contextlib.nullcontext() if rank_infeasible_last else blind:
+        for i in range(n):
+            _tell_one(search, i, alphas)
+    return alphas, search._ot_study.trials
+
+
+def _tell_one(search, i: int, alphas: list[float]) -> None:
+    config = search.suggest(f"t{i}")
+    assert config["epoch"] in (1, 2)  # categorical: drawn by TPE beside CMA-ES
+    alphas.append(config["alpha"])
+    search.on_trial_complete(f"t{i}", {"objective": config["alpha"], CONSTRAINT: config["alpha"] - 1.5})
+
+
+def test_cmaes_moves_the_coefficients_and_infeasible_points_rank_last() -> None:
+    alphas, trials = _cmaes_search(True)
+    # the base points first (alpha 0 at epochs 2 and 1), then CMA-ES's own, each marked with its generation
+    assert alphas[:2] == [0.0, 0.0] and sum("cma:generation" in t.system_attrs for t in trials) >= 30
+    for a, t in zip(alphas, trials):
+        assert t.value == pytest.approx(a if a <= 1.5 else -1e6 - (a - 1.5))
+        assert not t.constraints  # the value carries the constraint: CMA-ES reads none (and would warn)
+    # told the raw objective, CMA-ES climbs alpha past the floor for good; told the ranking, it comes back to it
+    blind, _ = _cmaes_search(False)
+    assert sum(a <= 1.5 for a in blind[20:]) == 0
+    assert sum(a <= 1.5 for a in alphas[20:]) >= 5
+
+
+def test_cmaes_needs_a_form_with_two_coefficients_and_one_objective(tmp_path) -> None:
+    from uipe.errors import UipeError
+    from uipe.search.space import SearchSpace, load_space
+
+    path = tmp_path / "ga.yaml"
+    path.write_text("method: ga\nsampler: cmaes\n")
+    with pytest.raises(UipeError, match=r"ga\.yaml: \(top level\): Value error, sampler cmaes: needs at least two"):
+        load_space(path, "ga")
+    path.write_text("method: ga\nsampler: cmaes\nform: groups\nobjective: pareto\n")
+    with pytest.raises(UipeError, match="sampler cmaes: optimises one objective, not pareto"):
+        load_space(path, "ga")
+    # beside the same form's TPE search in one run folder
+    assert SearchSpace(method="ga", form="groups", sampler="cmaes").label("ga") == "ga-groups-cmaes"
+    assert SearchSpace(method="ga", form="groups").label("ga") == "ga-groups"

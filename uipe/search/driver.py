@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from ray import tune
 
 from uipe import faults, metrics, tracking
@@ -29,6 +30,7 @@ from uipe.io import atomic_write_json, code_version, exclusive
 from uipe.paths import RunPaths
 from uipe.ray_session import ensure_ray
 from uipe.results import SearchOutcome, TrialResult
+from uipe.schema import one_line
 from uipe.search import tune_state
 from uipe.search.outcome import RESULT_FILE, finish
 from uipe.search.pool import PROXY_RESOURCES, proxy_trial, release_shared, trial_pool
@@ -69,7 +71,10 @@ def resolve_space(cfg: ExperimentConfig, method: str, space_path: Path | None) -
     overrides = {k: getattr(cfg.search, k) for k in ("num_samples", "objective", "signal", "select_on", "form")
                  if getattr(cfg.search, k)}
     overrides |= {k: getattr(cfg.search, k) for k in ("anchor", "deterministic") if getattr(cfg.search, k) is not None}
-    return path, space.model_copy(update=overrides)
+    try:  # validated again: an override can make a space the file alone would not (a grid of groups, say)
+        return path, SearchSpace.model_validate(space.model_dump() | overrides)
+    except ValidationError as e:
+        raise UipeError(one_line(e, f"{path} with the config's search overrides")) from None
 
 
 def make_setup(cfg: ExperimentConfig, paths: RunPaths, method: str, reference_free: bool = False) -> TrialSetup:
@@ -87,7 +92,8 @@ def make_setup(cfg: ExperimentConfig, paths: RunPaths, method: str, reference_fr
                         "eval.retain_reference to a folder of TOFU eval logs, or search with objective "
                         "reference_free (search.objective)")
     return TrialSetup(theta_ini, dirs, bench.name, data, cfg.data.forget_split, cfg.model.prompt_template,
-                      cfg.model.max_length, cfg.eval, reference, cfg.model.dtype, max(1, int(cfg.search.cpus_per_trial)))
+                      cfg.model.max_length, cfg.eval, reference, cfg.model.dtype,
+                      max(1, int(cfg.search.cpus_per_trial)))
 
 
 def with_form(cfg: ExperimentConfig, space: SearchSpace, setup: TrialSetup, epochs: list[int]) -> TrialSetup:

@@ -12,19 +12,18 @@ from pathlib import Path
 
 import yaml
 
-from uipe import tracking
-from uipe import metrics
+from uipe import metrics, tracking
 from uipe.benchmarks import get_benchmark
+from uipe.coefficients import Extrapolation
 from uipe.config import ExperimentConfig
+from uipe.decisions import base_row, best_at_floors, choose, pareto_front
 from uipe.errors import UipeError
 from uipe.io import atomic_write_json, atomic_write_text
 from uipe.model_registry import CHAMPION, register_model
-from uipe.decisions import base_row, best_at_floors, choose, pareto_front
 from uipe.paths import RunPaths
 from uipe.report import plot_search, to_csv
 from uipe.results import SearchOutcome, TrialResult
 from uipe.search.space import SearchSpace
-from uipe.coefficients import Extrapolation
 from uipe.search.trial import TrialSetup, resolve_point
 
 RESULT_FILE = "result.json"

@@ -22,14 +22,17 @@ class ConstrainedOptunaSearch(OptunaSearch):
     search; Tune's ConcurrencyLimiter in batch mode does the same after its first batch): docs/BENCHMARKS.md.
     """
 
-    # a searcher restored from a search folder written before `in_order` existed has none of these
-    _in_order, _in_flight, _told = False, 1, 0
+    # a searcher restored from a search folder written before these options existed has none of them
+    _in_order, _in_flight, _told, _rank_infeasible_last = False, 1, 0, False
 
     def __init__(self, space: dict, metric: str | list[str], mode: str | list[str], points_to_evaluate: list | None,
-                 sampler: Any, in_order: bool = False) -> None:
+                 sampler: Any, in_order: bool = False, rank_infeasible_last: bool = False) -> None:
+        """`rank_infeasible_last`: for a sampler that reads no constraint (CMA-ES), an infeasible trial is told
+        INFEASIBLE_VALUE minus its violation, below every feasible value and the less violating ones higher."""
         super().__init__(space=space, metric=metric, mode=mode, points_to_evaluate=points_to_evaluate,
                          sampler=sampler)
         self._in_order, self._order, self._held = in_order, [], {}
+        self._rank_infeasible_last = rank_infeasible_last
 
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         self._in_flight = max_concurrent
@@ -71,5 +74,18 @@ class ConstrainedOptunaSearch(OptunaSearch):
             # a trial stopped after its screening pass has no utility: infeasible to the sampler (a point evaluated
             # in full dominates it), while its objective, exact at screening, still informs the model
             screened = not result.get(FULL_FIDELITY, 1.0)
-            ot_trial.set_constraint(CONSTRAINT, 1.0 if screened else float(result[CONSTRAINT]))
+            violation = 1.0 if screened else float(result[CONSTRAINT])
+            if not self._rank_infeasible_last:
+                ot_trial.set_constraint(CONSTRAINT, violation)
+            elif violation > 0:  # the value carries the constraint (CMA-ES would warn that it reads none)
+                result = {**result, self._metric: ranked_infeasible(violation)}
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+INFEASIBLE_VALUE = -1e6  # below any objective a trial reports (log10 forget quality, a signal in [-1, 1] or so)
+
+
+def ranked_infeasible(violation: float) -> float:
+    """The value a constraint-blind sampler is told for an infeasible trial (violation > 0): below every feasible
+    value, and higher the smaller the violation, so the sampler still moves towards the feasible region."""
+    return INFEASIBLE_VALUE - violation

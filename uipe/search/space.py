@@ -53,7 +53,10 @@ class SearchSpace(Strict):
     method: MethodName
     alpha: AlphaRange = AlphaRange()
     epochs: Literal["all"] | list[int] = "all"
-    sampler: Literal["tpe", "gp", "nsga2", "grid"] = "tpe"
+    # cmaes: CMA-ES over a form's continuous coefficients (groups, weighted), the epoch and anchor gap (categorical,
+    # which CMA-ES cannot model) drawn by TPE; it reads no constraint, so an infeasible trial is told a value below
+    # every feasible one (ConstrainedOptunaSearch)
+    sampler: Literal["tpe", "gp", "nsga2", "grid", "cmaes"] = "tpe"
     grid_step: float = Field(0.1, gt=0)
     startup_trials: int = Field(6, ge=0)
     num_samples: int = Field(16, ge=1)
@@ -89,6 +92,11 @@ class SearchSpace(Strict):
     def _form(self) -> SearchSpace:
         if self.sampler == "grid" and (self.form != "global" or self.anchor):
             raise ValueError(f"sampler grid: searches the global form only (form {self.form}, anchor {self.anchor})")
+        if self.sampler == "cmaes" and self.form == "global":
+            raise ValueError("sampler cmaes: needs at least two continuous coefficients (form groups or weighted); "
+                             "the global form has one (alpha)")
+        if self.sampler == "cmaes" and self.objective == "pareto":
+            raise ValueError("sampler cmaes: optimises one objective, not pareto")
         if self.groups is not None and not self.groups:
             raise ValueError("groups: name at least one group (or leave it out for the default groups)")
         return self
@@ -103,8 +111,9 @@ class SearchSpace(Strict):
         return self.form + ("+anchor" if self.anchor else "")
 
     def label(self, method: str) -> str:
-        """The search's name and folder (uipe.results.search_label)."""
-        return search_label(method, self.form_name)
+        """The search's name and folder (uipe.results.search_label); "-cmaes" added for a CMA-ES search, so it can
+        sit beside the same form's TPE search in one run folder."""
+        return search_label(method, self.form_name) + ("-cmaes" if self.sampler == "cmaes" else "")
 
     def group_names(self) -> list[str]:
         return list(self.groups or DEFAULT_GROUPS)
@@ -191,6 +200,12 @@ def _sampler(space: SearchSpace, epochs: list[int], seed: int):
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=space.startup_trials)
     if space.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
+    if space.sampler == "cmaes":
+        # its mean starts mid-box (x0, which could start it at the warm point, is deprecated in Optuna 5; the warm
+        # point is still evaluated first); the epoch and anchor gap, categorical, come from TPE
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=space.startup_trials, warn_independent_sampling=False,
+            independent_sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=space.startup_trials))
     # more than (alpha, epoch): multivariate TPE models the coefficients jointly (group alphas interact)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=space.startup_trials, constant_liar=True,
                                       multivariate=space.beyond_global)
@@ -250,4 +265,5 @@ def build_searcher(space: SearchSpace, epochs: list[int], seed: int,
     first = None if space.sampler == "grid" else start_points(space, epochs, warm)
     return ConstrainedOptunaSearch(space=distributions(space, epochs), metric=metric, mode=mode,
                                    points_to_evaluate=first, sampler=_sampler(space, epochs, seed),
-                                   in_order=space.deterministic and space.sampler != "grid")
+                                   in_order=space.deterministic and space.sampler != "grid",
+                                   rank_infeasible_last=space.sampler == "cmaes")

@@ -185,7 +185,8 @@ def record_point(setup: TrialSetup, point: Extrapolation, aggregates: Mapping[st
                  peak_memory: float, generate: bool = True) -> TrialResult:
     """The trial's record from an evaluation; raise when the objective or utility is not finite."""
     metrics = scored_metrics(aggregates, start)
-    bad = [k for k in (objective_metric, utility_metric(setup, generate)) if not math.isfinite(metrics.get(k, math.nan))]
+    needed = (objective_metric, utility_metric(setup, generate))
+    bad = [k for k in needed if not math.isfinite(metrics.get(k, math.nan))]
     if bad:
         raise ValueError(f"alpha={point.alpha} epoch={point.epoch} {point.vector()}: {bad[0]} is not finite (the "
                          "extrapolated model broke)")
