@@ -1,5 +1,6 @@
 """A search trial whose model is sharded over two gloo workers (search.workers_per_trial = 2) measures what the
-one-process trial measures: the same items, the same numbers up to float noise (issue 11)."""
+one-process trial measures: the same items, the same numbers up to float noise (issue 11); its two processes serve
+trial after trial, and a group that lost a rank is replaced whole (issue 27)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ def _items_loop(cfg: dict) -> None:
     import torch
     from torch.distributed.device_mesh import init_device_mesh
 
+    from uipe.coefficients import Extrapolation
     from uipe.io import atomic_write_json
     from uipe.search.sharded import sharded_model
-    from uipe.coefficients import Extrapolation
     from uipe.search.trial import build_evaluator, resolve_point
 
     setup = cfg["setup"]
@@ -40,9 +41,9 @@ def test_a_two_worker_trial_matches_the_one_process_trial(unlearned_run, tiny_cf
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from uipe.search.driver import _trainable, make_setup
     from uipe.results import TrialResult
-    from uipe.search.trial import build_evaluator, context, evaluate_point
+    from uipe.search.driver import _trainable, make_setup
+    from uipe.search.trial import TrialCall, build_evaluator, context, evaluate_point
     from uipe.update_vector import cached_update_vector
 
     setup = make_setup(tiny_cfg, unlearned_run, "ga")
@@ -66,15 +67,48 @@ def test_a_two_worker_trial_matches_the_one_process_trial(unlearned_run, tiny_cf
     for key in ("truth_ratio", "prob"):
         np.testing.assert_allclose(got[key], items[key], rtol=1e-4)
 
-    # the trainable the search runs with workers_per_trial = 2 (a Ray Train group inside the Tune trial)
+    # the search's trials with workers_per_trial = 2: a pool worker of two processes, joined in one gloo group once
+    # and kept for trial after trial
+    import os
+    import signal
+
+    import ray
+
+    from uipe import faults, metrics
+    from uipe.search.pool import TrialPool
+
     cfg = tiny_cfg.model_copy(update={"search": tiny_cfg.search.model_copy(update={"workers_per_trial": 2})})
-    paths = type(unlearned_run).of(tmp_path / "run")
-    trainable = _trainable(cfg, paths.search("ga"), setup, 0.0, "forget_quality", {}, pool=None)  # no pool: sharded
-    grid = tune.Tuner(trainable, param_space={"alpha": ALPHA, "epoch": EPOCH},
-                      run_config=tune.RunConfig(name="sharded", storage_path=str(tmp_path / "tune"), verbose=0)).fit()
-    assert grid.errors == []
-    sharded = TrialResult.from_report("t", {"alpha": ALPHA, "epoch": EPOCH}, grid[0].metrics)
-    for key in ("forget_quality", "model_utility", "forget_prob", "forget_truth_ratio", "retain_rougeL",
-                "holdout_ks", "mia_loss_auc"):
-        a, b = one.numbers().get(key, one.metrics.get(key)), sharded.numbers().get(key, sharded.metrics.get(key))
-        assert b == pytest.approx(a, rel=1e-4, abs=1e-9), key
+    pool = TrialPool.remote({"cpu": 1, "gpu": 0, "workers": cfg.search.workers_per_trial}, 1)
+    try:
+        trainable = _trainable(cfg, setup, 0.0, "forget_quality", {}, pool)
+        grid = tune.Tuner(trainable, param_space={"alpha": tune.grid_search([ALPHA, 0.5]), "epoch": EPOCH},
+                          tune_config=tune.TuneConfig(max_concurrent_trials=1),
+                          run_config=tune.RunConfig(name="sharded", storage_path=str(tmp_path / "tune"),
+                                                    verbose=0)).fit()
+        assert grid.errors == []
+        first = next(r for r in grid if r.metrics["alpha"] == ALPHA)
+        sharded = TrialResult.from_report("t", {"alpha": ALPHA, "epoch": EPOCH}, first.metrics)
+        for key in ("forget_quality", "model_utility", "forget_prob", "forget_truth_ratio", "retain_rougeL",
+                    "holdout_ks", "mia_loss_auc"):
+            a, b = one.numbers().get(key, one.metrics.get(key)), sharded.numbers().get(key, sharded.metrics.get(key))
+            assert b == pytest.approx(a, rel=1e-4, abs=1e-9), key
+        pids = ray.get(pool.pids.remote())
+        assert len(pids) == 2  # both trials ran in the one group of two processes
+
+        call = [ray.put(TrialCall(setup, 0.0, "forget_quality", metrics.snapshot(), faults.NONE, None))]
+
+        def run(trial: str) -> dict:
+            return ray.get(pool.run.remote(call, {"alpha": ALPHA, "epoch": EPOCH}, "full", 0.0, trial), timeout=300)
+
+        assert run("again")["forget_quality"] == first.metrics["forget_quality"]  # the group, reused, repeats it
+        assert ray.get(pool.pids.remote()) == pids
+        # one rank dies: its call fails, and the whole group is replaced (the other rank would wait for it in a
+        # collective for ever); the next trial runs in the new group and gets the same numbers
+        os.kill(pids[1], signal.SIGKILL)
+        with pytest.raises(ray.exceptions.RayError):
+            run("struck")
+        assert run("after")["forget_quality"] == first.metrics["forget_quality"]
+        new = ray.get(pool.pids.remote())
+        assert len(new) == 2 and not set(new) & set(pids)
+    finally:
+        ray.kill(pool)

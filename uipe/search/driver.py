@@ -290,35 +290,25 @@ def _results(grid: tune.ResultGrid, utility: str) -> list[TrialResult]:
     return out
 
 
-def _trainable(cfg: ExperimentConfig, out: Path, setup: TrialSetup, threshold: float, metric: str,
-               ini: dict[str, float], pool: Any) -> Any:
-    """The Tune trainable with its resources: a light proxy whose point a pool worker evaluates (uipe/search/pool.py),
-    or, with search.workers_per_trial > 1, one that drives a sharded worker group per trial."""
+def _trainable(cfg: ExperimentConfig, setup: TrialSetup, threshold: float, metric: str, ini: dict[str, float],
+               pool: Any) -> Any:
+    """The Tune trainable with its resources: a light proxy whose point a pool worker evaluates (uipe/search/pool.py;
+    with search.workers_per_trial > 1, a group of processes over which the model is sharded)."""
+    import ray
+
     call = TrialCall(setup, threshold, metric, metrics.snapshot(), faults.from_env(), ini)
-    k = cfg.search.workers_per_trial
-    if k == 1:
-        import ray
-
-        # [a reference]: Tune resolves its parameters, not what they hold, so the proxy never unpickles the setup
-        ref = [ray.put(call)]
-        pool.warm.remote(ref)
-        return tune.with_resources(tune.with_parameters(proxy_trial, pool=pool, call=ref,
-                                                        screening=cfg.search.screening), PROXY_RESOURCES)
-    from uipe.search.sharded import sharded_trial, storage_for
-
-    return tune.with_resources(
-        tune.with_parameters(sharded_trial, call=call, workers=k, gpus_per_worker=cfg.search.gpus_per_trial,
-                             storage=storage_for(out)), PROXY_RESOURCES)
+    # [a reference]: Tune resolves its parameters, not what they hold, so the proxy never unpickles the setup
+    ref = [ray.put(call)]
+    pool.warm.remote(ref)
+    return tune.with_resources(tune.with_parameters(proxy_trial, pool=pool, call=ref,
+                                                    screening=cfg.search.screening), PROXY_RESOURCES)
 
 
 def _trial_processes(cfg: ExperimentConfig, space: SearchSpace) -> contextlib.AbstractContextManager:
-    """The pool the search's trials run in; none for sharded trials, which start worker groups of their own (so a
-    stage's shared pool gives its CPUs back first)."""
-    if cfg.search.workers_per_trial > 1:
-        release_shared()
-        return contextlib.nullcontext()
-    return trial_pool({"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial},
-                      space.max_concurrent_trials)
+    """The pool the search's trials run in: as many workers as trials run at once, each of workers_per_trial
+    processes holding cpus_per_trial and gpus_per_trial."""
+    return trial_pool({"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial,
+                       "workers": cfg.search.workers_per_trial}, space.max_concurrent_trials)
 
 
 def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
@@ -345,7 +335,7 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
     thresholds = [threshold, *(f * ini[bench.utility] for f in FLOORS)] if cfg.search.screening else None
     start = time.time()
     with _trial_processes(cfg, space) as pool:
-        trainable = _trainable(cfg, out, setup, threshold, metric, ini, pool)  # its processes load while Tune starts
+        trainable = _trainable(cfg, setup, threshold, metric, ini, pool)  # its processes load while Tune starts
         tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, thresholds,
                        bench.screening_utility)
         with tune_state.restore_or_fail(out / "tune"):

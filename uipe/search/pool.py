@@ -15,7 +15,8 @@ one, not a loaded process.
 
 Outside a `shared_trial_pool` block, each search has a pool of its own, given back when the search ends. The pool's
 workers hold their CPUs while it lives: work that asks Ray for CPUs outside it (a weighted search's importance
-estimate, a sharded search, a training fit) must come after `release_shared()` or after the block.
+estimate, a training fit) must come after `release_shared()` or after the block. A search that asks for other
+resources per trial (a sharded one: search.workers_per_trial processes per worker) gets a pool of its own.
 """
 
 from __future__ import annotations
@@ -41,11 +42,17 @@ WALL_CLOCK = ("wall_started_at", "wall_ended_at")
 @ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)
 class TrialPool:
     """Hands each call to a free worker (the one that screened a trial's point, where free, for its full pass);
-    a worker that died is replaced before the error reaches the trial. Never unpickles a call: no torch here."""
+    a worker that died is replaced before the error reaches the trial. Never unpickles a call: no torch here.
+
+    A worker is a group of `resources["workers"]` processes (search.workers_per_trial; 1 unless a trial's model is
+    sharded: uipe/search/sharded.py) that join one torch.distributed group once and run every call together; rank
+    0's answer is the call's. A group in which one process died or raised is replaced whole, since the others may
+    be waiting for it in a collective."""
 
     def __init__(self, resources: dict[str, float], size: int) -> None:
         self._options = {"num_cpus": resources.get("cpu", 1), "num_gpus": resources.get("gpu", 0)}
-        self._workers: dict[int, Any] = {}
+        self._ranks = int(resources.get("workers", 1))
+        self._workers: dict[int, list[Any]] = {}  # worker index -> its processes, rank 0 first
         self._free: list[int] = []
         self._last: dict[str, int] = {}  # trial id -> the worker that ran its previous pass
         self._cond: asyncio.Condition | None = None
@@ -59,25 +66,38 @@ class TrialPool:
         """Start workers up to `size`; each joins the free ones once it is up, never before: a worker the
         cluster cannot place yet (a GPU node still starting, a pool larger than the cluster) holds up no trial."""
         while len(self._workers) < size:
-            self._workers[self._next] = TrialWorker.options(**self._options).remote()
+            group = [TrialWorker.options(**self._options).remote(self._ranks) for _ in range(self._ranks)]
+            self._workers[self._next] = group
             if self._warm is not None:
-                self._workers[self._next].warm.remote(self._warm)
+                for process in group:
+                    process.warm.remote(self._warm)
             self._joining.append(self._next)
             self._next += 1
 
     async def _join(self, index: int) -> None:
-        try:
-            await self._workers[index].pid.remote()  # answered once the process is up (after a warm-up sent first)
+        group = self._workers[index]
+        try:  # answered once the processes are up (after a warm-up sent first), then joined as one group
+            await asyncio.gather(*(p.pid.remote() for p in group))
+            if len(group) > 1:
+                address = await group[0].group_address.remote()
+                await asyncio.gather(*(p.join_group.remote(rank, address) for rank, p in enumerate(group)))
         except ray.exceptions.RayActorError:
             async with self._cond:
-                del self._workers[index]
-                self._grow(len(self._workers) + 1)
-                self._start_joins()
+                self._replace(index)
             return
         async with self._cond:
             if index in self._workers:
                 self._free.append(index)
                 self._cond.notify_all()
+
+    def _replace(self, index: int) -> None:
+        """A fresh worker for one that died (its other processes stopped: they may wait in a collective)."""
+        for process in self._workers.pop(index):
+            with contextlib.suppress(Exception):
+                ray.kill(process)
+        self._last = {t: i for t, i in self._last.items() if i != index}
+        self._grow(len(self._workers) + 1)
+        self._start_joins()
 
     def _start_joins(self) -> None:
         loop = asyncio.get_running_loop()
@@ -104,20 +124,20 @@ class TrialPool:
             index = self._last.get(trial_id)
             index = index if index in self._free else self._free[0]
             self._free.remove(index)
-        died = False
+        group, broken = self._workers[index], False
         try:
-            return await self._workers[index].run.remote(call, config, kind, screened_seconds)
-        except ray.exceptions.RayActorError:  # the process died (OOM killer, a fault): a fresh one takes its place
-            died = True
+            return await _together([p.run.remote(call, config, kind, screened_seconds) for p in group])
+        except ray.exceptions.RayActorError:  # a process died (OOM killer, a fault): a fresh worker takes its place
+            broken = True
             raise
-        finally:  # whatever the call raised (a trial's own error too), its worker is free again or replaced
+        except Exception:  # the trial's own error; in a group, the ranks that did not raise may be stuck
+            broken = len(group) > 1
+            raise
+        finally:  # whatever the call raised, its worker is free again or replaced
             async with cond:
                 self._last.pop(trial_id, None)
-                if died:
-                    del self._workers[index]
-                    self._last = {t: i for t, i in self._last.items() if i != index}
-                    self._grow(len(self._workers) + 1)
-                    self._start_joins()
+                if broken:
+                    self._replace(index)
                 else:
                     if kind == "screen":
                         self._last[trial_id] = index
@@ -128,26 +148,59 @@ class TrialPool:
         """Every worker loads what the call's trials need (torch, the model, the evaluator) now, while the driver
         starts Tune; a worker runs its calls in order, so trials queue behind this."""
         self._warm = call  # a worker made later (a replacement, a larger pool) warms too
-        for worker in self._workers.values():
-            worker.warm.remote(call)
+        for group in self._workers.values():
+            for process in group:
+                process.warm.remote(call)
 
     async def pids(self) -> list[int]:
-        return sorted(await asyncio.gather(*(w.pid.remote() for w in self._workers.values())))
+        return sorted(await asyncio.gather(*(p.pid.remote() for g in self._workers.values() for p in g)))
+
+
+async def _together(refs: list) -> Any:
+    """Rank 0's answer once every rank has answered; the first error as soon as one raises (the others may never
+    answer: they wait for the failed rank in a collective)."""
+    futures = [asyncio.wrap_future(ref.future()) for ref in refs]
+    done, pending = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+    for future in pending:  # they end when their group is replaced: their errors are expected, not logged
+        future.add_done_callback(lambda f: f.exception())
+    for future in done:
+        if future.exception() is not None:
+            raise future.exception()
+    return futures[0].result()
 
 
 @ray.remote
 class TrialWorker:
-    """One trial process: evaluates the calls the pool gives it, its loaded model kept between them."""
+    """One trial process: evaluates the calls the pool gives it, its loaded model kept between them; one rank of
+    `world` when a trial's model is sharded (uipe/search/sharded.py)."""
+
+    def __init__(self, world: int = 1) -> None:
+        self._world = world
 
     def run(self, call: list, config: dict, kind: str, screened_seconds: float) -> dict | None:
+        if self._world > 1:
+            from uipe.search.sharded import evaluate_sharded_call
+
+            return evaluate_sharded_call(ray.get(call[0]), config, kind, screened_seconds)
         from uipe.search.trial import evaluate_call
 
         return evaluate_call(ray.get(call[0]), config, kind, screened_seconds)
 
     def warm(self, call: list) -> None:
+        from uipe.search.sharded import warm_sharded
         from uipe.search.trial import warm
 
-        warm(ray.get(call[0]))
+        (warm_sharded if self._world > 1 else warm)(ray.get(call[0]))
+
+    def group_address(self) -> str:
+        from uipe.search.sharded import group_address
+
+        return group_address()
+
+    def join_group(self, rank: int, address: str) -> None:
+        from uipe.search.sharded import join_group
+
+        join_group(rank, self._world, address)
 
     def pid(self) -> int:
         import os

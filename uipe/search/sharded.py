@@ -1,87 +1,90 @@
-"""Search trials over a model sharded across several workers (search.workers_per_trial > 1), for models larger than
-one accelerator (70B in bf16 is 140 GB): a Ray Train worker group inside each Tune trial (Train V2 + Tune).
+"""Search trials over a model sharded across several processes (search.workers_per_trial > 1), for models larger
+than one accelerator (70B in bf16 is 140 GB): a group of the pool's trial processes (uipe/search/pool.py) that joins
+one torch.distributed group once and evaluates trial after trial.
 
     uipe search --method npo --set search.workers_per_trial=4 --set search.gpus_per_trial=1   # 4 GPUs per trial
 
-Every rank builds the model on the meta device, shards it with FSDP2 and fills only its own rows of every
+Per trial, every rank builds the model on the meta device, shards it with FSDP2 and fills only its own rows of every
 parameter with theta_un + alpha*(theta_un - theta_ini) (UIPE, arXiv 2503.04693), read from both checkpoints
 through mmap views (uipe.train.sharding.build_sharded). Every rank then runs the same evaluation, batch for batch:
 FSDP2 all-gathers each block's weights, so all ranks compute the same logits and greedy generation stops at the
-same step on each. Rank 0's metrics are the trial's. The trial process itself only waits: it holds no model.
+same step on each. Rank 0's report is the trial's. The group, its evaluator (tokenizer, data, retain reference) and
+torch stay loaded between trials; only the point's weights are built anew.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 from uipe.coefficients import Extrapolation
-from uipe.io import atomic_write_json
-from uipe.search.trial import Resolved, TrialCall, TrialSetup, build_evaluator, record_point, resolve_point
+from uipe.search.trial import Resolved, TrialCall, cached_evaluator, record_point, resolve_point
+
+_GROUP: dict[str, Any] = {}  # per process: its rank, device and device mesh, once it has joined a group
 
 
-def sharded_trial(config: dict, call: TrialCall, workers: int, gpus_per_worker: float, storage: str) -> None:
-    """The Tune function trainable when a trial spans `workers` workers: one TorchTrainer fit, reported once. Its
-    actor only drives the worker group, so it asks for no CPU (uipe.search.pool.PROXY_RESOURCES): else k workers of
-    one CPU each would never fit on k CPUs (measured: a 0.01 CPU share left a 2-worker trial waiting forever on a
-    2-CPU node)."""
-    from ray import tune
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def group_address() -> str:
+    """Where the group's rank 0 listens: this node's address and a port free now (torch.distributed's TCP store)."""
+    import socket
 
-    point = Extrapolation.from_config(config)
-    call.faults.point("trial", alpha=point.alpha, epoch=point.epoch)  # tests only: see uipe/faults.py
-    setup, start = call.setup, call.start
-    use_gpu = gpus_per_worker > 0
-    name = f"trial-{tune.get_context().get_trial_id()}"
-    result_file = Path(storage) / name / "result.json"  # rank 0 writes it (Train V2 keeps no metrics without a
-    # checkpoint, and a trial has nothing to checkpoint)
-    trainer = TorchTrainer(
-        evaluate_on_rank,
-        train_loop_config={"setup": setup, "point": point, "threshold": call.utility_threshold,
-                           "metric": call.objective_metric, "start": dict(start or {}), "use_gpu": use_gpu,
-                           "catalogue": dict(call.catalogue),
-                           "result_file": str(result_file)},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": setup.threads, **({"GPU": gpus_per_worker}
-                                                                                    if use_gpu else {})}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             # a worker group that cannot start fails the trial instead of retrying forever
-                             failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
-                             worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
-                                                              "OMP_NUM_THREADS": str(setup.threads)}}),
-    )
-    trainer.fit()
-    reported = json.loads(result_file.read_text())
-    tune.report({**reported, "epoch": point.epoch})
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
 
-def evaluate_on_rank(cfg: dict[str, Any]) -> None:
-    """One rank of a sharded trial: its shards of the extrapolated model, the full evaluation, rank 0 reports."""
-    import ray.train
+def join_group(rank: int, world: int, init_method: str) -> None:
+    """This process as rank `rank` of `world` for every trial it runs (blocks until every rank has joined): gloo
+    on CPU, NCCL on the GPU Ray gave it."""
     import torch
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from uipe import metrics
-    from uipe.models import peak_memory_bytes, resolve_dtype
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
+                            world_size=world)
+    _GROUP.update(rank=rank, device=device, mesh=init_device_mesh(device.type, (world,)))
 
-    metrics.adopt(cfg["catalogue"])  # entries the driver registered at run time (a user's objective)
-    setup: TrialSetup = cfg["setup"]
-    ctx = ray.train.get_context()
+
+def evaluate_sharded_call(call: TrialCall, config: dict, kind: str, screened_seconds: float = 0.0) -> dict:
+    """One trial on this rank (collective: every rank of the group runs it with the same point), as the report
+    Tune keeps; only the full evaluation (screening needs search.workers_per_trial 1)."""
+    import torch
+
+    from uipe import metrics
+    from uipe.models import peak_memory_bytes, reset_peak_memory, resolve_dtype
+
+    if kind != "full":
+        raise ValueError(f"a sharded trial evaluates in full only (asked for a {kind!r} pass)")
+    metrics.adopt(call.catalogue)  # entries the driver registered at run time (a user's objective)
+    point = Extrapolation.from_config(config)
+    call.faults.point("trial", alpha=point.alpha, epoch=point.epoch)  # tests only: see uipe/faults.py
+    setup, device = call.setup, _GROUP["device"]
     torch.set_num_threads(setup.threads)
-    device = ray.train.torch.get_device() if cfg["use_gpu"] else torch.device("cpu")
-    mesh = init_device_mesh(device.type, (ctx.get_world_size(),))
+    reset_peak_memory(device)
     t0 = time.perf_counter()
-    resolved = resolve_point(setup, cfg["point"])
-    model = sharded_model(resolved, device, mesh, resolve_dtype(setup.dtype, device))
-    aggregates = build_evaluator(setup).evaluate(model).aggregates
-    result = record_point(setup, resolved.point, aggregates, cfg["start"], cfg["threshold"], cfg["metric"],
-                          time.perf_counter() - t0, peak_memory_bytes(device))
-    if ctx.get_world_rank() == 0:
-        atomic_write_json(cfg["result_file"], result.to_report())
+    resolved = resolve_point(setup, point)
+    model = sharded_model(resolved, device, _GROUP["mesh"], resolve_dtype(setup.dtype, device))
+    aggregates = cached_evaluator(setup).evaluate(model).aggregates
+    result = record_point(setup, resolved.point, aggregates, call.start, call.utility_threshold,
+                          call.objective_metric, time.perf_counter() - t0 + screened_seconds,
+                          peak_memory_bytes(device))
+    del model  # the next point's shards are built anew: give this one's memory back before
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {**result.to_report(), "alpha": result.alpha, "epoch": point.epoch}
+
+
+def warm_sharded(call: TrialCall) -> None:
+    """Load what every trial of the call needs on this rank (imports, the evaluator) before the first asks; the
+    model is built per point, sharded."""
+    import torch  # noqa: F401
+
+    cached_evaluator(call.setup)
 
 
 def sharded_model(resolved: Resolved, device: Any, mesh: Any, dtype: Any) -> Any:
@@ -95,8 +98,3 @@ def sharded_model(resolved: Resolved, device: Any, mesh: Any, dtype: Any) -> Any
                           unlearned=resolved.unlearned, alpha=resolved.coefficients, importance=resolved.importance)
     model.requires_grad_(False)
     return model.eval()
-
-
-def storage_for(search_dir: Path) -> str:
-    """Where the trials' worker groups keep their (checkpoint-free) run folders."""
-    return str(search_dir / "sharded")

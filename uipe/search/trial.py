@@ -54,6 +54,7 @@ class TrialSetup:
 
 
 _CONTEXT: dict[str, tuple] = {}  # per process: (model, evaluator, device), kept across trials and searches
+_EVALUATOR: dict[str, Any] = {}  # per process: the evaluator of the setup it last served
 _EXTRAPOLATED: set[str] = set()  # context keys whose model holds an extrapolated point, not theta_ini
 _SCREENED: dict[tuple, tuple] = {}  # (context key, epoch, alpha, coefficients) -> a scoring pass's scores
 
@@ -83,10 +84,19 @@ def context(setup: TrialSetup, pristine: bool = False) -> tuple:
         model = load_model(setup.theta_ini, dtype=setup.dtype, device=device)
         _CONTEXT.clear()
         _EXTRAPOLATED.clear()
-        _CONTEXT[key] = (model, build_evaluator(setup), device)
+        _CONTEXT[key] = (model, cached_evaluator(setup), device)
     if not pristine:  # the caller is about to extrapolate into it
         _EXTRAPOLATED.add(key)
     return _CONTEXT[key]
+
+
+def cached_evaluator(setup: TrialSetup) -> Any:
+    """The setup's evaluator, built once per process (a sharded trial group's model is built per point instead)."""
+    key = _context_key(setup)
+    if key not in _EVALUATOR:
+        _EVALUATOR.clear()
+        _EVALUATOR[key] = build_evaluator(setup)
+    return _EVALUATOR[key]
 
 
 def build_evaluator(setup: TrialSetup) -> Any:
