@@ -94,11 +94,13 @@ def main() -> None:
     ap.add_argument("study", type=Path)
     ap.add_argument("--form", default="groups", choices=["groups", "weighted"])
     ap.add_argument("--methods", default=None, help="comma-separated; default: the study's")
+    ap.add_argument("--seeds", default=None, help="comma-separated; default: every seed of the study")
     args = ap.parse_args()
     study = args.study.resolve()
     raw = json.loads((study / IDENTITY_FILE).read_text())
     methods = args.methods.split(",") if args.methods else raw["unlearn"]["methods"]
     seeds = sorted(int(p.name.split("-")[1]) for p in study.glob("seed-*") if (p / "search").is_dir())
+    seeds = [s for s in seeds if args.seeds is None or str(s) in args.seeds.split(",")]
     folder = Path(tempfile.mkdtemp(prefix="uipe-bench-sampler-"))
     report: dict[str, list[dict]] = {}
     with shared_trial_pool():  # one pool of trial processes for every search, as in the study
