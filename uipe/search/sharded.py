@@ -20,7 +20,7 @@ from typing import Any
 from uipe.coefficients import Extrapolation
 from uipe.search.trial import Resolved, TrialCall, cached_evaluator, record_point, resolve_point
 
-_GROUP: dict[str, Any] = {}  # per process: its rank, device and device mesh, once it has joined a group
+_GROUP: dict[str, Any] = {}  # per process: its device and device mesh, once it has joined a group
 
 
 def group_address() -> str:
@@ -47,7 +47,7 @@ def join_group(rank: int, world: int, init_method: str) -> None:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
                             world_size=world)
-    _GROUP.update(rank=rank, device=device, mesh=init_device_mesh(device.type, (world,)))
+    _GROUP.update(device=device, mesh=init_device_mesh(device.type, (world,)))
 
 
 def evaluate_sharded_call(call: TrialCall, config: dict, kind: str, screened_seconds: float = 0.0) -> dict:
