@@ -57,12 +57,12 @@ def test_a_pool_worker_that_dies_fails_only_its_call_and_is_replaced(unlearned_r
     from uipe import faults, metrics
     from uipe.search.driver import make_setup
     from uipe.search.pool import TrialPool
-    from uipe.search.trial import TrialCall
+    from uipe.search.trial import THETA_INI, TrialCall, theta_ini_metrics
 
     marker = tmp_path / "killed"
     spec = faults.parse(f"trial:kill,alpha=0.5,marker={marker};trial:raise,alpha=0.25")  # the raise: every time
-    call = [ray.put(TrialCall(make_setup(tiny_cfg, unlearned_run, "ga"), 0.0, "forget_quality", metrics.snapshot(),
-                              spec, None))]
+    setup = make_setup(tiny_cfg, unlearned_run, "ga")
+    call = [ray.put(TrialCall(setup, 0.0, "forget_quality", metrics.snapshot(), spec, None))]
     pool = TrialPool.remote({"cpu": 1, "gpu": 0}, 2)
 
     def run(alpha: float, trial: str) -> dict:
@@ -83,6 +83,9 @@ def test_a_pool_worker_that_dies_fails_only_its_call_and_is_replaced(unlearned_r
             out = run(alpha, trial)
             assert out["alpha"] == alpha and out["epoch"] == 1 and math.isfinite(out["objective"])
         assert faults.fired(marker) == {"alpha": "0.5", "epoch": "1"}
+        # theta_ini measured by a worker whose model trials have extrapolated: the start model itself, reloaded, as
+        # the driver measures it (a search's floor comes from this call)
+        assert ray.get(pool.run.remote(call, {}, THETA_INI, 0.0, "ini"), timeout=120) == theta_ini_metrics(setup)
         # the pool's own process lost: Ray restarts it with fresh workers, and a call still gets its evaluation
         ray.kill(pool, no_restart=False)
         assert run(0.0, "trial-f")["objective"] == out["objective"]  # the last call's point, scored as before

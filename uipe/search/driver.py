@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from pydantic import ValidationError
 from ray import tune
 
@@ -37,7 +38,7 @@ from uipe.search.pool import PROXY_RESOURCES, proxy_trial, release_shared, trial
 from uipe.search.progress import Progress
 from uipe.search.screening import ScreeningScheduler
 from uipe.search.space import SearchSpace, build_searcher, default_space_path, load_space
-from uipe.search.trial import TrialCall, TrialSetup, theta_ini_metrics
+from uipe.search.trial import THETA_INI, TrialCall, TrialSetup, theta_ini_metrics
 from uipe.stages import cached_value, recorded, reusable
 
 STATE_FILE = "search_state.json"
@@ -183,13 +184,17 @@ def _identity(space: SearchSpace, setup: TrialSetup, epochs: list[int], threshol
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _start_metrics(setup: TrialSetup, cache: Path) -> dict[str, float]:
-    """theta_ini's evaluation (the utility the floor refers to), cached beside the search folders."""
+def _start_metrics(setup: TrialSetup, cache: Path, pool: Any = None, call: list | None = None) -> dict[str, float]:
+    """theta_ini's evaluation (the utility the floor refers to), cached beside the search folders; measured by a
+    worker of `pool` where there is one (its processes load the model anyway; the driver then loads none), else here.
+    `call`: [a reference to a TrialCall of the setup]."""
     from uipe.eval.reference import model_hash
 
     want = {"model": model_hash(setup.theta_ini), "eval": setup.eval.model_dump(), "data": setup.data,
             "forget_split": setup.forget_split, "reference": setup.reference}
-    return cached_value(cache, want, lambda: theta_ini_metrics(setup))
+    measure = (lambda: ray.get(pool.run.remote(call, {}, THETA_INI, 0.0, THETA_INI))) if pool is not None else (
+        lambda: theta_ini_metrics(setup))
+    return cached_value(cache, want, measure)
 
 
 def _parent_run(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
@@ -294,21 +299,21 @@ def _trainable(cfg: ExperimentConfig, setup: TrialSetup, threshold: float, metri
                pool: Any) -> Any:
     """The Tune trainable with its resources: a light proxy whose point a pool worker evaluates (uipe/search/pool.py;
     with search.workers_per_trial > 1, a group of processes over which the model is sharded)."""
-    import ray
-
     call = TrialCall(setup, threshold, metric, metrics.snapshot(), faults.from_env(), ini)
     # [a reference]: Tune resolves its parameters, not what they hold, so the proxy never unpickles the setup
     ref = [ray.put(call)]
-    pool.warm.remote(ref)
     return tune.with_resources(tune.with_parameters(proxy_trial, pool=pool, call=ref,
                                                     screening=cfg.search.screening), PROXY_RESOURCES)
 
 
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What one worker of a search's pool holds: workers_per_trial processes of cpus_per_trial and gpus_per_trial."""
+    return {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial, "workers": cfg.search.workers_per_trial}
+
+
 def _trial_processes(cfg: ExperimentConfig, space: SearchSpace) -> contextlib.AbstractContextManager:
-    """The pool the search's trials run in: as many workers as trials run at once, each of workers_per_trial
-    processes holding cpus_per_trial and gpus_per_trial."""
-    return trial_pool({"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial,
-                       "workers": cfg.search.workers_per_trial}, space.max_concurrent_trials)
+    """The pool the search's trials run in: as many workers as trials run at once."""
+    return trial_pool(trial_resources(cfg), space.max_concurrent_trials)
 
 
 def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
@@ -319,27 +324,29 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     out = paths.search(space.label(method))
     bench = get_benchmark(setup.benchmark)
-    ini = _start_metrics(setup, paths.root / "search" / "theta_ini_metrics.json")
-    threshold = space.utility_floor * ini[bench.utility]
-    identity = _identity(space, setup, epochs, threshold, cfg.search.screening)
-    previous = _previous(paths, space.label(method), identity, resume, bench.utility)
-    if previous is not None:
-        say(f"[search {space.label(method)}] finished before with the same space and checkpoints: reusing "
-            f"{out / RESULT_FILE}")
-        return previous
-    uri, exp_id, parent = _parent_run(cfg, paths, method, space_path, space, setup, threshold, identity, metric)
-    total = space.trials_needed(epochs)
-    callbacks = [tracking.TrialLogger(uri, exp_id, parent, method),
-                 Progress(space.label(method), total, metrics.short(metric), metrics.short(bench.utility))]
-    # screening weighs a point at the space's floor and at every floor a result reports (uipe.report.FLOORS)
-    thresholds = [threshold, *(f * ini[bench.utility] for f in FLOORS)] if cfg.search.screening else None
+    cache = paths.root / "search" / "theta_ini_metrics.json"
+    if (out / RESULT_FILE).is_file():  # finished before: reused as it is, with no trial processes, unless it differs
+        previous = _previous(paths, space.label(method), _identity(
+            space, setup, epochs, space.utility_floor * _start_metrics(setup, cache)[bench.utility],
+            cfg.search.screening), resume, bench.utility)
+        if previous is not None:
+            say(f"[search {space.label(method)}] finished before with the same space and checkpoints: reusing "
+                f"{out / RESULT_FILE}")
+            return previous
     start = time.time()
+    # The trial processes start first: they import torch and load the model while the driver measures theta_ini
+    # (in one of them) and opens the MLflow run, and take the first trial as soon as Tune has started.
     with _trial_processes(cfg, space) as pool:
-        trainable = _trainable(cfg, setup, threshold, metric, ini, pool)  # its processes load while Tune starts
-        tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, thresholds,
-                       bench.screening_utility)
-        with tune_state.restore_or_fail(out / "tune"):
-            grid = tuner.fit()
+        probe = [ray.put(TrialCall(setup, 0.0, metric, metrics.snapshot()))]
+        pool.warm.remote(probe)
+        tracking.ensure_experiment(cfg, paths)  # the store opened (or made) meanwhile; the parent run comes later
+        ini = _start_metrics(setup, cache, pool if cfg.search.workers_per_trial == 1 else None, probe)
+        threshold = space.utility_floor * ini[bench.utility]
+        identity = _identity(space, setup, epochs, threshold, cfg.search.screening)
+        _previous(paths, space.label(method), identity, resume, bench.utility)  # refuses another search's folder
+        grid, uri, parent = _tune(cfg, paths, method, space_path, space, setup, epochs, resume, metric, pool, ini,
+                                  threshold, identity)
+    total = space.trials_needed(epochs)
     # Tune answers a SIGINT by stopping its trials and returning normally: a search cut short is not finished, and
     # must not be recorded (and later reused) as if it were
     if grid.num_terminated + grid.num_errors < total:
@@ -348,3 +355,21 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
     results = _results(grid, bench.utility)
     return finish(cfg, paths, method, space, setup, results, ini, threshold, uri, parent, time.time() - start,
                   metric)
+
+
+def _tune(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
+          setup: TrialSetup, epochs: list[int], resume: bool, metric: str, pool: Any, ini: dict[str, float],
+          threshold: float, identity: str) -> tuple[tune.ResultGrid, str, str]:
+    """The MLflow parent run and the Tune experiment (fresh or restored) whose trials `pool` evaluates."""
+    bench = get_benchmark(setup.benchmark)
+    uri, exp_id, parent = _parent_run(cfg, paths, method, space_path, space, setup, threshold, identity, metric)
+    total = space.trials_needed(epochs)
+    callbacks = [tracking.TrialLogger(uri, exp_id, parent, method),
+                 Progress(space.label(method), total, metrics.short(metric), metrics.short(bench.utility))]
+    # screening weighs a point at the space's floor and at every floor a result reports (uipe.report.FLOORS)
+    thresholds = [threshold, *(f * ini[bench.utility] for f in FLOORS)] if cfg.search.screening else None
+    trainable = _trainable(cfg, setup, threshold, metric, ini, pool)
+    tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, thresholds,
+                   bench.screening_utility)
+    with tune_state.restore_or_fail(paths.search(space.label(method)) / "tune"):
+        return tuner.fit(), uri, parent

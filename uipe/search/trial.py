@@ -210,6 +210,9 @@ def theta_ini_metrics(setup: TrialSetup) -> dict[str, float]:
     return evaluator.evaluate(model).aggregates
 
 
+THETA_INI = "theta_ini"  # the kind of pool call that evaluates the start model itself (no point)
+
+
 @dataclass(frozen=True)
 class TrialCall:
     """What every trial of one search evaluates against, put in Ray's object store once per search and read by the
@@ -231,10 +234,13 @@ def warm(call: TrialCall) -> None:
 def evaluate_call(call: TrialCall, config: dict, kind: str, screened_seconds: float = 0.0) -> dict | None:
     """One pass of a trial in a pool worker, as the report Tune keeps. kind "screen": the scoring pass of a point
     other than the base method's (None for the base point, which is evaluated in full only); "full": the full
-    evaluation, its time counting `screened_seconds` of the scoring pass before it."""
+    evaluation, its time counting `screened_seconds` of the scoring pass before it; THETA_INI: the start model's
+    evaluation (`config` unread), which the search's floor refers to."""
     from uipe import metrics
 
     metrics.adopt(call.catalogue)  # entries the driver registered at run time (a user's objective)
+    if kind == THETA_INI:
+        return theta_ini_metrics(call.setup)
     point = Extrapolation.from_config(config)
     if kind == "screen" and point.is_base:
         return None
