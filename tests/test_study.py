@@ -245,13 +245,16 @@ def test_study_of_two_seeds_resumes_after_a_kill_and_aggregates_per_seed_values(
     with open(tmp_path / "first.txt", "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "uipe.cli", *args], stdout=out, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
-        # interrupted in seed 0's more-iterations baseline, after its searches finished
-        _kill_when(proc, root / "seed-0" / "longer" / "unlearn" / "ga" / "job.json")
+        # interrupted in seed 1's more-iterations baseline (which trains after unlearning, before the searches),
+        # seed 0 finished
+        _kill_when(proc, root / "seed-1" / "longer" / "unlearn" / "ga" / "job.json")
     kept = {p: p.stat().st_mtime_ns for p in [root / "seed-0" / "search" / "ga" / "result.json",
-                                              root / "seed-0" / "models" / "target" / "model.safetensors"]}
+                                              root / "seed-0" / "models" / "target" / "model.safetensors",
+                                              root / "seed-1" / "models" / "target" / "model.safetensors",
+                                              root / "seed-1" / "unlearn" / "ga" / "manifest.json"]}
     assert not (root / "study.json").exists()
     assert run_uipe(args, ray_session, tmp_path / "second.txt") == 0, (tmp_path / "second.txt").read_text()[-3000:]
-    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # resumed: seed 0's model and searches were reused
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # resumed: what was done was reused
 
     study = json.loads((root / "study.json").read_text())
     seeds = {r["seed"]: r for r in study["seeds"]}

@@ -11,6 +11,7 @@ Each stage is skipped when its outputs exist and match the configuration, so re-
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from uipe.config import ExperimentConfig
 from uipe.console import say, stage
@@ -32,13 +33,17 @@ def ensure_reference(cfg: ExperimentConfig, paths: RunPaths, data: str) -> str:
     return str(paths.retain_reference)
 
 
-def run_pipeline(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
-    """Every stage in order, one `uipe run` per run folder at a time."""
+def run_pipeline(cfg: ExperimentConfig, paths: RunPaths,
+                 before_search: Callable[[], None] | None = None) -> list[SearchOutcome]:
+    """Every stage in order, one `uipe run` per run folder at a time. `before_search`: training that needs the
+    cluster's CPUs, run after unlearning and before the searches' trial processes hold them (a study seed's longer
+    baseline), so that a pool of trial processes made by the caller serves its scoring too."""
     with exclusive(paths.root, "uipe run"):
-        return _run_stages(cfg, paths)
+        return _run_stages(cfg, paths, before_search)
 
 
-def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
+def _run_stages(cfg: ExperimentConfig, paths: RunPaths, before_search: Callable[[], None] | None,
+                ) -> list[SearchOutcome]:
     from uipe.benchmarks import get_benchmark
     from uipe.gate import summary_line
     from uipe.ray_session import ensure_ray
@@ -62,6 +67,8 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths) -> list[SearchOutcome]:
     stage(f"unlearn {', '.join(cfg.unlearn.methods)} ({cfg.unlearn.epochs} epochs each, {cfg.train.num_workers} "
           "workers)")
     unlearn_methods(cfg, paths.root, list(cfg.unlearn.methods))
+    if before_search is not None:
+        before_search()
     summaries = []
     with shared_trial_pool():  # the searches' trial processes load torch and the model once, for all the methods
         for method in cfg.unlearn.methods:

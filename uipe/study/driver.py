@@ -4,9 +4,9 @@
     uipe study --seeds 0,7 --set "unlearn.methods=[ga]"   # chosen seeds, one method
 
 Per seed, in <study>/seed-<s>: a fresh synthetic world (data.synth.seed), fresh reference models and unlearning
-(train.seed) and a fresh search (search.seed): `uipe run`, choosing on the forget split's selection fold. Then
-the base method trained study.longer_factor times as many epochs (<study>/seed-<s>/longer), each epoch scored at
-alpha 0. uipe/study/arms.py compares the arms of one seed, uipe/study/aggregate.py the seeds. Every stage is
+(train.seed) and a fresh search (search.seed): `uipe run`, choosing on the forget split's selection fold, with
+the base method trained study.longer_factor times as many epochs (<study>/seed-<s>/longer) between its unlearning
+and its searches; each epoch of that longer run scored at alpha 0 by the searches' trial processes. uipe/study/arms.py compares the arms of one seed, uipe/study/aggregate.py the seeds. Every stage is
 reused when its outputs exist, so an interrupted study resumes where it stopped.
 """
 
@@ -111,19 +111,19 @@ def seed_config(cfg: ExperimentConfig, seed: int, uri: str, experiment: str, par
 
 
 def run_seed(cfg: ExperimentConfig, root: Path, seed: int) -> SeedResult:
-    """`uipe run` in the seed's folder, then per method the longer baseline, compared (uipe/study/arms.py)."""
+    """`uipe run` in the seed's folder with the longer baseline trained before its searches, then per method the
+    arms compared (uipe/study/arms.py)."""
     from uipe.pipeline import run_pipeline
     from uipe.report import from_csv
     from uipe.search.pool import shared_trial_pool
     from uipe.study.arms import method_record
 
     paths = RunPaths.of(root)
-    summaries = run_pipeline(cfg, paths)
-    if cfg.study.more_baseline:
-        train_longer(cfg, paths)
     methods = {}
-    # the longer runs' epochs are scored, and the forms searched, in one pool of trial processes, as uipe run's searches
+    # one pool of trial processes for the seed's searches, the scoring of the longer runs' epochs and the forms: the
+    # longer runs train before the searches (after unlearning), while no trial process holds a CPU
     with shared_trial_pool():
+        summaries = run_pipeline(cfg, paths, (lambda: train_longer(cfg, paths)) if cfg.study.more_baseline else None)
         for s in summaries:  # each method's SearchOutcome (uipe/results.py)
             method = s.method
             search = from_csv((paths.search(method) / "results.csv").read_text())
@@ -194,11 +194,14 @@ def _score_epochs(cfg: ExperimentConfig, setup, epochs: list[int], metric: str, 
     import ray
 
     from uipe import metrics
+    from uipe.search.driver import trial_resources
     from uipe.search.pool import trial_pool
     from uipe.search.trial import TrialCall
 
-    resources = {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial}
-    slots = max(1, min(len(epochs), int(ray.cluster_resources().get("CPU", 1) // max(cfg.search.cpus_per_trial, 1e-9))))
+    # the searches' resources, so the study's shared pool serves these calls (a sharded trial's group included)
+    resources = trial_resources(cfg)
+    per_slot = max(cfg.search.cpus_per_trial * cfg.search.workers_per_trial, 1e-9)
+    slots = max(1, min(len(epochs), int(ray.cluster_resources().get("CPU", 1) // per_slot)))
     call = [ray.put(TrialCall(setup, 0.0, metric, metrics.snapshot()))]
     with trial_pool(resources, slots) as pool:
         refs = [pool.run.remote(call, {"alpha": 0.0, "epoch": e}, "full", 0.0, f"longer-e{e}") for e in epochs]
