@@ -11,6 +11,8 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ALPHA, EPOCH = 1.5, 2
+KEYS = ("forget_quality", "model_utility", "forget_prob", "forget_truth_ratio", "retain_rougeL", "holdout_ks",
+        "mia_loss_auc")
 
 
 def _items_loop(cfg: dict) -> None:
@@ -43,7 +45,7 @@ def test_a_two_worker_trial_matches_the_one_process_trial(unlearned_run, tiny_cf
 
     from uipe.results import TrialResult
     from uipe.search.driver import _trainable, make_setup
-    from uipe.search.trial import TrialCall, build_evaluator, context, evaluate_point
+    from uipe.search.trial import THETA_INI, TrialCall, build_evaluator, context, evaluate_point, theta_ini_metrics
     from uipe.update_vector import cached_update_vector
 
     setup = make_setup(tiny_cfg, unlearned_run, "ga")
@@ -88,8 +90,7 @@ def test_a_two_worker_trial_matches_the_one_process_trial(unlearned_run, tiny_cf
         assert grid.errors == []
         first = next(r for r in grid if r.metrics["alpha"] == ALPHA)
         sharded = TrialResult.from_report("t", {"alpha": ALPHA, "epoch": EPOCH}, first.metrics)
-        for key in ("forget_quality", "model_utility", "forget_prob", "forget_truth_ratio", "retain_rougeL",
-                    "holdout_ks", "mia_loss_auc"):
+        for key in KEYS:
             a, b = one.numbers().get(key, one.metrics.get(key)), sharded.numbers().get(key, sharded.metrics.get(key))
             assert b == pytest.approx(a, rel=1e-4, abs=1e-9), key
         pids = ray.get(pool.pids.remote())
@@ -110,5 +111,10 @@ def test_a_two_worker_trial_matches_the_one_process_trial(unlearned_run, tiny_cf
         assert run("after")["forget_quality"] == first.metrics["forget_quality"]
         new = ray.get(pool.pids.remote())
         assert len(new) == 2 and not set(new) & set(pids)
+        # the search's floor measured by the group, theta_ini sharded as a trial's model: what one process measures
+        ini = ray.get(pool.run.remote(call, {}, THETA_INI, 0.0, "ini"), timeout=300)
+        alone = theta_ini_metrics(setup)
+        keys = [k for k in KEYS if k in alone]
+        assert len(keys) >= 5 and all(ini[k] == pytest.approx(alone[k], rel=1e-4, abs=1e-9) for k in keys), keys
     finally:
         ray.kill(pool)

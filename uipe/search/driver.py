@@ -186,8 +186,8 @@ def _identity(space: SearchSpace, setup: TrialSetup, epochs: list[int], threshol
 
 def _start_metrics(setup: TrialSetup, cache: Path, pool: Any = None, call: list | None = None) -> dict[str, float]:
     """theta_ini's evaluation (the utility the floor refers to), cached beside the search folders; measured by a
-    worker of `pool` where there is one (its processes load the model anyway; the driver then loads none), else here.
-    `call`: [a reference to a TrialCall of the setup]."""
+    worker of `pool` where there is one (its processes load the model anyway, sharded where a trial's is; the driver
+    then loads none), else here. `call`: [a reference to a TrialCall of the setup]."""
     from uipe.eval.reference import model_hash
 
     want = {"model": model_hash(setup.theta_ini), "eval": setup.eval.model_dump(), "data": setup.data,
@@ -340,7 +340,7 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
         probe = [ray.put(TrialCall(setup, 0.0, metric, metrics.snapshot()))]
         pool.warm.remote(probe)
         tracking.ensure_experiment(cfg, paths)  # the store opened (or made) meanwhile; the parent run comes later
-        ini = _start_metrics(setup, cache, pool if cfg.search.workers_per_trial == 1 else None, probe)
+        ini = _start_metrics(setup, cache, pool, probe)
         threshold = space.utility_floor * ini[bench.utility]
         identity = _identity(space, setup, epochs, threshold, cfg.search.screening)
         _previous(paths, space.label(method), identity, resume, bench.utility)  # refuses another search's folder

@@ -15,10 +15,11 @@ torch stay loaded between trials; only the point's weights are built anew.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from uipe.coefficients import Extrapolation
-from uipe.search.trial import Resolved, TrialCall, cached_evaluator, record_point, resolve_point
+from uipe.search.trial import THETA_INI, Resolved, TrialCall, cached_evaluator, record_point, resolve_point
 
 _GROUP: dict[str, Any] = {}  # per process: its device and device mesh, once it has joined a group
 
@@ -53,30 +54,43 @@ def join_group(rank: int, world: int, init_method: str) -> None:
 def evaluate_sharded_call(call: TrialCall, config: dict, kind: str, screened_seconds: float = 0.0) -> dict:
     """One trial on this rank (collective: every rank of the group runs it with the same point), as the report
     Tune keeps; only the full evaluation (screening needs search.workers_per_trial 1)."""
-    import torch
-
     from uipe import metrics
-    from uipe.models import peak_memory_bytes, reset_peak_memory, resolve_dtype
 
+    metrics.adopt(call.catalogue)  # entries the driver registered at run time (a user's objective)
+    if kind == THETA_INI:  # the search's floor, measured where the model fits: sharded as a trial's model is
+        return _sharded_aggregates(call.setup, lambda device, mesh, dtype: _sharded_weights(
+            call.setup.theta_ini, device, mesh, dtype))[0]
     if kind != "full":
         raise ValueError(f"a sharded trial evaluates in full only (asked for a {kind!r} pass)")
-    metrics.adopt(call.catalogue)  # entries the driver registered at run time (a user's objective)
     point = Extrapolation.from_config(config)
     call.faults.point("trial", alpha=point.alpha, epoch=point.epoch)  # tests only: see uipe/faults.py
-    setup, device = call.setup, _GROUP["device"]
-    torch.set_num_threads(setup.threads)
-    reset_peak_memory(device)
+    setup = call.setup
     t0 = time.perf_counter()
     resolved = resolve_point(setup, point)
-    model = sharded_model(resolved, device, _GROUP["mesh"], resolve_dtype(setup.dtype, device))
-    aggregates = cached_evaluator(setup).evaluate(model).aggregates
+    aggregates, peak = _sharded_aggregates(setup, lambda device, mesh, dtype: sharded_model(resolved, device, mesh,
+                                                                                            dtype))
     result = record_point(setup, resolved.point, aggregates, call.start, call.utility_threshold,
-                          call.objective_metric, time.perf_counter() - t0 + screened_seconds,
-                          peak_memory_bytes(device))
-    del model  # the next point's shards are built anew: give this one's memory back before
+                          call.objective_metric, time.perf_counter() - t0 + screened_seconds, peak)
+    return {**result.to_report(), "alpha": result.alpha, "epoch": point.epoch}
+
+
+def _sharded_aggregates(setup: Any, setup_model: Callable[[Any, Any, Any], Any]) -> tuple[dict[str, float], int]:
+    """The evaluator's aggregates of the model `setup_model(device, mesh, dtype)` builds on this rank (collective),
+    and the peak memory; the model's memory is given back before the next is built."""
+    import torch
+
+    from uipe.models import peak_memory_bytes, reset_peak_memory, resolve_dtype
+
+    device = _GROUP["device"]
+    torch.set_num_threads(setup.threads)
+    reset_peak_memory(device)
+    model = setup_model(device, _GROUP["mesh"], resolve_dtype(setup.dtype, device))
+    aggregates = cached_evaluator(setup).evaluate(model).aggregates
+    peak = peak_memory_bytes(device)
+    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {**result.to_report(), "alpha": result.alpha, "epoch": point.epoch}
+    return aggregates, peak
 
 
 def warm_sharded(call: TrialCall) -> None:
@@ -90,11 +104,20 @@ def warm_sharded(call: TrialCall) -> None:
 def sharded_model(resolved: Resolved, device: Any, mesh: Any, dtype: Any) -> Any:
     """A point's extrapolation (theta_un + alpha*(theta_un - theta_ini), any form), FSDP2-sharded over `mesh`, in
     eval mode (collective)."""
+    # theta_ini's folder gives the architecture, the point's base (theta_ini or the anchor epoch) the weights
+    # extrapolated from
+    return _sharded_weights(resolved.base, device, mesh, dtype, unlearned=resolved.unlearned,
+                            alpha=resolved.coefficients, importance=resolved.importance)
+
+
+def _sharded_weights(folder: str, device: Any, mesh: Any, dtype: Any, unlearned: str | None = None,
+                     alpha: Any = 0.0, importance: str | None = None) -> Any:
+    """`folder`'s model, extrapolated towards `unlearned` where given (uipe.train.sharding.build_sharded),
+    FSDP2-sharded over `mesh`, in eval mode (collective)."""
     from uipe.train.sharding import build_sharded
 
-    # the weights are made in the compute dtype already: no mixed-precision policy needed; theta_ini's folder
-    # gives the architecture, the point's base (theta_ini or the anchor epoch) the weights extrapolated from
-    model = build_sharded(resolved.base, device, mesh, dtype, bf16=False, reshard_after_forward=True,
-                          unlearned=resolved.unlearned, alpha=resolved.coefficients, importance=resolved.importance)
+    # the weights are made in the compute dtype already: no mixed-precision policy needed
+    model = build_sharded(folder, device, mesh, dtype, bf16=False, reshard_after_forward=True, unlearned=unlearned,
+                          alpha=alpha, importance=importance)
     model.requires_grad_(False)
     return model.eval()
