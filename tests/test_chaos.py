@@ -63,6 +63,7 @@ def test_leftovers_name_what_an_atomic_write_or_a_checkpoint_left_behind(tmp_pat
     assert found and "search/ga/.results.csv.ab12.tmp" in found[0] and "ray/.uipe-staging/run-rank0-x" in found[0]
 
 
+@pytest.mark.e2e
 def test_a_short_chaos_run_loses_no_trial_and_leaves_nothing_half_written(unlearned_run, ray_session,
                                                                           tmp_path) -> None:
     chaos, checks = _script("chaos"), _script("chaos_checks")

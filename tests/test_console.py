@@ -286,6 +286,7 @@ RAY_INTERNALS = ("pid=", "RayTrainWorker", "PlacementGroupCleaner", "PreemptionW
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_uipe_run_console_is_short_and_shows_stages_progress_and_table(served_run: dict) -> None:
     """The console holds the stages, progress for the fit and the search, the table; Ray's own output is in the run
     folder's log."""

@@ -120,6 +120,7 @@ def _text_nll(folder: Path, texts: tuple[str, ...], max_length: int) -> float:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_prepare_and_ga_on_a_small_muse_world(ray_session: object, tmp_path: Path) -> None:
     import json
 

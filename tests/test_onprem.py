@@ -134,6 +134,7 @@ def _e2e_skip_reason() -> str | None:
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.skipif(_e2e_skip_reason() is not None, reason=str(_e2e_skip_reason()))
+@pytest.mark.e2e
 def test_onprem_check_end_to_end(tmp_path: Path) -> None:
     env = dict(os.environ) | {"UIPE_ONPREM_LOG": str(tmp_path / "check.log")}
     r = subprocess.run(["bash", str(REPO / "scripts" / "onprem_check.sh")], capture_output=True, text=True, env=env,

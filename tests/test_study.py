@@ -229,6 +229,7 @@ def _kill_when(proc: subprocess.Popen, ready: Path, timeout: float = 600) -> Non
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_study_of_two_seeds_resumes_after_a_kill_and_aggregates_per_seed_values(ray_session, tmp_path: Path) -> None:
     import json
     import os

@@ -26,6 +26,7 @@ def _runs(url: str, experiment_id: str, filter_: str) -> list[dict]:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_unlearning_and_search_log_through_a_postgres_backed_server(served_run: dict) -> None:
     """`uipe run` with tracking.uri = the server: the driver logs the fit's metrics (workers never open a store),
     every trial once, and each run names the data it used; no local database appears in the run folder."""

@@ -43,6 +43,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_unlearn_runs_one_worker_per_node_over_shared_storage(tmp_path: Path, prepared_run) -> None:
     shared = tmp_path / "shared_storage"  # stands in for NFS/EFS or s3:// on a real cluster
     run = tmp_path / "run"
