@@ -184,6 +184,13 @@ def _identity(space: SearchSpace, setup: TrialSetup, epochs: list[int], threshol
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _floor(cfg: ExperimentConfig, space: SearchSpace, setup: TrialSetup, epochs: list[int],
+           ini: dict[str, float]) -> tuple[float, str]:
+    """The search's utility threshold (the space's floor x theta_ini's utility) and its identity."""
+    threshold = space.utility_floor * ini[get_benchmark(setup.benchmark).utility]
+    return threshold, _identity(space, setup, epochs, threshold, cfg.search.screening)
+
+
 def _start_metrics(setup: TrialSetup, cache: Path, pool: Any = None, call: list | None = None) -> dict[str, float]:
     """theta_ini's evaluation (the utility the floor refers to), cached beside the search folders; measured by a
     worker of `pool` where there is one (its processes load the model anyway, sharded where a trial's is; the driver
@@ -326,9 +333,8 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
     bench = get_benchmark(setup.benchmark)
     cache = paths.root / "search" / "theta_ini_metrics.json"
     if (out / RESULT_FILE).is_file():  # finished before: reused as it is, with no trial processes, unless it differs
-        previous = _previous(paths, space.label(method), _identity(
-            space, setup, epochs, space.utility_floor * _start_metrics(setup, cache)[bench.utility],
-            cfg.search.screening), resume, bench.utility)
+        _, identity = _floor(cfg, space, setup, epochs, _start_metrics(setup, cache))
+        previous = _previous(paths, space.label(method), identity, resume, bench.utility)
         if previous is not None:
             say(f"[search {space.label(method)}] finished before with the same space and checkpoints: reusing "
                 f"{out / RESULT_FILE}")
@@ -341,8 +347,7 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
         pool.warm.remote(probe)
         tracking.ensure_experiment(cfg, paths)  # the store opened (or made) meanwhile; the parent run comes later
         ini = _start_metrics(setup, cache, pool, probe)
-        threshold = space.utility_floor * ini[bench.utility]
-        identity = _identity(space, setup, epochs, threshold, cfg.search.screening)
+        threshold, identity = _floor(cfg, space, setup, epochs, ini)
         _previous(paths, space.label(method), identity, resume, bench.utility)  # refuses another search's folder
         grid, uri, parent = _tune(cfg, paths, method, space_path, space, setup, epochs, resume, metric, pool, ini,
                                   threshold, identity)

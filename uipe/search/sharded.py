@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from uipe.coefficients import Extrapolation
-from uipe.search.trial import THETA_INI, Resolved, TrialCall, cached_evaluator, record_point, resolve_point
+from uipe.search.trial import THETA_INI, Resolved, TrialCall, TrialSetup, cached_evaluator, record_point, resolve_point
 
 _GROUP: dict[str, Any] = {}  # per process: its device and device mesh, once it has joined a group
 
@@ -74,9 +74,9 @@ def evaluate_sharded_call(call: TrialCall, config: dict, kind: str, screened_sec
     return {**result.to_report(), "alpha": result.alpha, "epoch": point.epoch}
 
 
-def _sharded_aggregates(setup: Any, setup_model: Callable[[Any, Any, Any], Any]) -> tuple[dict[str, float], int]:
-    """The evaluator's aggregates of the model `setup_model(device, mesh, dtype)` builds on this rank (collective),
-    and the peak memory; the model's memory is given back before the next is built."""
+def _sharded_aggregates(setup: TrialSetup, build: Callable[[Any, Any, Any], Any]) -> tuple[dict[str, float], int]:
+    """The evaluator's aggregates of the model `build(device, mesh, dtype)` makes on this rank (collective), and the
+    peak memory."""
     import torch
 
     from uipe.models import peak_memory_bytes, reset_peak_memory, resolve_dtype
@@ -84,10 +84,10 @@ def _sharded_aggregates(setup: Any, setup_model: Callable[[Any, Any, Any], Any])
     device = _GROUP["device"]
     torch.set_num_threads(setup.threads)
     reset_peak_memory(device)
-    model = setup_model(device, _GROUP["mesh"], resolve_dtype(setup.dtype, device))
+    model = build(device, _GROUP["mesh"], resolve_dtype(setup.dtype, device))
     aggregates = cached_evaluator(setup).evaluate(model).aggregates
     peak = peak_memory_bytes(device)
-    del model
+    del model  # the next point's shards are built anew: give this one's memory back before
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return aggregates, peak
