@@ -3,8 +3,9 @@
     uipe search --method npo                # after `uipe prepare` and `uipe unlearn --method npo`
     uipe search --method npo --resume       # continue an interrupted search
 
-run_search: space -> the start model's utility (the floor) -> the MLflow parent run -> the Tuner (fresh or
-restored) -> results -> choice, chosen model, registry (uipe/search/outcome.py). One search per folder at a time.
+run_search: space -> the trial processes (uipe/search/pool.py) -> the start model's utility measured in one of them
+(the floor) -> the MLflow parent run -> the Tuner (fresh or restored) -> results -> choice, chosen model, registry
+(uipe/search/outcome.py). One search per folder at a time; a finished one is reused before any process starts.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@
 Per seed, in <study>/seed-<s>: a fresh synthetic world (data.synth.seed), fresh reference models and unlearning
 (train.seed) and a fresh search (search.seed): `uipe run`, choosing on the forget split's selection fold, with
 the base method trained study.longer_factor times as many epochs (<study>/seed-<s>/longer) between its unlearning
-and its searches; each epoch of that longer run scored at alpha 0 by the searches' trial processes. uipe/study/arms.py compares the arms of one seed, uipe/study/aggregate.py the seeds. Every stage is
-reused when its outputs exist, so an interrupted study resumes where it stopped.
+and its searches; each epoch of that longer run scored at alpha 0 by the searches' trial processes.
+uipe/study/arms.py compares the arms of one seed, uipe/study/aggregate.py the seeds. Every stage is reused when its
+outputs exist, so an interrupted study resumes where it stopped.
 """
 
 from __future__ import annotations
