@@ -44,7 +44,8 @@ def test_a_two_worker_trial_matches_the_one_process_trial(unlearned_run, tiny_cf
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from uipe.results import TrialResult
-    from uipe.search.driver import _trainable, make_setup
+    from uipe.search.driver import make_setup
+    from uipe.search.experiment import make_trainable
     from uipe.search.trial import THETA_INI, TrialCall, build_evaluator, context, evaluate_point, theta_ini_metrics
     from uipe.update_vector import cached_update_vector
 
@@ -82,7 +83,7 @@ def test_a_two_worker_trial_matches_the_one_process_trial(unlearned_run, tiny_cf
     cfg = tiny_cfg.model_copy(update={"search": tiny_cfg.search.model_copy(update={"workers_per_trial": 2})})
     pool = TrialPool.remote({"cpu": 1, "gpu": 0, "workers": cfg.search.workers_per_trial}, 1)
     try:
-        trainable = _trainable(cfg, setup, 0.0, "forget_quality", {}, pool)
+        trainable = make_trainable(cfg, setup, 0.0, "forget_quality", {}, pool)
         grid = tune.Tuner(trainable, param_space={"alpha": tune.grid_search([ALPHA, 0.5]), "epoch": EPOCH},
                           tune_config=tune.TuneConfig(max_concurrent_trials=1),
                           run_config=tune.RunConfig(name="sharded", storage_path=str(tmp_path / "tune"),

@@ -4,8 +4,9 @@
     uipe search --method npo --resume       # continue an interrupted search
 
 run_search: space -> the trial processes (uipe/search/pool.py) -> the start model's utility measured in one of them
-(the floor) -> the MLflow parent run -> the Tuner (fresh or restored) -> results -> choice, chosen model, registry
-(uipe/search/outcome.py). One search per folder at a time; a finished one is reused before any process starts.
+(the floor) -> the MLflow parent run and the Tuner, fresh or restored (uipe/search/experiment.py) -> results ->
+choice, chosen model, registry (uipe/search/outcome.py). One search per folder at a time; a finished one is reused
+before any process starts.
 """
 
 from __future__ import annotations
@@ -14,35 +15,29 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 import ray
 from pydantic import ValidationError
-from ray import tune
 
-from uipe import faults, metrics, tracking
+from uipe import metrics, tracking
 from uipe.benchmarks import Benchmark, get_benchmark
-from uipe.config import FLOORS, DataConfig, ExperimentConfig
+from uipe.config import DataConfig, ExperimentConfig
 from uipe.console import say
 from uipe.errors import UipeError
-from uipe.io import atomic_write_json, code_version, exclusive
+from uipe.io import exclusive
 from uipe.paths import RunPaths
 from uipe.ray_session import ensure_ray
-from uipe.results import SearchOutcome, TrialResult
+from uipe.results import SearchOutcome
 from uipe.schema import one_line
-from uipe.search import tune_state
+from uipe.search.experiment import STATE_FILE, run_experiment, trial_results
 from uipe.search.outcome import RESULT_FILE, finish
-from uipe.search.pool import PROXY_RESOURCES, proxy_trial, release_shared, trial_pool
-from uipe.search.progress import Progress
-from uipe.search.screening import ScreeningScheduler
-from uipe.search.space import SearchSpace, build_searcher, default_space_path, load_space
+from uipe.search.pool import release_shared, trial_pool
+from uipe.search.space import SearchSpace, default_space_path, load_space
 from uipe.search.trial import THETA_INI, TrialCall, TrialSetup, theta_ini_metrics
 from uipe.stages import cached_value, recorded, reusable
-
-STATE_FILE = "search_state.json"
 
 
 def run_search(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path | None = None,
@@ -121,16 +116,6 @@ def with_form(cfg: ExperimentConfig, space: SearchSpace, setup: TrialSetup, epoc
     return setup
 
 
-def _warm_start(paths: RunPaths, method: str, space: SearchSpace) -> dict | None:
-    """The global search's chosen (alpha, epoch) of this method, where it has finished in this run folder: a form
-    beyond one alpha starts from it, so it begins where the paper's operator ended."""
-    result = paths.search(method) / RESULT_FILE
-    if not space.beyond_global or not result.is_file():
-        return None
-    chosen = json.loads(result.read_text()).get("chosen") or {}
-    return chosen if "alpha" in chosen and "epoch" in chosen else None
-
-
 def _epoch_dirs(paths: RunPaths, method: str, cfg: ExperimentConfig, data: str,
                 bench: Benchmark) -> tuple[str, dict[int, str]]:
     """theta_ini and the epoch checkpoints from the unlearning manifest, which must have forgotten the same data the
@@ -205,38 +190,6 @@ def _start_metrics(setup: TrialSetup, cache: Path, pool: Any = None, call: list 
     return cached_value(cache, want, measure)
 
 
-def _parent_run(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
-                setup: TrialSetup, threshold: float, identity: str, metric: str) -> tuple[str, str, str]:
-    state_path = paths.search(space.label(method)) / STATE_FILE
-    uri, exp_id = tracking.ensure_experiment(cfg, paths)
-    if state_path.is_file():
-        return uri, exp_id, json.loads(state_path.read_text())["parent_run_id"]
-    from uipe.eval.reference import model_hash
-
-    run_id = tracking.create_run(uri, exp_id, f"search-{space.label(method)}", {
-        "uipe.method": method, "uipe.kind": "search", "uipe.form": space.form, "uipe.code_version": code_version(),
-        "uipe.space_file": str(space_path), "uipe.theta_ini": setup.theta_ini, **tracking.source_tags()},
-        parent=cfg.tracking.parent_run_id)
-    tracking.log_datasets(uri, run_id, setup.data, _eval_splits(setup), "evaluation")
-    tracking.log_flat(uri, run_id, {}, {
-        "method": method, "space_file": str(space_path), "sampler": space.sampler, "objective": space.objective,
-        "objective_metric": metric,
-        "alpha_low": space.alpha.low, "alpha_high": space.alpha.high, "num_samples": space.num_samples,
-        "form": space.form, "anchor": space.anchor, "dimensions": space.dimensions(),
-        "utility_floor": space.utility_floor, "forget_split": setup.forget_split, "theta_ini": setup.theta_ini,
-        "checkpoints": json.dumps(setup.epoch_dirs), "data": setup.data, "retain_reference": setup.reference,
-        "theta_ini_hash": model_hash(setup.theta_ini), "utility_threshold": threshold,
-        "method_params": json.dumps(cfg.method_params(method).model_dump())})
-    tracking.log_text(uri, run_id, space_path.read_text(), "space.yaml")
-    atomic_write_json(state_path, {"identity": identity, "parent_run_id": run_id, "experiment_id": exp_id})
-    return uri, exp_id, run_id
-
-
-def _eval_splits(setup: TrialSetup) -> dict[str, list]:
-    """The evaluation data a search scores every trial on, by the benchmark's split name."""
-    return {k: list(v) for k, v in get_benchmark(setup.benchmark).eval_splits(setup.data, setup.forget_split).items()}
-
-
 def _previous(paths: RunPaths, label: str, identity: str, resume: bool, utility: str) -> SearchOutcome | None:
     """A finished search with this identity (returned as is), an interrupted one (None: restore it when `resume`),
     or an error for a search folder made with another space, checkpoints or data. `utility`: the benchmark's
@@ -256,62 +209,6 @@ def _previous(paths: RunPaths, label: str, identity: str, resume: bool, utility:
     if not resume:
         raise UipeError(f"{out}: an interrupted search is there; pass --resume to continue it, or remove it")
     return None
-
-
-def _tuner(paths: RunPaths, method: str, space: SearchSpace, trainable: Any, epochs: list[int], seed: int,
-           callbacks: list, resume: bool, screening: list[float] | None = None, proxy: str = "") -> tune.Tuner:
-    """`screening`: the utility thresholds the ScreeningScheduler weighs screened points at (None: every trial is
-    evaluated in full)."""
-    tune_dir = paths.search(space.label(method)) / "tune"
-    if resume and tune_dir.exists():
-        tune_state.prepare_resume(tune_dir, f"search {space.label(method)}")
-    if resume and tune_dir.exists() and tune.Tuner.can_restore(str(tune_dir)):
-        # resume_errored=False: a trial that raised stays failed (and Ray 2.60's restart_errored breaks Optuna).
-        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True)
-    searcher = build_searcher(space, epochs, seed, _warm_start(paths, method, space))
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=space.trials_needed(epochs),
-                                    max_concurrent_trials=space.max_concurrent_trials, reuse_actors=True,
-                                    scheduler=ScreeningScheduler(screening, proxy) if screening else None),
-        run_config=tune.RunConfig(name="tune", storage_path=str(paths.search(space.label(method))), callbacks=callbacks,
-                                  verbose=0, failure_config=tune.FailureConfig(max_failures=0)),
-    )
-
-
-def _trial_id(result: Any) -> str:
-    """Tune's trial id: reported with every result, else read from the trial folder (<name>_<id>_<index>_...)."""
-    if result.metrics and "trial_id" in result.metrics:
-        return str(result.metrics["trial_id"])
-    match = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path).name) if result.path else None
-    return match.group(1) if match else ""
-
-
-def _results(grid: tune.ResultGrid, utility: str) -> list[TrialResult]:
-    """The trials Tune kept. `utility`: the benchmark's utility metric, which a trial reported before the record had
-    a `utility` field carried only under its own name (a search interrupted then and resumed now)."""
-    out = []
-    for r in grid:
-        cfg = r.config or {}
-        alpha, epoch = float(cfg.get("alpha", float("nan"))), int(cfg.get("epoch", -1))
-        if r.error is None and r.metrics and "objective" in r.metrics:
-            reported = {"utility": r.metrics[utility]} if utility in r.metrics else {}
-            out.append(TrialResult.from_report(_trial_id(r), cfg, reported | r.metrics))
-        else:
-            error = str(r.error).splitlines()[-1][:300] if r.error else "no result"
-            out.append(TrialResult.failed(_trial_id(r), alpha, epoch, error))
-    return out
-
-
-def _trainable(cfg: ExperimentConfig, setup: TrialSetup, threshold: float, metric: str, ini: dict[str, float],
-               pool: Any) -> Any:
-    """The Tune trainable with its resources: a light proxy whose point a pool worker evaluates (uipe/search/pool.py;
-    with search.workers_per_trial > 1, a group of processes over which the model is sharded)."""
-    call = TrialCall(setup, threshold, metric, metrics.snapshot(), faults.from_env(), ini)
-    # [a reference]: Tune resolves its parameters, not what they hold, so the proxy never unpickles the setup
-    ref = [ray.put(call)]
-    return tune.with_resources(tune.with_parameters(proxy_trial, pool=pool, call=ref,
-                                                    screening=cfg.search.screening), PROXY_RESOURCES)
 
 
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
@@ -350,32 +247,15 @@ def _execute(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Pa
         ini = _start_metrics(setup, cache, pool, probe)
         threshold, identity = _floor(cfg, space, setup, epochs, ini)
         _previous(paths, space.label(method), identity, resume, bench.utility)  # refuses another search's folder
-        grid, uri, parent = _tune(cfg, paths, method, space_path, space, setup, epochs, resume, metric, pool, ini,
-                                  threshold, identity)
+        grid, uri, parent = run_experiment(cfg, paths, method, space_path, space, setup, epochs, resume, metric,
+                                           pool, ini, threshold, identity)
     total = space.trials_needed(epochs)
     # Tune answers a SIGINT by stopping its trials and returning normally: a search cut short is not finished, and
     # must not be recorded (and later reused) as if it were
     if grid.num_terminated + grid.num_errors < total:
         raise UipeError(f"search {space.label(method)}: stopped after {grid.num_terminated + grid.num_errors} of "
                         f"{total} trials (interrupted); run the same command with --resume to finish it")
-    results = _results(grid, bench.utility)
+    results = trial_results(grid, bench.utility)
     return finish(cfg, paths, method, space, setup, results, ini, threshold, uri, parent, time.time() - start,
                   metric)
 
-
-def _tune(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
-          setup: TrialSetup, epochs: list[int], resume: bool, metric: str, pool: Any, ini: dict[str, float],
-          threshold: float, identity: str) -> tuple[tune.ResultGrid, str, str]:
-    """The MLflow parent run and the Tune experiment (fresh or restored) whose trials `pool` evaluates."""
-    bench = get_benchmark(setup.benchmark)
-    uri, exp_id, parent = _parent_run(cfg, paths, method, space_path, space, setup, threshold, identity, metric)
-    total = space.trials_needed(epochs)
-    callbacks = [tracking.TrialLogger(uri, exp_id, parent, method),
-                 Progress(space.label(method), total, metrics.short(metric), metrics.short(bench.utility))]
-    # screening weighs a point at the space's floor and at every floor a result reports (uipe.report.FLOORS)
-    thresholds = [threshold, *(f * ini[bench.utility] for f in FLOORS)] if cfg.search.screening else None
-    trainable = _trainable(cfg, setup, threshold, metric, ini, pool)
-    tuner = _tuner(paths, method, space, trainable, epochs, cfg.search.seed, callbacks, resume, thresholds,
-                   bench.screening_utility)
-    with tune_state.restore_or_fail(paths.search(space.label(method)) / "tune"):
-        return tuner.fit(), uri, parent
