@@ -30,6 +30,41 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 
+# ---- optional: each test phase's wall time and the cores' idle share over it (scripts/suite_profile.py) -----------
+PROFILE = os.environ.get("UIPE_TEST_PROFILE")
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(all, idle + iowait) jiffies of the machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
+def _profiled(item: pytest.Item, phase: str) -> Iterator[None]:
+    t0, (all0, idle0) = time.time(), _cpu_times()
+    yield
+    wall, (all1, idle1) = time.time() - t0, _cpu_times()
+    if wall >= 0.5:
+        with open(PROFILE, "a") as f:
+            f.write(json.dumps({"test": item.nodeid, "phase": phase, "wall": round(wall, 2),
+                                "idle": round((idle1 - idle0) / max(1, all1 - all0), 3)}) + "\n")
+
+
+if PROFILE and os.path.exists("/proc/stat"):
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+        yield from _profiled(item, "setup")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+        yield from _profiled(item, "call")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+        yield from _profiled(item, "teardown")
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default synthetic benchmark (100 authors, 8 facts, seed 0)."""

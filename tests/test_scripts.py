@@ -1,0 +1,33 @@
+"""The development scripts' own arithmetic (scripts/suite_profile.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_suite_profile_sums_wall_and_idle_seconds_per_file(tmp_path) -> None:
+    profile = _script("suite_profile")
+    rows = [{"test": "tests/a.py::t1", "phase": "setup", "wall": 10.0, "idle": 0.5},
+            {"test": "tests/a.py::t1", "phase": "call", "wall": 2.0, "idle": 0.0},
+            {"test": "tests/b.py::t2", "phase": "call", "wall": 20.0, "idle": 0.1}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert profile.load(path) == rows
+    # b: 20 s wall, 20 x 0.1 = 2 s idle; a: 10 + 2 = 12 s wall, 10 x 0.5 + 2 x 0 = 5 s idle
+    [(b, b_wall, b_idle), (a, a_wall, a_idle)] = profile.by_file(rows)
+    assert (b, a) == ("tests/b.py", "tests/a.py")
+    assert (b_wall, b_idle, a_wall, a_idle) == pytest.approx((20.0, 2.0, 12.0, 5.0))
