@@ -174,7 +174,8 @@ def mlflow_server(backend_store_uri: str, *extra: str, log: Path | None = None, 
 
     proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", backend_store_uri, "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1", *extra],
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **SERVER_ENV})
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **SERVER_ENV})
     try:
         for _ in range(120):
             try:
