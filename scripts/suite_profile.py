@@ -1,11 +1,12 @@
-"""Where the test suite's time goes, and how much of it the machine's cores sat idle (waits, not work).
+"""Where the test suite's time goes, and how much of it the machine's cores sat idle.
 
     UIPE_TEST_PROFILE=/tmp/profile.jsonl .venv/bin/pytest       # tests/conftest.py appends a line per test phase
     .venv/bin/python scripts/suite_profile.py /tmp/profile.jsonl --top 25
 
 Each line: the test, its phase (setup, call, teardown), wall seconds and the share of the machine's CPU time that
-was idle over it (/proc/stat), for every phase of 0.5 s or more. Idle seconds (wall x idle share) are the time a
-faster machine would not give back: waits for processes, servers, polls and pauses.
+was idle over it (/proc/stat), for every phase of 0.5 s or more. Idle seconds (wall x idle share) are waits (for
+processes, servers, polls, pauses) and work that keeps only one of the cores busy: time that more cores would not
+shorten.
 """
 
 from __future__ import annotations
