@@ -204,6 +204,43 @@ def rank_memory(rank: int, world: int, port: int, root: str) -> None:
     dist.destroy_process_group()
 
 
+def train_steps(model: torch.nn.Module) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Three optimizer steps as uipe/train/loop.py takes them (two micro-batches each, gradients reduced on the
+    second, clipped at norm 1, AdamW); the gradient norms and the full weights after."""
+    from uipe.train.sharding import full_value, sync_gradients
+
+    gen = torch.Generator().manual_seed(7)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    norms = []
+    for _ in range(3):
+        for k in range(2):
+            sync_gradients(model, k == 1)
+            ids = torch.randint(0, VOCAB, (4, 12), generator=gen)
+            (model(input_ids=ids, labels=ids, use_cache=False).loss / 2).backward()
+        norms.append(float(full_value(torch.nn.utils.clip_grad_norm_(params, 1.0))))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return norms, full_state(model)
+
+
+def rank_unwrapped(rank: int, world: int, port: int, root: str) -> None:
+    from uipe.train.sharding import load_sharded
+
+    mesh = init_rank(rank, world, port)
+    path = Path(root) / "untied"
+    plain = load_sharded(make_job(path), torch.device("cpu"), mesh, trainable=True)
+    wrapped = old_load(path, mesh, trainable=True)  # FSDP2 over the one rank, per block and the root
+    assert not hasattr(plain, "set_requires_gradient_sync") and hasattr(wrapped, "set_requires_gradient_sync")
+    (norms, got), (wrapped_norms, want) = train_steps(plain), train_steps(wrapped)
+    assert norms == wrapped_norms and max(norms) > 1.0, (norms, wrapped_norms)  # clipping took part
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
 def spawn(fn: Any, world: int, root: Path) -> None:
     import torch.multiprocessing as mp
 
@@ -224,6 +261,13 @@ def test_two_ranks_match_from_pretrained_and_the_old_path(tmp_path: Path) -> Non
     del weights["model.norm.weight"]
     save_file(weights, tmp_path / "missing" / "model.safetensors", metadata={"format": "pt"})
     spawn(rank_checks, 2, tmp_path)
+
+
+def test_one_rank_trains_unwrapped_bit_for_bit_as_fsdp2_over_one_rank(tmp_path: Path) -> None:
+    """On one rank in fp32 (prepare's models side by side) the model is not wrapped in FSDP2, which would shard
+    nothing and cost ~1.25x per step: the same gradient norms and weights after three accumulated, clipped steps."""
+    save_llama(tmp_path / "untied", tied=False)
+    spawn(rank_unwrapped, 1, tmp_path)
 
 
 def test_peak_memory_is_the_shards_not_the_model(tmp_path: Path) -> None:

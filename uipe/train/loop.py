@@ -29,7 +29,7 @@ from uipe.progress import Reporter
 from uipe.train.export import finish_prepare
 from uipe.train.job import Job
 from uipe.train.saving import EpochSaver
-from uipe.train.sharding import full_value, load_sharded, mean_over_ranks, reload_initial
+from uipe.train.sharding import full_value, load_sharded, mean_over_ranks, reload_initial, sync_gradients
 from uipe.train.streams import Streams
 
 
@@ -157,7 +157,7 @@ def train_job(job: Job, w: Worker, model: torch.nn.Module, resume: Any, done: di
             t_step, step_tokens = time.perf_counter(), 0
             for k in range(size):
                 batch, n_tok = next(batches)
-                model.set_requires_gradient_sync(k == size - 1)  # reduce-scatter once per optimizer step
+                sync_gradients(model, k == size - 1)  # reduce-scatter once per optimizer step
                 loss, metrics = objective.compute(model, w.ref, batch, job.params)
                 (loss / size).backward()
                 for key, value in metrics.items():

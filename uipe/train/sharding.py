@@ -4,7 +4,8 @@
 with `fully_shard`, given empty storage for its own shards only (`to_empty`), and each rank then copies its own rows
 of every parameter straight from the safetensors files (mmap views: only the pages of those rows are read). Peak
 memory per rank is its shards plus, at most, one tensor (a parameter whose placement is not FSDP2's plain dim-0
-shard is read whole, then cut by `distribute_tensor`).
+shard is read whole, then cut by `distribute_tensor`). A model on one rank in fp32 is built and filled the same way
+but not wrapped: FSDP2 would shard nothing there, only add its hooks (the same numbers: tests/test_sharding.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from uipe.errors import UipeError
 from uipe.coefficients import Coefficients
+from uipe.errors import UipeError
 from uipe.extrapolate import Importance, as_coefficients, extrapolate_into
 from uipe.train.job import Job
 
@@ -107,7 +108,11 @@ def build_sharded(model_path: str, device: torch.device, mesh: Any, dtype: torch
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
     aliases = tied_groups(model)
-    model = shard_model(model, mesh, bf16, reshard_after_forward)
+    if mesh.size() > 1 or bf16:
+        model = shard_model(model, mesh, bf16, reshard_after_forward)
+    # else one rank in fp32 (prepare's models side by side, train.num_workers=1, on CPU): FSDP2 would shard nothing,
+    # and its hooks and DTensor arithmetic cost ~1.25x per step (docs/BENCHMARKS.md); the same numbers unwrapped. With
+    # bf16, FSDP2's mixed precision sets the compute dtype, so it stays even on one rank.
     model.to_empty(device=device)  # storage for this rank's shards (and the buffers), uninitialised
     for names in aliases:  # fully_shard and to_empty keep shared parameters shared; checked, not assumed
         first = model.get_parameter(names[0])
@@ -163,10 +168,11 @@ def load_own_shards(model: nn.Module, ckpt: Any, unlearned: Any = None, alpha: f
                     importance: Any = None) -> None:
     """Fill every parameter's local shard and every persistent buffer from the checkpoint, one tensor at a time, in
     file order; with `unlearned` (theta_un's Checkpoint, ckpt being theta_ini's), with theta_un + alpha*(theta_un -
-    theta_ini) of those rows instead (extrapolate_into: the arithmetic of every other form of the operator). Every key of the model's state_dict must be in the checkpoint (a tied alias may be absent when the
-    other name is present, as save_pretrained writes it); keys of the checkpoint that the model has no tensor for are
-    ignored (e.g. the rotary inv_freq some old checkpoints carry, which the model recomputes), as from_pretrained
-    does."""
+    theta_ini) of those rows instead (extrapolate_into: the arithmetic of every other form of the operator). Every key
+    of the model's state_dict must be in the checkpoint (a tied alias may be absent when the other name is present, as
+    save_pretrained writes it); keys of the checkpoint that the model has no tensor for are ignored (e.g. the rotary
+    inv_freq some old checkpoints carry, which the model recomputes), as from_pretrained does.
+    """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     from uipe.safetensors_io import ShardReader
@@ -251,6 +257,12 @@ def recompute_non_persistent_buffers(model: nn.Module, device: torch.device, dty
                 raise UipeError(f"cannot recompute the buffers of {what}: the rebuilt module's {name!r} is "
                                 f"{None if new is None else list(new.shape)}, expected {list(old.shape)}")
             module._buffers[name] = new.to(device=device, dtype=old.dtype)
+
+
+def sync_gradients(model: nn.Module, sync: bool) -> None:
+    """Whether this backward reduces gradients over ranks (FSDP2; a model on one rank is not wrapped: nothing to do)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
 
 
 def full_value(x: torch.Tensor) -> torch.Tensor:
