@@ -265,7 +265,8 @@ def test_two_ranks_match_from_pretrained_and_the_old_path(tmp_path: Path) -> Non
 
 def test_one_rank_trains_unwrapped_bit_for_bit_as_fsdp2_over_one_rank(tmp_path: Path) -> None:
     """On one rank in fp32 (prepare's models side by side) the model is not wrapped in FSDP2, which would shard
-    nothing and cost ~1.25x per step: the same gradient norms and weights after three accumulated, clipped steps."""
+    nothing and cost ~1.25x per step on the tiny preset: the same gradient norms and weights after three accumulated,
+    clipped steps."""
     save_llama(tmp_path / "untied", tied=False)
     spawn(rank_unwrapped, 1, tmp_path)
 

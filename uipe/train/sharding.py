@@ -111,8 +111,9 @@ def build_sharded(model_path: str, device: torch.device, mesh: Any, dtype: torch
     if mesh.size() > 1 or bf16:
         model = shard_model(model, mesh, bf16, reshard_after_forward)
     # else one rank in fp32 (prepare's models side by side, train.num_workers=1, on CPU): FSDP2 would shard nothing,
-    # and its hooks and DTensor arithmetic cost ~1.25x per step (docs/BENCHMARKS.md); the same numbers unwrapped. With
-    # bf16, FSDP2's mixed precision sets the compute dtype, so it stays even on one rank.
+    # and its hooks and DTensor arithmetic cost ~1.25x per step on the tiny preset, ~1.1x at 18M parameters
+    # (docs/BENCHMARKS.md); the same numbers unwrapped. With bf16, FSDP2's mixed precision sets the compute dtype, so
+    # it stays even on one rank.
     model.to_empty(device=device)  # storage for this rank's shards (and the buffers), uninitialised
     for names in aliases:  # fully_shard and to_empty keep shared parameters shared; checked, not assumed
         first = model.get_parameter(names[0])
