@@ -18,28 +18,19 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_search_stage import timed_uipe  # noqa: E402
+
 ROLES = ("target", "retain")
 
 
 def one_prepare(dest: Path, code: Path | None, overrides: list[str]) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if code is not None:
-        env["PYTHONPATH"] = str(code)
-    sets = [a for s in overrides for a in ("--set", s)]
-    t0 = time.time()
-    # run from the folder's parent: `python -m` puts the working folder first on sys.path, before PYTHONPATH
-    done = subprocess.run([sys.executable, "-m", "uipe.cli", "prepare", "--run-dir", str(dest), *sets],
-                          capture_output=True, text=True, env=env, cwd=dest.parent)
-    command = time.time() - t0
-    if done.returncode:
-        raise SystemExit(f"uipe prepare in {dest} failed: {done.stdout[-800:]} {done.stderr[-800:]}")
-    out = {"command_s": round(command, 1)}
+    out = {"command_s": round(timed_uipe("prepare", dest, code, overrides), 1)}
     for role in ROLES:
         folder = dest / "models" / role
         meta = json.loads((folder / "uipe_meta.json").read_text())

@@ -28,19 +28,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chaos import copy_world  # noqa: E402
 
 
-def one_stage(world: Path, dest: Path, code: Path | None, overrides: list[str]) -> dict:
-    folder = copy_world(world, "search", dest)
+def timed_uipe(command: str, folder: Path, code: Path | None, overrides: list[str]) -> float:
+    """`uipe COMMAND --run-dir FOLDER` with `code`'s uipe (PYTHONPATH; None: this checkout's), on a local Ray of its
+    own: its wall seconds; a failure stops the benchmark with the command's last output."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if code is not None:
         env["PYTHONPATH"] = str(code)
     sets = [a for s in overrides for a in ("--set", s)]
     t0 = time.time()
-    # run from the copy's parent: `python -m` puts the working folder first on sys.path, before PYTHONPATH
-    done = subprocess.run([sys.executable, "-m", "uipe.cli", "run", "--run-dir", str(folder), *sets],
-                          capture_output=True, text=True, env=env, cwd=dest.parent)
-    command = time.time() - t0
+    # run from the folder's parent: `python -m` puts the working folder first on sys.path, before PYTHONPATH
+    done = subprocess.run([sys.executable, "-m", "uipe.cli", command, "--run-dir", str(folder), *sets],
+                          capture_output=True, text=True, env=env, cwd=folder.parent)
     if done.returncode:
-        raise SystemExit(f"uipe run in {folder} failed: {done.stdout[-800:]} {done.stderr[-800:]}")
+        raise SystemExit(f"uipe {command} in {folder} failed: {done.stdout[-800:]} {done.stderr[-800:]}")
+    return time.time() - t0
+
+
+def one_stage(world: Path, dest: Path, code: Path | None, overrides: list[str]) -> dict:
+    folder = copy_world(world, "search", dest)
+    command = timed_uipe("run", folder, code, overrides)
     results = {p.parent.name: json.loads(p.read_text()) for p in sorted((folder / "search").glob("*/result.json"))}
     wall = sum(r["search_seconds"] for r in results.values())
     work = sum(r["trial_work_seconds"] for r in results.values())
