@@ -29,6 +29,7 @@ from uipe.search.trial import TrialCall, TrialSetup
 
 STATE_FILE = "search_state.json"  # the search's identity and its MLflow parent run: written before Tune starts
 
+
 def run_experiment(cfg: ExperimentConfig, paths: RunPaths, method: str, space_path: Path, space: SearchSpace,
                    setup: TrialSetup, epochs: list[int], resume: bool, metric: str, pool: Any,
                    ini: dict[str, float], threshold: float, identity: str) -> tuple[tune.ResultGrid, str, str]:
