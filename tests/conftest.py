@@ -30,6 +30,18 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 
+def script_module(name: str):
+    """scripts/<name>.py imported as a module (scripts/ on sys.path, as the scripts import one another)."""
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up while they are defined
+    spec.loader.exec_module(module)
+    return module
+
+
 # ---- optional: each test phase's wall time and the cores' idle share over it (scripts/suite_profile.py) -----------
 PROFILE = os.environ.get("UIPE_TEST_PROFILE")
 

@@ -3,31 +3,20 @@ world, each followed by the resume OPERATIONS.md gives, every invariant checked.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import script_module
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def _script(name: str):
-    sys.path.insert(0, str(REPO / "scripts"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up while they are defined
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_plan_is_the_seeds_and_covers_every_kind_a_store_can_take() -> None:
-    chaos = _script("chaos")
+    chaos = script_module("chaos")
     kinds = list(chaos.KINDS)
     one = chaos.plan(24, 3, ["sqlite", "postgres"], kinds, {"disk", "ray"})
     assert one == chaos.plan(24, 3, ["sqlite", "postgres"], kinds, {"disk", "ray"})
@@ -41,7 +30,7 @@ def test_the_plan_is_the_seeds_and_covers_every_kind_a_store_can_take() -> None:
 
 
 def test_a_drawn_training_step_arms_the_fault_point_at_that_step() -> None:
-    faults = _script("chaos_faults")
+    faults = script_module("chaos_faults")
     kind = faults.KINDS["worker-kill-step"]
     draw = kind.draw(random.Random(0))
     armed = kind.faults({"u": 0.99, "rank": 1}, steps=12, epochs=6, marker=Path("/m"))
@@ -53,7 +42,7 @@ def test_a_drawn_training_step_arms_the_fault_point_at_that_step() -> None:
 
 
 def test_leftovers_name_what_an_atomic_write_or_a_checkpoint_left_behind(tmp_path) -> None:
-    checks = _script("chaos_checks")
+    checks = script_module("chaos_checks")
     (tmp_path / "search" / "ga").mkdir(parents=True)
     (tmp_path / "search" / "ga" / "results.csv").write_text("x")
     assert checks.leftovers(tmp_path) == []
@@ -66,7 +55,7 @@ def test_leftovers_name_what_an_atomic_write_or_a_checkpoint_left_behind(tmp_pat
 @pytest.mark.e2e
 def test_a_short_chaos_run_loses_no_trial_and_leaves_nothing_half_written(unlearned_run, ray_session,
                                                                           tmp_path) -> None:
-    chaos, checks = _script("chaos"), _script("chaos_checks")
+    chaos, checks = script_module("chaos"), script_module("chaos_checks")
     ctx = chaos.start_services(tmp_path, ["sqlite"], ray_session.get_runtime_context().gcs_address, overrides=(),
                                world=unlearned_run.root)
     # The unfaulted unlearning is the world's own (GA trained beside NPO in one fit, bit-identical to GA alone:
@@ -88,7 +77,7 @@ def test_a_short_chaos_run_loses_no_trial_and_leaves_nothing_half_written(unlear
 
 
 def test_the_gap_between_a_slots_trials_takes_the_slot_free_longest() -> None:
-    gaps = _script("bench_trial_gap").slot_gaps
+    gaps = script_module("bench_trial_gap").slot_gaps
     # 2 slots: the third trial starts 0.2 s after the first ended; the fourth takes the slot free since 2.0 (not
     # the one free since 3.0): 0.5 s; the fifth takes the one free since 3.0: 0.1 s
     spans = [(1.2, 3.0), (0.0, 1.0), (0.1, 2.0), (2.5, 4.0), (3.1, 5.0)]

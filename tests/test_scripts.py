@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from conftest import REPO
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import script_module
 
 
 def test_the_suite_profile_sums_wall_and_idle_seconds_per_file(tmp_path) -> None:
-    profile = _script("suite_profile")
+    profile = script_module("suite_profile")
     rows = [{"test": "tests/a.py::t1", "phase": "setup", "wall": 10.0, "idle": 0.5},
             {"test": "tests/a.py::t1", "phase": "call", "wall": 2.0, "idle": 0.0},
             {"test": "tests/b.py::t2", "phase": "call", "wall": 20.0, "idle": 0.1}]
