@@ -9,6 +9,11 @@ searches and runs `uipe run --run-dir COPY` on it, which reuses the data, models
 searches, with this checkout's uipe or the baseline's (PYTHONPATH), on a local Ray of its own. Per run, from the
 searches' result.json: the stage's wall (the searches' seconds, summed), its trial work, the overhead 1 - work /
 (slots x wall), each search's wall, and the whole command's wall.
+
+--vary KEY=VALUE (repeatable) compares the stage at another trial size instead of another code, e.g. TOFU's own
+generation length, which makes each tiny trial several times longer:
+
+    .venv/bin/python scripts/bench_search_stage.py --world /tmp/run --vary eval.max_new_tokens=200 --repeats 1
 """
 
 from __future__ import annotations
@@ -61,33 +66,42 @@ def one_stage(world: Path, dest: Path, code: Path | None, overrides: list[str]) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", type=Path, required=True)
-    ap.add_argument("--baseline", type=Path, required=True, help="a folder holding the baseline's uipe package")
+    ap.add_argument("--baseline", type=Path, help="a folder holding the baseline's uipe package")
+    ap.add_argument("--vary", action="append", default=[],
+                    help="instead of --baseline: this checkout again with these overrides added (KEY=VALUE)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="the world's config overrides")
     args = ap.parse_args()
-    if not (args.baseline / "uipe" / "__init__.py").is_file():
+    if (args.baseline is None) == (not args.vary):
+        raise SystemExit("--baseline or --vary: one of them, to compare against")
+    if args.baseline and not (args.baseline / "uipe" / "__init__.py").is_file():
         raise SystemExit(f"{args.baseline}: no uipe package in it")
     work = Path(tempfile.mkdtemp(prefix="uipe-bench-stage-"))
-    codes = {"this checkout": None, "baseline": args.baseline.resolve()}
-    runs: dict[str, list[dict]] = {name: [] for name in codes}
+    other = "baseline" if args.baseline else "varied"
+    arms = {"this checkout": (None, args.overrides),  # arm -> (code, overrides)
+            other: (args.baseline.resolve(), args.overrides) if args.baseline else (None, args.overrides + args.vary)}
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
     for i in range(args.repeats):
-        for name in codes if i % 2 == 0 else reversed(codes):
-            r = one_stage(args.world.resolve(), work / f"{'base' if codes[name] else 'this'}-{i}", codes[name],
-                          args.overrides)
+        for name in arms if i % 2 == 0 else reversed(arms):
+            code, overrides = arms[name]
+            r = one_stage(args.world.resolve(), work / f"{'this' if name == 'this checkout' else 'base'}-{i}", code,
+                          overrides)
             runs[name].append(r)
             print(f"{name} {i}: {json.dumps(r)}", flush=True)
     summary = {name: {k: round(statistics.mean(r[k] for r in rs), 3) for k in ("stage_s", "work_s", "overhead",
                                                                                "command_s", "trials")}
                for name, rs in runs.items()}
+    if args.vary:
+        summary[other]["overrides"] = args.vary
     print(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                       "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",
                       "repeats": args.repeats, **summary,
-                      "stage_ratio_this_vs_baseline":
-                          round(summary["this checkout"]["stage_s"] / summary["baseline"]["stage_s"], 3),
+                      f"stage_ratio_this_vs_{other}":
+                          round(summary["this checkout"]["stage_s"] / summary[other]["stage_s"], 3),
                       # the searches' seconds are what each code counts as a search (since f1b2162 they include
                       # theta_ini's measurement and the MLflow run): the command's wall is comparable across codes
-                      "command_ratio_this_vs_baseline":
-                          round(summary["this checkout"]["command_s"] / summary["baseline"]["command_s"], 3)},
+                      f"command_ratio_this_vs_{other}":
+                          round(summary["this checkout"]["command_s"] / summary[other]["command_s"], 3)},
                      indent=1))
 
 
