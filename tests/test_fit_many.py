@@ -134,6 +134,24 @@ def test_a_bad_rmu_layer_is_refused_before_any_worker_starts(synth_dir: Path, ti
     assert not (tmp_path / "run").exists()  # nothing written, not even GA's folder
 
 
+@pytest.mark.parametrize("other, folders, words", [
+    (["model.target={tmp}/other-target"], ["longer"], "only runs of one target and benchmark share a fit"),
+    (["data.benchmark=muse", "data.forget_split=raw/forget"], ["longer"],
+     "only runs of one target and benchmark share a fit"),
+    ([], ["a/longer", "b/longer"], "need folders of different names"),  # their jobs' labels would be the same
+])
+def test_a_run_that_cannot_share_the_fit_is_refused_before_any_worker_starts(synth_dir: Path, tiny_base: Path,
+                                                                            tmp_path: Path, other: list[str],
+                                                                            folders: list[str], words: str) -> None:
+    from uipe.train.recipe import unlearn_methods
+
+    more = _cfg(synth_dir, tiny_base, *[o.format(tmp=tmp_path) for o in other])
+    with pytest.raises(UipeError, match=words):
+        unlearn_methods(_cfg(synth_dir, tiny_base), tmp_path / "run", ["ga"],
+                        more=[(more, tmp_path / "x" / f) for f in folders])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "x").exists()
+
+
 @pytest.mark.ray
 def test_an_export_that_fails_while_written_fails_the_fit_and_leaves_no_folder(
         ray_session: object, synth_dir: Path, tiny_base: Path, tmp_path: Path,
@@ -154,3 +172,33 @@ def test_an_export_that_fails_while_written_fails_the_fit_and_leaves_no_folder(
     assert sorted(p.name for p in paths.unlearn("ga").iterdir()) == ["job.json"]  # no epoch, no manifest, no tmp
     assert not list(paths.ray_storage.rglob("state.json"))  # no checkpoint reported for it
     assert _leftovers(run) == []
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_another_runs_longer_training_in_the_same_fit_equals_its_own_fit_and_is_reused_alone(
+        ray_session: object, synth_dir: Path, tiny_base: Path, tmp_path: Path) -> None:
+    """A study seed's more-iterations baseline: GA for 4 epochs into its own folder, in the fit of GA's 2-epoch run
+    (one worker group for both). The longer run's epochs are bit for bit those of a fit of its own (its own 4-epoch
+    schedule, theta_ini re-read after the first job), its folder holds its own job hash and manifest, and a later
+    call for that run alone (as the study's scoring makes) finds it done and trains nothing."""
+    from uipe.paths import RunPaths
+    from uipe.train.recipe import unlearn, unlearn_methods
+
+    short, longer = _cfg(synth_dir, tiny_base), _cfg(synth_dir, tiny_base, "unlearn.epochs=4")
+    manifests = unlearn_methods(short, tmp_path / "seed", ["ga"], more=[(longer, tmp_path / "seed" / "longer")])
+    together = RunPaths.of(tmp_path / "seed" / "longer").manifest("ga")
+    mine, theirs = json.loads(manifests["ga"].read_text()), json.loads(together.read_text())
+    assert [e["epoch"] for e in mine["epochs"]] == [1, 2] and [e["epoch"] for e in theirs["epochs"]] == [1, 2, 3, 4]
+    assert theirs["timing"]["fit_methods"] == ["ga", "ga-longer"] and mine["job_hash"] != theirs["job_hash"]
+    assert all(str(tmp_path / "seed" / "longer" / "unlearn" / "ga") in e["path"] for e in theirs["epochs"])
+
+    alone = unlearn(longer, tmp_path / "alone", "ga")
+    assert json.loads(alone.read_text())["job_hash"] == theirs["job_hash"]
+    assert _weights(together) == _weights(alone)
+    assert _weights(manifests["ga"]) != _weights(alone)[:2]  # the 2-epoch run decays its rate sooner: not a prefix
+
+    before = _mtimes(tmp_path / "seed")
+    assert unlearn(longer, tmp_path / "seed" / "longer", "ga") == together
+    assert _mtimes(tmp_path / "seed") == before and not (tmp_path / "seed" / "longer" / "ray").exists()
+    assert _leftovers(tmp_path / "seed") == []

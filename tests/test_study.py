@@ -246,13 +246,13 @@ def test_study_of_two_seeds_resumes_after_a_kill_and_aggregates_per_seed_values(
     with open(tmp_path / "first.txt", "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "uipe.cli", *args], stdout=out, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
-        # interrupted in seed 1's more-iterations baseline (which trains after unlearning, before the searches),
-        # seed 0 finished
-        _kill_when(proc, root / "seed-1" / "longer" / "unlearn" / "ga" / "job.json")
+        # interrupted in seed 1's more-iterations baseline (which trains in the unlearning fit after the method's
+        # own run, before the searches) once its first epoch is written, seed 0 finished
+        _kill_when(proc, root / "seed-1" / "longer" / "unlearn" / "ga" / "epoch_01")
     kept = {p: p.stat().st_mtime_ns for p in [root / "seed-0" / "search" / "ga" / "result.json",
                                               root / "seed-0" / "models" / "target" / "model.safetensors",
                                               root / "seed-1" / "models" / "target" / "model.safetensors",
-                                              root / "seed-1" / "unlearn" / "ga" / "manifest.json"]}
+                                              root / "seed-1" / "unlearn" / "ga" / "epoch_02" / "model.safetensors"]}
     assert not (root / "study.json").exists()
     assert run_uipe(args, ray_session, tmp_path / "second.txt") == 0, (tmp_path / "second.txt").read_text()[-3000:]
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # resumed: what was done was reused

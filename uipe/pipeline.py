@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from uipe.config import ExperimentConfig
 from uipe.console import say, stage
@@ -34,15 +35,18 @@ def ensure_reference(cfg: ExperimentConfig, paths: RunPaths, data: str) -> str:
 
 
 def run_pipeline(cfg: ExperimentConfig, paths: RunPaths,
-                 before_search: Callable[[], None] | None = None) -> list[SearchOutcome]:
-    """Every stage in order, one `uipe run` per run folder at a time. `before_search`: training that needs the
-    cluster's CPUs, run after unlearning and before the searches' trial processes hold them (a study seed's longer
-    baseline), so that a pool of trial processes made by the caller serves its scoring too."""
+                 more_unlearning: Callable[[str], list[tuple[ExperimentConfig, Path]]] | None = None,
+                 ) -> list[SearchOutcome]:
+    """Every stage in order, one `uipe run` per run folder at a time. `more_unlearning`: given the data folder,
+    other runs of the same methods, (config, run folder) each, trained in the unlearning stage's fit (a study
+    seed's more-iterations baseline: one worker group's start saved, and trained before the searches' trial
+    processes hold the CPUs, so that a pool of trial processes made by the caller serves its scoring too)."""
     with exclusive(paths.root, "uipe run"):
-        return _run_stages(cfg, paths, before_search)
+        return _run_stages(cfg, paths, more_unlearning)
 
 
-def _run_stages(cfg: ExperimentConfig, paths: RunPaths, before_search: Callable[[], None] | None,
+def _run_stages(cfg: ExperimentConfig, paths: RunPaths,
+                more_unlearning: Callable[[str], list[tuple[ExperimentConfig, Path]]] | None,
                 ) -> list[SearchOutcome]:
     from uipe.benchmarks import get_benchmark
     from uipe.gate import summary_line
@@ -64,11 +68,11 @@ def _run_stages(cfg: ExperimentConfig, paths: RunPaths, before_search: Callable[
     if cfg.prepare.retain or cfg.eval.retain_reference:
         stage("retain reference")
         ensure_reference(cfg, paths, data)
-    stage(f"unlearn {', '.join(cfg.unlearn.methods)} ({cfg.unlearn.epochs} epochs each, {cfg.train.num_workers} "
-          "workers)")
-    unlearn_methods(cfg, paths.root, list(cfg.unlearn.methods))
-    if before_search is not None:
-        before_search()
+    more = more_unlearning(data) if more_unlearning is not None else []
+    also = "".join(f"; then {c.unlearn.epochs} epochs each in {Path(d).name}/" for c, d in more)
+    stage(f"unlearn {', '.join(cfg.unlearn.methods)} ({cfg.unlearn.epochs} epochs each{also}, "
+          f"{cfg.train.num_workers} workers)")
+    unlearn_methods(cfg, paths.root, list(cfg.unlearn.methods), more=more)
     summaries = []
     with shared_trial_pool():  # the searches' trial processes load torch and the model once, for all the methods
         for method in cfg.unlearn.methods:

@@ -5,8 +5,8 @@
 
 Per seed, in <study>/seed-<s>: a fresh synthetic world (data.synth.seed), fresh reference models and unlearning
 (train.seed) and a fresh search (search.seed): `uipe run`, choosing on the forget split's selection fold, with
-the base method trained study.longer_factor times as many epochs (<study>/seed-<s>/longer) between its unlearning
-and its searches; each epoch of that longer run scored at alpha 0 by the searches' trial processes.
+the base method trained study.longer_factor times as many epochs (<study>/seed-<s>/longer) in the same fit as its
+unlearning, before its searches; each epoch of that longer run scored at alpha 0 by the searches' trial processes.
 uipe/study/arms.py compares the arms of one seed, uipe/study/aggregate.py the seeds. Every stage is reused when its
 outputs exist, so an interrupted study resumes where it stopped.
 """
@@ -122,9 +122,10 @@ def run_seed(cfg: ExperimentConfig, root: Path, seed: int) -> SeedResult:
     paths = RunPaths.of(root)
     methods = {}
     # one pool of trial processes for the seed's searches, the scoring of the longer runs' epochs and the forms: the
-    # longer runs train before the searches (after unlearning), while no trial process holds a CPU
+    # longer runs train in the unlearning stage's fit (after the methods' own runs), while no trial process holds a CPU
     with shared_trial_pool():
-        summaries = run_pipeline(cfg, paths, (lambda: train_longer(cfg, paths)) if cfg.study.more_baseline else None)
+        summaries = run_pipeline(cfg, paths, (lambda data: [(longer_config(cfg, paths, data), paths.root / "longer")])
+                                 if cfg.study.more_baseline else None)
         for s in summaries:  # each method's SearchOutcome (uipe/results.py)
             method = s.method
             search = from_csv((paths.search(method) / "results.csv").read_text())
@@ -160,17 +161,6 @@ def longer_config(cfg: ExperimentConfig, paths: RunPaths, data: str) -> Experime
     return ExperimentConfig.model_validate(raw)
 
 
-def train_longer(cfg: ExperimentConfig, paths: RunPaths) -> None:
-    """The more-iterations baseline of every method, in one fit."""
-    from uipe.data import ensure_data
-    from uipe.train.recipe import unlearn_methods
-
-    long_cfg = longer_config(cfg, paths, ensure_data(cfg, paths))
-    stage(f"unlearn {', '.join(cfg.unlearn.methods)} for {long_cfg.unlearn.epochs} epochs (the more-iterations "
-          "baseline)")
-    unlearn_methods(long_cfg, paths.root / "longer", list(cfg.unlearn.methods))
-
-
 def longer_trajectory(cfg: ExperimentConfig, paths: RunPaths, method: str) -> list[TrialResult]:
     """Every epoch of the longer run scored at alpha 0 with the search's evaluator (cached beside it)."""
     from uipe.data import ensure_data
@@ -179,7 +169,7 @@ def longer_trajectory(cfg: ExperimentConfig, paths: RunPaths, method: str) -> li
 
     long_cfg = longer_config(cfg, paths, ensure_data(cfg, paths))
     long_paths = RunPaths.of(paths.root / "longer")
-    unlearn(long_cfg, long_paths.root, method)  # trained by train_longer: returns its manifest
+    unlearn(long_cfg, long_paths.root, method)  # trained in the unlearning stage's fit: returns its manifest
     metric = resolve_space(cfg, method, None)[1].objective_metric(benchmark_of(cfg))
     setup = make_setup(long_cfg, long_paths, method)
     epochs = sorted(setup.epoch_dirs)

@@ -61,6 +61,13 @@ def check_ray_run(storage: str, run_name: str, job_hash: str, folder: Path) -> N
              f"Ray checkpoints of a different config/data (delete them and {folder} to start over)", "refuse")
 
 
+def _shared_setup(job: Job) -> tuple:
+    """What a worker group sets up once for all its jobs: the start weights (model.target only says where they came
+    from: a run's config may name the target model that another run found in its own folder), the model settings and
+    the training config."""
+    return job.model_path, job.model.model_copy(update={"target": None}), job.train
+
+
 def fit(cfg: ExperimentConfig, paths: RunPaths, jobs: list[Job], run_name: str, keep_all: bool,
         loop: Callable[[dict[str, Any]], dict[str, Any]], data: dict[str, tuple[str, dict[str, Any]]] | None = None,
         skip: frozenset[str] = frozenset()) -> Any:
@@ -81,7 +88,7 @@ def fit(cfg: ExperimentConfig, paths: RunPaths, jobs: list[Job], run_name: str, 
     if len({job.label for job in jobs}) < len(jobs):  # labels name checkpoints, MLflow runs and results
         raise UipeError(f"jobs {[job.label for job in jobs]}: a fit trains each job once")
     for job in jobs[1:]:  # what the worker group sets up once must be the same for every job
-        if (job.model_path, job.model, job.train) != (first.model_path, first.model, first.train):
+        if _shared_setup(job) != _shared_setup(first):
             raise UipeError(f"{job.label}: a job of another model or training config cannot share a fit with "
                             f"{first.label}")
     env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cfg.train.threads_per_worker),
@@ -210,14 +217,16 @@ def epoch_row(history: list[dict[str, Any]], epoch: int) -> dict[str, Any]:
     return {k: row[k] for k in keys if k in row}
 
 
-def restore_missing_epochs(result: Any, paths: RunPaths, method: str, epochs: int) -> list[tuple[int, Path]]:
-    """Every epoch folder present, copied back from its Ray checkpoint if it was deleted after a crash."""
+def restore_missing_epochs(result: Any, paths: RunPaths, method: str, epochs: int,
+                           label: str | None = None) -> list[tuple[int, Path]]:
+    """Every epoch folder present, copied back from its Ray checkpoint (named after the job's label, by default the
+    method) if it was deleted after a crash."""
     by_name = {Path(c.path).name: c for c, _ in (result.best_checkpoints or [])}
     out = []
     for e in range(1, epochs + 1):
         target = paths.epoch_dir(method, e)
         if not (target / "config.json").is_file():
-            ckpt = by_name.get(checkpoint_name(method, e))
+            ckpt = by_name.get(checkpoint_name(label or method, e))
             if ckpt is None:
                 raise UipeError(f"{target}: missing and no Ray checkpoint holds it; re-run with resume=False")
             with ckpt.as_directory() as d, atomic_dir(target, overwrite=True) as tmp:

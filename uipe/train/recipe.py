@@ -9,8 +9,10 @@ uipe/train/loop.py; every method of one `unlearn` call trains in one fit (one wo
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -146,10 +148,14 @@ def unlearn(cfg: ExperimentConfig, run_dir: str | Path, method: str, resume: boo
     return unlearn_methods(cfg, run_dir, [method], resume)[method]
 
 
-def unlearn_methods(cfg: ExperimentConfig, run_dir: str | Path, methods: list[str],
-                    resume: bool = True) -> dict[str, Path]:
+def unlearn_methods(cfg: ExperimentConfig, run_dir: str | Path, methods: list[str], resume: bool = True,
+                    more: Sequence[tuple[ExperimentConfig, Path]] = ()) -> dict[str, Path]:
     """Run each method for unlearn.epochs from the target model, all in one fit (one worker group, theta_ini and the
     frozen reference loaded once); an HF folder per epoch and a manifest per method, written last.
+
+    `more`: other runs of the same methods from the same target, each (its config, its run folder), trained in the
+    same fit after these (e.g. a study seed's more-iterations baseline: other epochs, its own folder); their jobs are
+    labelled `<method>-<folder name>`, and each keeps its folders, manifests and identities as if run alone.
 
     Re-running resumes (same methods, same job hashes): a method with a manifest is done, the fit resumes the
     others; a run folder holding another config's results is an error. resume=False deletes these methods' earlier
@@ -158,10 +164,18 @@ def unlearn_methods(cfg: ExperimentConfig, run_dir: str | Path, methods: list[st
     if not methods or len(set(methods)) < len(methods):
         raise UipeError(f"unlearn: methods {methods} must name at least one method, each once")
     paths = RunPaths.of(run_dir)
+    runs = [(cfg, paths, "")] + [(c, RunPaths.of(d), Path(d).name) for c, d in more]
+    if len({suffix for _, _, suffix in runs[1:]}) < len(more):  # the folder's name tells their jobs apart
+        raise UipeError(f"unlearn: the runs {[str(p.root) for _, p, _ in runs[1:]]} need folders of different names")
     bench = get_benchmark(cfg.data.benchmark)
     for method in methods:
         check_method_applies(bench, method)
     theta_ini = require_weights(cfg.model.target or paths.target_model, "target model")
+    for run_cfg, run_paths, _ in runs[1:]:  # one worker group: one start model, one benchmark's data
+        start = Path(run_cfg.model.target or run_paths.target_model)
+        if start.resolve() != Path(theta_ini).resolve() or run_cfg.data.benchmark != cfg.data.benchmark:
+            raise UipeError(f"unlearn: {run_paths.root} starts from {start} on {run_cfg.data.benchmark}, not from "
+                            f"{theta_ini} on {cfg.data.benchmark}: only runs of one target and benchmark share a fit")
     for method in methods:  # e.g. RMU's layer within the model's depth: one line, before any worker starts
         objective = get_objective(method)
         if objective.check is not None:
@@ -171,32 +185,38 @@ def unlearn_methods(cfg: ExperimentConfig, run_dir: str | Path, methods: list[st
                             AutoConfig.from_pretrained(theta_ini, trust_remote_code=cfg.model.trust_remote_code))
     ensure_ray()
     check_workers(cfg.train)
-    source = bench.ensure_data(cfg, paths)
-    storage, run_name = storage_path(cfg, paths), f"{cfg.name}-{'+'.join(methods)}"
-    if not resume:
+    # (config, paths, method, job, data hash) per job, these methods' first; a job's label names its checkpoints
+    entries, data = [], {}
+    for run_cfg, run_paths, suffix in runs:
+        source = bench.ensure_data(run_cfg, run_paths)
         for method in methods:
-            shutil.rmtree(paths.unlearn(method), ignore_errors=True)
+            job, splits, data_hash = unlearn_job(run_cfg, run_paths, bench, source, method, theta_ini)
+            job = dataclasses.replace(job, label=f"{method}-{suffix}" if suffix else method)
+            entries.append((run_cfg, run_paths, method, job, data_hash))
+            data[job.label] = (source, splits)
+    jobs = [job for *_, job, _ in entries]
+    labels = [job.label for job in jobs]
+    storage, run_name = storage_path(cfg, paths), f"{cfg.name}-{'+'.join(labels)}"
+    if not resume:
+        for _, run_paths, method, _, _ in entries:
+            shutil.rmtree(run_paths.unlearn(method), ignore_errors=True)
         if "://" not in storage:
             shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
-    jobs, data, data_hashes = [], {}, {}
-    for method in methods:
-        job, splits, data_hashes[method] = unlearn_job(cfg, paths, bench, source, method, theta_ini)
-        jobs.append(job)
-        data[method] = (source, splits)
     check_ray_run(storage, run_name, group_hash(jobs), paths.unlearn(methods[0]))
-    done = frozenset(j.label for j in jobs if reusable(recorded(paths.manifest(j.label)), {"job_hash": j.job_hash},
-                                                       paths.unlearn(j.label)))
+    done = frozenset(job.label for _, run_paths, method, job, _ in entries
+                     if reusable(recorded(run_paths.manifest(method)), {"job_hash": job.job_hash},
+                                 run_paths.unlearn(method)))
     if len(done) < len(jobs):
-        for job in jobs:
+        for _, run_paths, method, job, _ in entries:
             if job.label not in done:
-                atomic_write_json(paths.unlearn(job.label) / "job.json", {
-                    "job_hash": job.job_hash, "method": job.label, "theta_ini": str(theta_ini)})
+                atomic_write_json(run_paths.unlearn(method) / "job.json", {
+                    "job_hash": job.job_hash, "method": method, "theta_ini": str(theta_ini)})
         t_fit = time.perf_counter()
         result = fit(cfg, paths, jobs, run_name, keep_all=True, loop=train_loop, data=data, skip=done)
         fit_seconds = time.perf_counter() - t_fit
-        for job in jobs:
+        for run_cfg, run_paths, method, job, data_hash in entries:
             if job.label not in done:
-                write_manifest(cfg, paths, job, data_hashes[job.label], result, fit_seconds, methods)
+                write_manifest(run_cfg, run_paths, method, job, data_hash, result, fit_seconds, labels)
     return {method: paths.manifest(method) for method in methods}
 
 
@@ -228,16 +248,16 @@ def unlearn_job(cfg: ExperimentConfig, paths: RunPaths, bench: Benchmark, source
     return job, dict(zip(bench.unlearning_split_names(cfg.data.forget_split), (forget, retain))), data_hash
 
 
-def write_manifest(cfg: ExperimentConfig, paths: RunPaths, job: Job, data_hash: str, result: Any,
+def write_manifest(cfg: ExperimentConfig, paths: RunPaths, method: str, job: Job, data_hash: str, result: Any,
                    fit_seconds: float, group: list[str]) -> None:
     """What the search reads of a finished method: its epoch folders (restored from Ray if deleted), their
-    training metrics, identities, and where the time went (`group`: the methods that shared the fit)."""
-    method, out = job.label, result.return_value
-    mine = out["jobs"][method]
+    training metrics, identities, and where the time went (`group`: the jobs that shared the fit)."""
+    out = result.return_value
+    mine = out["jobs"][job.label]
     timing = {"fit_seconds": fit_seconds, "fit_methods": group, "worker_setup_seconds": out["setup_seconds"],
               "job_setup_seconds": mine["job_setup_seconds"], "job_seconds": mine["job_seconds"],
               "worker_loop_seconds": out["loop_seconds"]}
-    epochs = restore_missing_epochs(result, paths, method, cfg.unlearn.epochs)
+    epochs = restore_missing_epochs(result, paths, method, cfg.unlearn.epochs, job.label)
     atomic_write_json(paths.manifest(method), {
         "method": method, "params": job.meta["params"], "theta_ini": job.model_path, "job_hash": job.job_hash,
         "data_hash": data_hash, "forget_split": cfg.data.forget_split, "code_version": code_version(),
