@@ -84,8 +84,7 @@ def main() -> None:
     for i in range(args.repeats):
         for name in arms if i % 2 == 0 else reversed(arms):
             code, overrides = arms[name]
-            r = one_stage(args.world.resolve(), work / f"{'this' if name == 'this checkout' else 'base'}-{i}", code,
-                          overrides)
+            r = one_stage(args.world.resolve(), work / f"{name.split()[0]}-{i}", code, overrides)
             runs[name].append(r)
             print(f"{name} {i}: {json.dumps(r)}", flush=True)
     summary = {name: {k: round(statistics.mean(r[k] for r in rs), 3) for k in ("stage_s", "work_s", "overhead",

@@ -218,15 +218,15 @@ def epoch_row(history: list[dict[str, Any]], epoch: int) -> dict[str, Any]:
 
 
 def restore_missing_epochs(result: Any, paths: RunPaths, method: str, epochs: int,
-                           label: str | None = None) -> list[tuple[int, Path]]:
-    """Every epoch folder present, copied back from its Ray checkpoint (named after the job's label, by default the
-    method) if it was deleted after a crash."""
+                           label: str) -> list[tuple[int, Path]]:
+    """Every epoch folder present, copied back from its Ray checkpoint (named after the job's label) if it was
+    deleted after a crash."""
     by_name = {Path(c.path).name: c for c, _ in (result.best_checkpoints or [])}
     out = []
     for e in range(1, epochs + 1):
         target = paths.epoch_dir(method, e)
         if not (target / "config.json").is_file():
-            ckpt = by_name.get(checkpoint_name(label or method, e))
+            ckpt = by_name.get(checkpoint_name(label, e))
             if ckpt is None:
                 raise UipeError(f"{target}: missing and no Ray checkpoint holds it; re-run with resume=False")
             with ckpt.as_directory() as d, atomic_dir(target, overwrite=True) as tmp:
