@@ -126,17 +126,37 @@ def tiny_cfg():
     return load_config(None, SEARCH_OVERRIDES)
 
 
+# The tiny preset's prepared target and retain models (scripts/make_test_world.py): prepare reuses them when their
+# identity is what it computes now, so only the tests that check training train (issue 27). Stale models are
+# trained anew here, and test_train's shipped-world test fails until they are made again.
+SHIPPED_WORLD = Path(__file__).resolve().parent / "data" / "tiny_world"
+PREPARED: dict[str, dict] = {}
+
+
 @pytest.fixture(scope="session")
 def prepared_run(tmp_path_factory: pytest.TempPathFactory, ray_session, tiny_cfg):
-    """A run folder with data, target and retain models (uipe prepare) and the cached retain reference."""
+    """A run folder with data, target and retain models (uipe prepare, from the shipped world where it is current)
+    and the cached retain reference."""
+    import shutil
+
     from uipe.data import ensure_data
+    from uipe.errors import UipeError
     from uipe.paths import RunPaths
     from uipe.pipeline import ensure_reference
     from uipe.train.recipe import prepare
 
     paths = RunPaths.of(tmp_path_factory.mktemp("run") / "tiny")
     data = ensure_data(tiny_cfg, paths)
-    prepare(tiny_cfg, paths.root)
+    models = {"target": paths.target_model, "retain": paths.retain_model}
+    for role, folder in models.items():
+        shutil.copytree(SHIPPED_WORLD / "models" / role, folder)
+    try:
+        PREPARED.update(prepare(tiny_cfg, paths.root))
+    except UipeError as e:  # made from other data or settings than today's: prepare refuses them, so train anew
+        PREPARED["stale"] = {"error": str(e)}
+        for folder in models.values():
+            shutil.rmtree(folder)
+        PREPARED.update(prepare(tiny_cfg, paths.root))
     ensure_reference(tiny_cfg, paths, data)
     return paths
 

@@ -261,6 +261,23 @@ def test_prepare_trains_both_reference_models(prepared: tuple[Path, dict]) -> No
 
 
 @pytest.mark.ray
+def test_the_session_world_reuses_the_shipped_models(prepared_run) -> None:
+    """tests/data/tiny_world holds the tiny preset's prepared models, so the session's world trains none. Failing here
+    means prepare's identity of them changed (data, recipe, base model): make them again and commit them."""
+    import hashlib
+
+    from conftest import PREPARED, SHIPPED_WORLD
+
+    assert "stale" not in PREPARED, f"{SHIPPED_WORLD} is stale ({PREPARED['stale']['error']}): run " \
+                                    "scripts/make_test_world.py and commit what it writes"
+    for role, folder in (("target", prepared_run.target_model), ("retain", prepared_run.retain_model)):
+        assert not PREPARED[role]["trained"], role
+        shipped = SHIPPED_WORLD / "models" / role / "model.safetensors"
+        digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (shipped, folder / "model.safetensors")]
+        assert digest[0] == digest[1], role
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_gate_refuses_an_under_trained_model(ray_session: object, tmp_path: Path) -> None:
     """One epoch cannot memorise the world: prepare names the worst split and its figure, and publishes nothing."""
