@@ -34,7 +34,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="uipe-test-world-") as tmp:
         run = Path(tmp) / "run"
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, never a cluster's
-        subprocess.run([sys.executable, "-m", "uipe.cli", "prepare", "--run-dir", str(run)], check=True, env=env)
+        code = subprocess.run([sys.executable, "-m", "uipe.cli", "prepare", "--run-dir", str(run)], env=env).returncode
+        if code:  # prepare said why on the console; nothing was written to the world
+            print(f"make_test_world: uipe prepare exited {code}; {args.out} is unchanged", file=sys.stderr)
+            return code
         with atomic_dir(args.out / "models", overwrite=True) as models:
             for role in ROLES:
                 shutil.copytree(run / "models" / role, models / role)
