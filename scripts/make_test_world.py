@@ -21,20 +21,24 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-WORLD = REPO / "tests" / "data" / "tiny_world"
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import SEARCH_OVERRIDES, SHIPPED_WORLD  # noqa: E402  (the tests' tiny config and world: one source)
+
 ROLES = ("target", "retain")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=WORLD, help="where the world goes (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=SHIPPED_WORLD, help="where the world goes (default: %(default)s)")
     args = parser.parse_args()
     from uipe.io import atomic_dir
 
     with tempfile.TemporaryDirectory(prefix="uipe-test-world-") as tmp:
         run = Path(tmp) / "run"
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, never a cluster's
-        code = subprocess.run([sys.executable, "-m", "uipe.cli", "prepare", "--run-dir", str(run)], env=env).returncode
+        sets = [x for item in SEARCH_OVERRIDES for x in ("--set", item)]  # the session's config, as the fixture's
+        code = subprocess.run([sys.executable, "-m", "uipe.cli", "prepare", "--run-dir", str(run), *sets],
+                              env=env).returncode
         if code:  # prepare said why on the console; nothing was written to the world
             print(f"make_test_world: uipe prepare exited {code}; {args.out} is unchanged", file=sys.stderr)
             return code
