@@ -1,4 +1,9 @@
-"""The alpha search on the trained tiny world: Ray Tune + Optuna, MLflow parent/child runs, the registry, resume."""
+"""The alpha search on the trained tiny world: Ray Tune + Optuna, MLflow parent/child runs, the registry, resume.
+
+The module's searches in this process share one pool of trial processes, as a `uipe run`'s searches do
+(uipe.search.pool.shared_trial_pool): each would otherwise start its own (two processes importing torch and
+transformers and loading the model, ~6 s on 2 cores). The pool holds the CPUs it was given, so a test that starts
+work in another process (a CLI search, whose pool needs them) asks for `cpus_free` first."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +33,22 @@ def _children(cfg, paths, parent: str) -> list:
     c = client(tracking_uri(cfg, paths))
     exp = c.get_experiment_by_name(experiment_name(cfg))
     return c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=1000)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_pool_for_the_modules_searches() -> Iterator[None]:
+    from uipe.search.pool import shared_trial_pool
+
+    with shared_trial_pool():
+        yield
+
+
+@pytest.fixture
+def cpus_free() -> None:
+    """The module's pool given back (the next search in this process starts another)."""
+    from uipe.search.pool import release_shared
+
+    release_shared()
 
 
 @pytest.fixture(scope="module")
@@ -87,63 +109,6 @@ def test_a_real_mlflow_server_serves_the_runs_over_rest(ga_search, unlearned_run
         assert {"forget_quality", "model_utility"} <= keys
 
 
-def test_search_survives_sigkill_of_the_driver_and_resume_logs_each_trial_once(unlearned_run, tiny_cfg,
-                                                                               ray_session) -> None:
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "uipe.cli", "search", "--method", "npo", "--run-dir", str(unlearned_run.root),
-           "--set", "search.num_samples=10"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    finished = 0
-    deadline = time.time() + 240
-    for line in proc.stdout:  # kill the driver once 3 trials have finished (the console shows a line per third)
-        done = re.match(r"\[search npo\] trial (\d+)/", line)
-        finished = int(done.group(1)) if done and "FAILED" not in line else finished
-        if finished >= 3 or time.time() > deadline:
-            break
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert finished >= 3
-    state = json.loads((unlearned_run.search("npo") / "search_state.json").read_text())
-    assert not (unlearned_run.search("npo") / "result.json").exists()
-
-    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "pass --resume" in refused.stderr
-    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:]
-    result = json.loads((unlearned_run.search("npo") / "result.json").read_text())
-    assert result["parent_run_id"] == state["parent_run_id"] and result["trials"] == 10
-    children = _children(tiny_cfg, unlearned_run, state["parent_run_id"])
-    ids = [r.data.tags["uipe.trial_id"] for r in children]
-    assert len(ids) == len(set(ids)) == 10
-
-
-def test_a_search_stopped_by_sigterm_is_not_recorded_as_finished(unlearned_run, tiny_cfg, ray_session,
-                                                                 tmp_path) -> None:
-    """Tune answers Ctrl+C by stopping its trials and returning normally; the search then had 6 of its trials and
-    was written, and reused, as finished (seen in a study). Now it says so, exit 2, and --resume finishes it. A
-    SIGTERM (a scheduler's stop) takes the same path (uipe.ray_session.stop_on_sigterm raises SIGINT); before, Ray's
-    handler exited 15 with nothing on the console."""
-    paths = copy_run(unlearned_run, tmp_path / "run", methods=("ga",))
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "uipe.cli", "search", "--method", "ga", "--run-dir", str(paths.root),
-           "--set", "search.num_samples=10", "--set", "tracking.register_model=false"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, deadline = [], time.time() + 240
-    for line in proc.stdout:
-        lines.append(line)
-        if re.match(r"\[search ga\] trial [2-9]/", line) or time.time() > deadline:
-            break
-    proc.send_signal(signal.SIGTERM)  # as one Ctrl+C: Tune stops its trials and returns
-    rest, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 2, "".join(lines) + rest
-    assert "interrupted" in rest and "--resume" in rest, rest
-    assert not (paths.search("ga") / "result.json").exists()
-    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert json.loads((paths.search("ga") / "result.json").read_text())["trials"] == 10
-
-
 def test_a_resume_from_unreadable_tune_state_fails_or_starts_anew_but_never_ends_short(unlearned_run, tiny_cfg,
                                                                                       tmp_path) -> None:
     """A Tune state file cut short (a full disk) made Tune log "Failed to restore the run state", restart the
@@ -168,56 +133,6 @@ def test_a_resume_from_unreadable_tune_state_fails_or_starts_anew_but_never_ends
     ids = [r.data.tags["uipe.trial_id"] for r in _children(cfg, paths, first.parent_run_id)]
     assert len(ids) == len(set(ids)) == 3  # the first trials' runs replaced by the new ones'
     assert list(out.glob("tune.unreadable-*/unreadable-state/experiment_state-*.json"))
-
-
-def test_a_tracking_server_that_stops_mid_search_loses_no_trial(unlearned_run, tiny_cfg, ray_session,
-                                                               tmp_path) -> None:
-    """The server dies after the first trial is logged: the search goes on (trials are Tune's record), ends saying
-    to resume once the server is back, and the resume logs every trial exactly once."""
-    import sqlite3
-
-    from conftest import free_port
-
-    paths = copy_run(unlearned_run, tmp_path / "run", methods=("ga",))
-    db, port = tmp_path / "server.db", free_port()
-    space = tmp_path / "ga.yaml"
-    space.write_text("method: ga\nalpha: {low: 0.0, high: 1.0}\nepochs: [2, 3]\nsampler: grid\ngrid_step: 0.5\n"
-                     "max_concurrent_trials: 1\n")
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    cmd = [sys.executable, "-m", "uipe.cli", "search", "--method", "ga", "--run-dir", str(paths.root), "--space",
-           str(space), "--set", f"tracking.uri=http://127.0.0.1:{port}", "--set", "tracking.register_model=false"]
-
-    def children() -> int:
-        with sqlite3.connect(db) as con:
-            return con.execute("SELECT count(*) FROM tags WHERE key = 'uipe.trial_id'").fetchone()[0]
-
-    served = ("--artifacts-destination", str(tmp_path / "artifacts"))  # not ./mlartifacts in the working directory
-    with mlflow_server(f"sqlite:///{db}", *served, port=port):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 300
-        while children() < 1 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.5)
-        assert children() >= 1
-    out, err = proc.communicate(timeout=600)  # the server is gone from here on
-    assert proc.returncode == 2 and "--resume" in err and "Traceback" not in err, err[-2000:]
-    assert len((paths.search("ga") / "results.csv").read_text().splitlines()) == 1 + 6  # every trial kept
-    assert children() < 6  # a margin: five trials are still to run when the server stops
-    with mlflow_server(f"sqlite:///{db}", *served, port=port) as url:
-        # the resume talks to a working server: MLflow's own timeouts and retries, not the fail-fast ones above (a
-        # server just restarted on a loaded machine can take over 5 s to answer its first request)
-        fail_fast = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-        calm = {k: v for k, v in env.items() if k not in fail_fast}
-        done = subprocess.run(cmd + ["--resume"], env=calm, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-2000:]
-        result = json.loads((paths.search("ga") / "result.json").read_text())
-        exp = rest(url, f"experiments/get-by-name?experiment_name={experiment_name(tiny_cfg)}")["experiment"]
-        runs = rest(url, "runs/search", {"experiment_ids": [exp["experiment_id"]],
-                                         "filter": f"tags.mlflow.parentRunId = '{result['parent_run_id']}'",
-                                         "max_results": 100})["runs"]
-        assert exp["tags"] and {"key": "mlflow.experimentKind", "value": "custom_model_development"} in exp["tags"]
-    ids = [t["value"] for r in runs for t in r["data"]["tags"] if t["key"] == "uipe.trial_id"]
-    assert len(ids) == len(set(ids)) == 6 == result["trials"]
 
 
 def test_a_truncated_candidate_stops_the_search_before_it_starts(unlearned_run, tiny_cfg, tmp_path) -> None:
@@ -334,3 +249,111 @@ def test_an_objective_registered_in_the_catalogue_is_searched_with_no_other_chan
     feasible = [r for r in rows if r.feasible]
     assert s.chosen["objective"] == pytest.approx(max(r.objective for r in feasible))
     assert s.floors["0.95"]["uipe"]["objective"] == pytest.approx(s.chosen["objective"])
+
+
+# ---- searches run as a user runs them: a CLI process each, with its own pool (`cpus_free` gives back the module's)
+def test_search_survives_sigkill_of_the_driver_and_resume_logs_each_trial_once(unlearned_run, tiny_cfg,
+                                                                               ray_session, cpus_free) -> None:
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "uipe.cli", "search", "--method", "npo", "--run-dir", str(unlearned_run.root),
+           "--set", "search.num_samples=10"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    finished = 0
+    deadline = time.time() + 240
+    for line in proc.stdout:  # kill the driver once 3 trials have finished (the console shows a line per third)
+        done = re.match(r"\[search npo\] trial (\d+)/", line)
+        finished = int(done.group(1)) if done and "FAILED" not in line else finished
+        if finished >= 3 or time.time() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert finished >= 3
+    state = json.loads((unlearned_run.search("npo") / "search_state.json").read_text())
+    assert not (unlearned_run.search("npo") / "result.json").exists()
+
+    refused = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    result = json.loads((unlearned_run.search("npo") / "result.json").read_text())
+    assert result["parent_run_id"] == state["parent_run_id"] and result["trials"] == 10
+    children = _children(tiny_cfg, unlearned_run, state["parent_run_id"])
+    ids = [r.data.tags["uipe.trial_id"] for r in children]
+    assert len(ids) == len(set(ids)) == 10
+
+
+def test_a_search_stopped_by_sigterm_is_not_recorded_as_finished(unlearned_run, tiny_cfg, ray_session,
+                                                                 tmp_path, cpus_free) -> None:
+    """Tune answers Ctrl+C by stopping its trials and returning normally; the search then had 6 of its trials and
+    was written, and reused, as finished (seen in a study). Now it says so, exit 2, and --resume finishes it. A
+    SIGTERM (a scheduler's stop) takes the same path (uipe.ray_session.stop_on_sigterm raises SIGINT); before, Ray's
+    handler exited 15 with nothing on the console."""
+    paths = copy_run(unlearned_run, tmp_path / "run", methods=("ga",))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "uipe.cli", "search", "--method", "ga", "--run-dir", str(paths.root),
+           "--set", "search.num_samples=10", "--set", "tracking.register_model=false"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.time() + 240
+    for line in proc.stdout:
+        lines.append(line)
+        if re.match(r"\[search ga\] trial [2-9]/", line) or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)  # as one Ctrl+C: Tune stops its trials and returns
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, "".join(lines) + rest
+    assert "interrupted" in rest and "--resume" in rest, rest
+    assert not (paths.search("ga") / "result.json").exists()
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert json.loads((paths.search("ga") / "result.json").read_text())["trials"] == 10
+
+
+def test_a_tracking_server_that_stops_mid_search_loses_no_trial(unlearned_run, tiny_cfg, ray_session,
+                                                               tmp_path, cpus_free) -> None:
+    """The server dies after the first trial is logged: the search goes on (trials are Tune's record), ends saying
+    to resume once the server is back, and the resume logs every trial exactly once."""
+    import sqlite3
+
+    from conftest import free_port
+
+    paths = copy_run(unlearned_run, tmp_path / "run", methods=("ga",))
+    db, port = tmp_path / "server.db", free_port()
+    space = tmp_path / "ga.yaml"
+    space.write_text("method: ga\nalpha: {low: 0.0, high: 1.0}\nepochs: [2, 3]\nsampler: grid\ngrid_step: 0.5\n"
+                     "max_concurrent_trials: 1\n")
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    cmd = [sys.executable, "-m", "uipe.cli", "search", "--method", "ga", "--run-dir", str(paths.root), "--space",
+           str(space), "--set", f"tracking.uri=http://127.0.0.1:{port}", "--set", "tracking.register_model=false"]
+
+    def children() -> int:
+        with sqlite3.connect(db) as con:
+            return con.execute("SELECT count(*) FROM tags WHERE key = 'uipe.trial_id'").fetchone()[0]
+
+    served = ("--artifacts-destination", str(tmp_path / "artifacts"))  # not ./mlartifacts in the working directory
+    with mlflow_server(f"sqlite:///{db}", *served, port=port):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while children() < 1 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert children() >= 1
+    out, err = proc.communicate(timeout=600)  # the server is gone from here on
+    assert proc.returncode == 2 and "--resume" in err and "Traceback" not in err, err[-2000:]
+    assert len((paths.search("ga") / "results.csv").read_text().splitlines()) == 1 + 6  # every trial kept
+    assert children() < 6  # a margin: five trials are still to run when the server stops
+    with mlflow_server(f"sqlite:///{db}", *served, port=port) as url:
+        # the resume talks to a working server: MLflow's own timeouts and retries, not the fail-fast ones above (a
+        # server just restarted on a loaded machine can take over 5 s to answer its first request)
+        fail_fast = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+        calm = {k: v for k, v in env.items() if k not in fail_fast}
+        done = subprocess.run(cmd + ["--resume"], env=calm, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads((paths.search("ga") / "result.json").read_text())
+        exp = rest(url, f"experiments/get-by-name?experiment_name={experiment_name(tiny_cfg)}")["experiment"]
+        runs = rest(url, "runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                         "filter": f"tags.mlflow.parentRunId = '{result['parent_run_id']}'",
+                                         "max_results": 100})["runs"]
+        assert exp["tags"] and {"key": "mlflow.experimentKind", "value": "custom_model_development"} in exp["tags"]
+    ids = [t["value"] for r in runs for t in r["data"]["tags"] if t["key"] == "uipe.trial_id"]
+    assert len(ids) == len(set(ids)) == 6 == result["trials"]
