@@ -1,15 +1,16 @@
-"""The development scripts' own arithmetic and arguments (scripts/suite_profile.py, bench_search_stage.py)."""
+"""The development scripts' own arithmetic and arguments (suite_profile.py, process_cpu.py, bench_search_stage.py)."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import tempfile
 
 import pytest
 
-from conftest import script_module
+from conftest import REPO, script_module
 
 
 def test_the_suite_profile_sums_wall_and_idle_seconds_per_file(tmp_path) -> None:
@@ -41,3 +42,33 @@ def test_the_search_stage_bench_compares_against_one_thing_and_says_what_is_miss
     with pytest.raises(SystemExit, match=re.escape(words)):
         bench.main()
     assert not list((tmp_path / "tmp").iterdir())  # refused before any work folder was made
+
+
+def test_process_cpu_sorts_processes_by_kind_and_sums_their_cpu_seconds() -> None:
+    cpu = script_module("process_cpu")
+    assert cpu.kind("ray::TrainContr", "ray::TrainController.run") == "Ray Train: controller"
+    assert cpu.kind("raylet", "/x/ray/core/src/ray/raylet/raylet --foo").startswith("Ray's daemons")
+    assert cpu.kind("python3", "python -u /x/ray/_private/log_monitor.py").startswith("Ray's daemons")
+    assert cpu.kind("ray::Whatever", "") == "other Ray workers"
+    assert cpu.kind("mlflow", "/x/bin/mlflow server --port 5000") == "MLflow servers"
+    assert cpu.kind("python", "python -m pytest") == "the command and its children"
+    seen = {"1:10": ["ray::TrialWorker", "", 4.0, False], "2:11": ["ray::TrialWorker", "", 6.5, False],
+            "3:12": ["python", "pytest", 2.0, False], "4:1": ["postgres", "postgres", 9.0, True]}
+    # two trial processes: 4.0 + 6.5 = 10.5 s; the one that ran before the command is a row of its own
+    assert cpu.table(seen) == [("trial process (uipe TrialWorker)", 2, 10.5),
+                               ("(already running: the machine's own services)", 1, 9.0),
+                               ("the command and its children", 1, 2.0)]
+    assert "12.5         the command's processes" in cpu.report(seen, None)  # 10.5 + 2.0, not the 9.0
+
+
+def test_process_cpu_counts_a_commands_own_cpu_time(tmp_path) -> None:
+    # a child that spins for ~1.5 s of CPU: its time is the command's, within the one-second sampling
+    out = tmp_path / "cpu.json"
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "process_cpu.py"), "--out", str(out), "--",
+                           sys.executable, "-c", spin], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    mine = [row for row in doc["processes"].values() if not row[3] and "process_time" in row[1]]
+    assert len(mine) == 1 and 0.4 <= mine[0][2] <= 2.0  # at least a sample in; no more than it spent (+ start-up)
+    assert "the command and its children" in proc.stderr and not list(tmp_path.glob(".*.tmp"))
