@@ -6,10 +6,10 @@ command itself. Linux only (/proc).
 
 Every second it reads each process's user + system CPU time (/proc/PID/stat) and keeps the largest seen per process
 (pid and start time), with its name: Ray names an actor's process `ray::<Class>`, so one fit's controller, workers
-and helper actors count apart. A process is counted from its first sample: at most a second of a process that lives
-less than that is missed, and processes already running when the command started (the machine's own services) count
-their CPU time from before; both are reported apart from the command's. A child seen before its exec carries its
-parent's command line until the next pass, which reads the new one.
+and helper actors count apart. A process is counted up to its last sample: up to a second of each process is missed
+(all of one that lives less). Processes already running when the command started (the machine's own services) count
+what they spent meanwhile, in a row of their own, outside the command's total and shares. A child seen before its
+exec carries its parent's command line until the next pass, which reads the new one.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def kind(name: str, cmdline: str) -> str:
     return "the command and its children"
 
 
-def sample(seen: dict[str, list], started_before: set[str]) -> None:
-    """One pass over /proc: seen[pid:start] = [name, cmdline, cpu seconds, existed before the command]."""
+def sample(seen: dict[str, list]) -> None:
+    """One pass over /proc: seen[pid:start] = [name, cmdline, cpu seconds, existed before the command]; a process
+    first seen here is new (main marks those of its first pass)."""
     tick = os.sysconf("SC_CLK_TCK")
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -59,7 +60,7 @@ def sample(seen: dict[str, list], started_before: set[str]) -> None:
             continue
         name, rest = stat[stat.find("(") + 1:stat.rfind(")")], stat[stat.rfind(")") + 2:].split()
         key, cpu = f"{pid}:{rest[19]}", (int(rest[11]) + int(rest[12])) / tick
-        row = seen.setdefault(key, [name, cmdline[:300], cpu, key in started_before])
+        row = seen.setdefault(key, [name, cmdline[:300], cpu, False])
         if cmdline:  # the latest: Ray renames an actor's process, a child execs after its first pass
             row[0], row[1] = name, cmdline[:300]
         row[2] = max(row[2], cpu)
@@ -79,7 +80,8 @@ def report(seen: dict[str, list], wall: float | None) -> str:
     rows = table(seen)
     ours = sum(c for k, _, c in rows if not k.startswith("(already"))
     lines = [f"{'CPU s':>8} {'share':>6} {'procs':>6}  kind"]
-    lines += [f"{c:8.1f} {c / max(ours, 1e-9):6.0%} {n:6d}  {k}" for k, n, c in rows]
+    lines += [f"{c:8.1f} {'-' if k.startswith('(already') else f'{c / max(ours, 1e-9):.0%}':>6} {n:6d}  {k}"
+              for k, n, c in rows]
     lines.append(f"{ours:8.1f}         the command's processes" + (f" over {wall:.0f} s of wall time" if wall else ""))
     return "\n".join(lines)
 
@@ -99,16 +101,18 @@ def main() -> int:
         print("process_cpu.py: give a command after --, on Linux", file=sys.stderr)
         return 2
     seen: dict[str, list] = {}
-    sample(seen, set())
-    before = set(seen)
+    sample(seen)
+    before = {key: row[2] for key, row in seen.items()}  # their CPU time so far: only what they spend from now counts
     for row in seen.values():
         row[3] = True
     t0 = time.time()
     proc = subprocess.Popen(command)
     while proc.poll() is None:
-        sample(seen, before)
+        sample(seen)
         time.sleep(1.0)
     wall = time.time() - t0
+    for key, spent in before.items():
+        seen[key][2] -= spent
     if args.out:
         tmp = args.out.with_name(f".{args.out.name}.tmp")
         tmp.write_text(json.dumps({"command": command, "wall": wall, "processes": seen}))
