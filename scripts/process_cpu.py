@@ -30,6 +30,7 @@ RAY_ACTORS = (("ray::TrialWorke", "trial process (uipe TrialWorker)"), ("ray::Ra
               ("ray::Synchroniz", "Ray Train: SynchronizationActor"),
               ("ray::Preemption", "Ray Train: PreemptionWatcher"), ("ray::ImplicitFu", "Ray Tune: trial actor"),
               ("ray::TrialPool", "uipe TrialPool actor"), ("ray::Board", "uipe progress Board actor"))
+BEFORE = "(already running: the machine's own services)"  # the row of processes older than the command
 RAY_DAEMONS = ("gcs_server", "raylet", "log_monitor", "dashboard", "autoscaler", "runtime_env", "ray::DashboardA",
                "ray::_Autoscali", "ray::RuntimeEnv")
 
@@ -70,7 +71,7 @@ def table(seen: dict[str, list]) -> list[tuple[str, int, float]]:
     """(kind, processes, CPU seconds), largest first; processes that ran before the command are one row apart."""
     by: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
     for name, cmdline, cpu, before in seen.values():
-        label = "(already running: the machine's own services)" if before else kind(name, cmdline)
+        label = BEFORE if before else kind(name, cmdline)
         by[label][0] += 1
         by[label][1] += cpu
     return sorted(((k, n, c) for k, (n, c) in by.items()), key=lambda r: -r[2])
@@ -78,9 +79,9 @@ def table(seen: dict[str, list]) -> list[tuple[str, int, float]]:
 
 def report(seen: dict[str, list], wall: float | None) -> str:
     rows = table(seen)
-    ours = sum(c for k, _, c in rows if not k.startswith("(already"))
+    ours = sum(c for k, _, c in rows if k != BEFORE)
     lines = [f"{'CPU s':>8} {'share':>6} {'procs':>6}  kind"]
-    lines += [f"{c:8.1f} {'-' if k.startswith('(already') else f'{c / max(ours, 1e-9):.0%}':>6} {n:6d}  {k}"
+    lines += [f"{c:8.1f} {'-' if k == BEFORE else f'{c / max(ours, 1e-9):.0%}':>6} {n:6d}  {k}"
               for k, n, c in rows]
     lines.append(f"{ours:8.1f}         the command's processes" + (f" over {wall:.0f} s of wall time" if wall else ""))
     return "\n".join(lines)
@@ -114,9 +115,9 @@ def main() -> int:
     for key, spent in before.items():
         seen[key][2] -= spent
     if args.out:
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        tmp.write_text(json.dumps({"command": command, "wall": wall, "processes": seen}))
-        tmp.replace(args.out)
+        from uipe.io import atomic_write_json
+
+        atomic_write_json(args.out, {"command": command, "wall": wall, "processes": seen})
     print(report(seen, wall), file=sys.stderr)
     return proc.returncode
 

@@ -56,7 +56,7 @@ def test_process_cpu_sorts_processes_by_kind_and_sums_their_cpu_seconds() -> Non
             "3:12": ["python", "pytest", 2.0, False], "4:1": ["postgres", "postgres", 9.0, True]}
     # two trial processes: 4.0 + 6.5 = 10.5 s; the one that ran before the command is a row of its own
     assert cpu.table(seen) == [("trial process (uipe TrialWorker)", 2, 10.5),
-                               ("(already running: the machine's own services)", 1, 9.0),
+                               (cpu.BEFORE, 1, 9.0),
                                ("the command and its children", 1, 2.0)]
     assert "12.5         the command's processes" in cpu.report(seen, None)  # 10.5 + 2.0, not the 9.0
 
